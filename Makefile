@@ -1,0 +1,27 @@
+# The two commands of the README: `make serve` and `make test`. Both set up .venv first.
+PY := .venv/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test lint default-model bench reliability
+
+serve:
+	scripts/bootstrap.sh
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+test:
+	scripts/bootstrap.sh train,test
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+
+# Reproduces models/mnist-vae/1 (about an hour on 2 CPU cores).
+default-model:
+	scripts/bootstrap.sh train
+	scripts/train_default_model.sh
+
+bench:
+	scripts/bootstrap.sh train,test
+	$(PY) benchmarks/load_benchmark.py

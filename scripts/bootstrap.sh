@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the given extras (e.g. "train,test").
+# Idempotent: re-runs pip only when pyproject.toml or the extras change.
+#
+# torch: without an NVIDIA GPU we install the pinned CPU build first ($VAE_TORCH_SPEC, default
+# torch==2.13.0, which these machines serve as a local CPU wheel), so resolving the project's
+# `torch>=2.4` range installs nothing more and no CUDA wheels are downloaded. With a GPU
+# (nvidia-smi works) the same pin resolves to the CUDA build from the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${1:-}"
+venv="${VAE_VENV:-.venv}"
+python="${PYTHON:-python3}"
+torch_spec="${VAE_TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+stamp="$venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
+if [ -f "$stamp" ]; then
+    exit 0
+fi
+
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    echo "bootstrap: installing $torch_spec" >&2
+    "${pip[@]}" "$torch_spec"
+fi
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+echo "bootstrap: installing the project ($target)" >&2
+"${pip[@]}" -e "$target"
+rm -f "$venv"/.installed-*
+touch "$stamp"

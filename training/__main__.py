@@ -1,0 +1,146 @@
+"""Command line: `python -m training {train,evaluate,export}` (also installed as `vae-train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.data import DataError
+
+TRAIN_HELP = {
+    "data": "data set: mnist5k | digits8 | idx:DIR | folder:DIR | npz:FILE",
+    "out_dir": "run directory for metrics.jsonl, last.pt and best.pt",
+    "conditional": "conditional VAE: labels go into encoder and decoder",
+    "objective": "elbo (with --beta, --kl-warmup-epochs) or iwae (with --iw-samples)",
+    "iw_samples": "k, the number of importance samples of the IWAE objective",
+    "beta": "weight on the KL term (beta-VAE); 1 is the ELBO",
+    "kl_warmup_epochs": "anneal the KL weight linearly from 0 to beta over this many epochs",
+    "input_noise": "std of Gaussian noise added to the encoder input (denoising VAE)",
+    "binarize": "dynamic: resample binary images from the grey levels every batch (Bernoulli only)",
+    "epochs": "maximum number of epochs",
+    "batch_size": "images per optimisation step (per process under torchrun)",
+    "lr": "Adam learning rate",
+    "weight_decay": "Adam weight decay (L2)",
+    "grad_clip": "clip the gradient norm to this value",
+    "ema_decay": "if > 0, keep an exponential moving average of the weights and evaluate/export it",
+    "patience": "stop after this many epochs without a better validation score",
+    "select_on": "validation score for early stopping and best.pt: elbo or iwae",
+    "val_iw_samples": "k for the validation IWAE bound",
+    "val_fraction": "fraction of the training images held out for validation",
+    "subset": "train on only this many images (quick runs)",
+    "seed": "random seed (data split, initialisation, sampling)",
+    "device": "auto (CUDA if present) | cpu | cuda | cuda:N",
+    "threads": "torch CPU threads",
+    "progress": "show a progress bar",
+}
+MODEL_HELP = {
+    "latent_dim": "dimension of z",
+    "architecture": "mlp | conv | linear (probabilistic PCA, needs --likelihood gaussian)",
+    "likelihood": "bernoulli | gaussian",
+    "gaussian_variance": "fixed | global (learned scalar) | pixel (learned per pixel)",
+    "fixed_std": "sigma of p(x|z) when the variance is fixed (also the initial value)",
+    "hidden_dim": "width of the fully connected layers",
+    "channels": "base width of the conv layers",
+    "dropout": "dropout probability on hidden layers",
+}
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+    """One --flag per documented dataclass field; defaults stay None so a --config file can fill them."""
+    for name, f in cls.__dataclass_fields__.items():
+        if name not in helps:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{helps[name]} (default: {default})")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if name == "subset" or name == "threads":
+                kind = int
+            parser.add_argument(flag, type=kind, default=None, help=f"{helps[name]} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.models import ModelConfig
+    from training.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a model (use torchrun for several processes)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    _add_dataclass_options(tr, TrainConfig, TRAIN_HELP)
+    _add_dataclass_options(tr, ModelConfig, MODEL_HELP)
+
+    ev = sub.add_parser("evaluate", help="test-set metrics, figures and report of a checkpoint")
+    ev.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a run")
+    ev.add_argument("--out-dir", type=Path, help="where report.json, report.md, figures/ go (default: RUN/report)")
+    ev.add_argument("--k", type=int, default=5000, help="importance samples for the NLL (5000 as in the IWAE paper)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+    ex = sub.add_parser("export", help="write models/NAME/VERSION with TorchScript, ONNX and manifest.json")
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("--models-dir", type=Path, default=Path("models"))
+    ex.add_argument("--name", required=True, help="model name, e.g. mnist-vae ([a-z0-9-_.])")
+    ex.add_argument("--version", default="1")
+    ex.add_argument("--report-dir", type=Path, help="evaluation output to include (default: RUN/report if present)")
+    ex.add_argument("--calibration-k", type=int, default=256, help="k for the anomaly-score calibration")
+    ex.add_argument("--force", action="store_true", help="replace an existing version")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    from training.models import ModelConfig
+    from training.train import TrainConfig
+
+    raw: dict = json.loads(args.config.read_text()) if args.config else {}
+    model_raw = dict(raw.pop("model", {}))
+    for name in TrainConfig.__dataclass_fields__:
+        if getattr(args, name, None) is not None:
+            raw[name] = getattr(args, name)
+    for name in ModelConfig.__dataclass_fields__:
+        if getattr(args, name, None) is not None:
+            model_raw[name] = getattr(args, name)
+    return TrainConfig.from_dict({**raw, "model": model_raw})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from training.train import train
+
+            best = train(_train_config(args), resume=args.resume)
+            print(best)
+        elif args.command == "evaluate":
+            from training.evaluate import evaluate
+            from training.pipeline import splits_for_checkpoint
+            from training.train import model_from_checkpoint
+
+            vae, ckpt = model_from_checkpoint(args.checkpoint)
+            out = args.out_dir or args.checkpoint.parent / "report"
+            report = evaluate(vae, splits_for_checkpoint(ckpt), out, k=args.k, seed=args.seed,
+                              metrics_path=args.checkpoint.parent / "metrics.jsonl", figures=not args.no_figures)
+            print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list | dict)}, indent=2))
+        elif args.command == "export":
+            from training.pipeline import export_checkpoint
+
+            print(export_checkpoint(args.checkpoint, args.models_dir, args.name, args.version,
+                                    report_dir=args.report_dir, calibration_k=args.calibration_k, force=args.force))
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

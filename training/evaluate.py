@@ -1,0 +1,141 @@
+"""Test-set evaluation: ELBO, importance-weighted NLL, bits/dim, KL, active units, figures and a report."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from training import losses
+from training.data import DataSplits
+from training.models import VAE
+from training.train import prepare_eval_images
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
+BINARIZATION_SEED = 0  # the test set is binarized once with this seed (stochastic binarization)
+
+
+@torch.no_grad()
+def importance_weighted_stats(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None, k: int,
+                              seed: int = 0, rows_per_chunk: int = 20_000) -> dict[str, torch.Tensor]:
+    """Per-image IW log-likelihood, its standard error and the k-sample ELBO estimate, each (N,).
+
+    The k samples are drawn in chunks of at most rows_per_chunk (image, sample) pairs so memory stays
+    bounded for k = 5000; the log-sum-exp is combined across chunks exactly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
+    ll, se, elbo = [], [], []
+    per_chunk = max(1, rows_per_chunk // k)  # images per forward when all k fit
+    k_chunk = min(k, rows_per_chunk)
+    for start in range(0, len(images), per_chunk):
+        x = images[start:start + per_chunk].to(device)
+        y = None if labels is None else labels[start:start + per_chunk].to(device)
+        parts = []
+        for k0 in range(0, k, k_chunk):
+            kk = min(k_chunk, k - k0)
+            eps = torch.randn(x.shape[0], kk, vae.config.latent_dim, generator=gen).to(device)
+            parts.append(vae.log_weights(x, eps, y).double().cpu())
+        log_w = torch.cat(parts, dim=1)  # (b, k)
+        ll.append(losses.iwae_bound(log_w))
+        se.append(losses.iwae_standard_error(log_w))
+        elbo.append(log_w.mean(-1))
+    return {"log_likelihood": torch.cat(ll), "standard_error": torch.cat(se), "elbo": torch.cat(elbo)}
+
+
+@torch.no_grad()
+def latent_statistics(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """Active units, KL per latent dimension and reconstruction error (from the posterior mean)."""
+    means, kls, sq_err = [], [], []
+    for start in range(0, len(images), 500):
+        x = images[start:start + 500]
+        y = None if labels is None else labels[start:start + 500]
+        mean, log_var = vae.encode(x, y)
+        means.append(mean)
+        kls.append(losses.gaussian_kl_to_standard(mean, log_var))
+        sq_err.append((vae.decode_mean(mean, y) - x).pow(2).flatten(1).sum(-1))
+    mu = torch.cat(means)  # (N, D)
+    activity = mu.var(dim=0)  # Cov_x(E_q[z_u]) for each unit u
+    kl_per_dim = torch.cat(kls).mean(0)  # (D,)
+    return {
+        "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()),
+        "latent_dim": int(mu.shape[1]),
+        "unit_activity": [float(v) for v in activity],
+        "kl_per_dim": [float(v) for v in kl_per_dim],
+        "kl": float(kl_per_dim.sum()),
+        "reconstruction_sse": float(torch.cat(sq_err).mean()),
+        "posterior_means": mu,
+    }
+
+
+def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, seed: int = 0,
+             metrics_path: str | Path | None = None, figures: bool = True) -> dict:
+    """Evaluate on the test split; writes report.json, report.md and figures/ into out_dir."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = vae.eval()
+    cfg = vae.config
+    labels = splits.test_labels if cfg.num_classes else None
+    x = prepare_eval_images(splits.test_images, cfg.likelihood, seed=BINARIZATION_SEED)
+    iw = importance_weighted_stats(vae, x, labels, k, seed)
+    lat = latent_statistics(vae, x, labels)
+    dims = cfg.data_dim
+    ll = iw["log_likelihood"]
+    report = {
+        "data": splits.name,
+        "test_images": len(x),
+        "binarization": "stochastic, seed 0" if cfg.likelihood == "bernoulli" else "none",
+        "k": k,
+        "test_nll": float(-ll.mean()),
+        "test_nll_standard_error": float(ll.std() / math.sqrt(len(ll))),
+        "test_nll_estimator_se_mean": float(iw["standard_error"].mean()),
+        "test_elbo": float(iw["elbo"].mean()),
+        "test_bits_per_dim": float(losses.bits_per_dim(ll, dims).mean()),
+        "test_kl": lat["kl"],
+        "test_reconstruction_log_likelihood": float(iw["elbo"].mean()) + lat["kl"],
+        "test_reconstruction_sse": lat["reconstruction_sse"],
+        "active_units": lat["active_units"],
+        "latent_dim": lat["latent_dim"],
+        "kl_per_dim": lat["kl_per_dim"],
+        "unit_activity": lat["unit_activity"],
+        "seconds": None,
+    }
+    if figures:
+        from training import figures as fig
+
+        fig_dir = out / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        report["figures"] = fig.make_all(vae, splits.test_images, splits.test_labels, lat, fig_dir,
+                                         metrics_path, seed)
+    report["seconds"] = time.perf_counter() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"# Evaluation on {report['data']} ({report['test_images']} test images)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| NLL, importance-weighted bound, k={report['k']} (nats) | {report['test_nll']:.2f} "
+        f"± {report['test_nll_standard_error']:.2f} (s.e. over images) |",
+        f"| ELBO (nats) | {report['test_elbo']:.2f} |",
+        f"| bits per dimension | {report['test_bits_per_dim']:.4f} |",
+        f"| KL(q(z|x) ‖ p(z)) (nats) | {report['test_kl']:.2f} |",
+        f"| E_q[log p(x|z)] (nats) | {report['test_reconstruction_log_likelihood']:.2f} |",
+        f"| reconstruction squared error (sum over pixels) | {report['test_reconstruction_sse']:.2f} |",
+        f"| active units (Cov_x E_q[z_u] > {ACTIVE_UNIT_THRESHOLD}) | {report['active_units']} / "
+        f"{report['latent_dim']} |",
+        "",
+        f"Binarization of the test images: {report['binarization']}.",
+        "",
+    ]
+    for title, path in (report.get("figures") or {}).items():
+        lines += [f"## {title.replace('_', ' ').capitalize()}", "", f"![{title}]({path})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""Export a trained model to `models/<name>/<version>/`: TorchScript + ONNX graphs and manifest.json.
+
+The export refuses to write an artifact whose ONNX or TorchScript outputs differ from eager PyTorch
+on real inputs, and checksums every file it writes. Format: docs/artifact-format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import losses
+from training.data import DataSplits, Preprocessing, load_dataset
+from training.graphs import GRAPH_IO, build_graphs, example_inputs, input_names
+from training.models import VAE
+
+FORMAT_VERSION = 1
+ONNX_OPSET = 18
+ABS_TOLERANCE = 1e-4  # encoder / decoder outputs
+# log_w sums ~C*H*W float32 terms of magnitude ~1: summation order alone moves it by ~1e-7 relative,
+# so it is compared relative to its magnitude: |diff| <= 1e-4 * max(1, |log_w| / 100).
+LOG_WEIGHTS_TOLERANCE_PER_100_NATS = 1e-4
+CALIBRATION_PERCENTILES = [round(p * 0.5, 1) for p in range(201)]  # 0, 0.5, ..., 100
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The artifact failed a check and was not written."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """TorchScript is deprecated upstream; tracing still works but warns loudly on every call."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        noisy = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
+        previous = [logger.level for logger in noisy]
+        for logger in noisy:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(noisy, previous, strict=True):
+                logger.setLevel(level)
+
+
+def export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+        traced.save(str(path))
+
+
+def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], outputs: list[str],
+                path: Path) -> None:
+    """torch.export-based ONNX export with a dynamic batch (and sample) dimension."""
+    batch = torch.export.Dim("batch", min=1)
+    samples = torch.export.Dim("samples", min=1)
+    dynamic = {name: {0: batch} for name in names}
+    if "eps" in dynamic:
+        dynamic["eps"] = {0: batch, 1: samples}
+    with _quiet():
+        torch.onnx.export(module, inputs, str(path), input_names=names, output_names=outputs,
+                          dynamic_shapes=dynamic, opset_version=ONNX_OPSET, dynamo=True,
+                          external_data=False, verbose=False)
+
+
+def _max_error(graph: str, ref: np.ndarray, got: np.ndarray) -> float:
+    diff = np.abs(ref - got)
+    if graph == "log_weights":
+        return float((diff / np.maximum(1.0, np.abs(ref) / 100.0)).max())
+    return float(diff.max())
+
+
+def check_parity(vae: VAE, directory: Path, real_inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, dict]:
+    """Compare ONNX Runtime and TorchScript outputs with eager PyTorch; raise ExportError on mismatch."""
+    import onnxruntime as ort
+
+    graphs = build_graphs(vae)
+    report: dict[str, dict] = {}
+    for graph, inputs in real_inputs.items():
+        with torch.no_grad():
+            eager = graphs[graph](*inputs)
+        eager_out = [t.numpy() for t in (eager if isinstance(eager, tuple) else (eager,))]
+        names = input_names(graph, bool(vae.config.num_classes))
+        session = ort.InferenceSession(str(directory / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+        onnx_out = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+        with _quiet(), torch.no_grad():
+            scripted = torch.jit.load(str(directory / f"{graph}.pt"))(*inputs)
+        ts_out = [t.numpy() for t in (scripted if isinstance(scripted, tuple) else (scripted,))]
+        errors = {
+            "onnx": max(_max_error(graph, r, g) for r, g in zip(eager_out, onnx_out, strict=True)),
+            "torchscript": max(_max_error(graph, r, g) for r, g in zip(eager_out, ts_out, strict=True)),
+        }
+        report[graph] = {"max_error": errors, "rows": int(inputs[0].shape[0])}
+        tolerance = LOG_WEIGHTS_TOLERANCE_PER_100_NATS if graph == "log_weights" else ABS_TOLERANCE
+        for runtime, err in errors.items():
+            if not np.isfinite(err) or err > tolerance:
+                raise ExportError(f"{graph} {runtime} output differs from eager PyTorch by {err:.3g} "
+                                  f"(tolerance {tolerance:g}); the artifact was not written")
+    return report
+
+
+def service_view(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """What the service feeds the likelihood graph: binarized at the manifest's threshold, if any."""
+    if prep.binarize_threshold is None:
+        return images
+    return (images >= prep.binarize_threshold).to(images.dtype)
+
+
+@torch.no_grad()
+def anomaly_scores(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None, k: int, seed: int,
+                   batch_size: int = 100) -> torch.Tensor:
+    """-log p(x) by the IW bound with k samples, (N,). The service computes the same quantity."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        y = None if labels is None else labels[start:start + batch_size]
+        eps = torch.randn(x.shape[0], k, vae.config.latent_dim, generator=gen)
+        out.append(-losses.iwae_bound(vae.log_weights(x, eps, y)))
+    return torch.cat(out)
+
+
+def calibrate(vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: int) -> dict:
+    """Quantiles of anomaly scores on held-out normal data (the validation split, never the test set)."""
+    images = service_view(splits.val_images, prep)
+    labels = splits.val_labels if vae.config.num_classes else None
+    scores = anomaly_scores(vae, images, labels, k, seed).numpy().astype(np.float64)
+    return {
+        "score": "negative_log_likelihood_nats",
+        "source": f"{splits.name} validation split ({len(scores)} images)",
+        "k": k,
+        "n": int(len(scores)),
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "percentiles": CALIBRATION_PERCENTILES,
+        "values": [float(v) for v in np.percentile(scores, CALIBRATION_PERCENTILES)],
+    }
+
+
+def export_model(
+    vae: VAE,
+    splits: DataSplits,
+    models_dir: str | Path,
+    name: str,
+    version: str,
+    *,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    report_dir: str | Path | None = None,
+    calibration_k: int = 256,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Write models_dir/name/version atomically; returns its path. Raises ExportError if a check fails."""
+    vae = vae.cpu().eval()
+    conditional = bool(vae.config.num_classes)
+    final = Path(models_dir) / name / version
+    if final.exists() and not force:
+        raise ExportError(f"{final} exists; pass --force to replace it or choose another --version")
+    tmp = final.parent / f".{version}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        prep = copy.deepcopy(splits.preprocessing)
+        if vae.config.likelihood == "bernoulli":
+            prep.binarize_threshold = 0.5
+        graphs = build_graphs(vae)
+        for graph, module in graphs.items():
+            inputs = example_inputs(graph, vae, batch=2)
+            names = input_names(graph, conditional)
+            export_torchscript(module, inputs, tmp / f"{graph}.pt")
+            export_onnx(module, inputs, names, GRAPH_IO[graph][1], tmp / f"{graph}.onnx")
+        parity = check_parity(vae, tmp, _real_inputs(vae, splits, prep, seed))
+        calibration = calibrate(vae, splits, prep, calibration_k, seed)
+        if report_dir and Path(report_dir).is_dir():
+            shutil.copytree(report_dir, tmp / "report")
+        manifest = _manifest(vae, name, version, prep, splits, parity, calibration, metrics, training)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s", final)
+    return final
+
+
+def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing, seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Parity inputs from real data: test images, their encoded means as latents, seeded eps."""
+    n = min(16, len(splits.test_images))
+    x = splits.test_images[:n].contiguous()
+    y = splits.test_labels[:n].contiguous() if vae.config.num_classes else None
+    extra = (y,) if y is not None else ()
+    with torch.no_grad():
+        z = vae.encode(x, y)[0]
+    eps = torch.randn(n, 32, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return {
+        "encoder": (x, *extra),
+        "decoder": (z, *extra),
+        "log_weights": (service_view(x, prep), eps, *extra),
+    }
+
+
+def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: DataSplits, parity: dict,
+              calibration: dict, metrics: dict | None, training: dict | None) -> dict:
+    cfg = vae.config
+    c, h, w = cfg.input_shape
+    conditional = bool(cfg.num_classes)
+    likelihood: dict = {"family": cfg.likelihood}
+    if cfg.likelihood == "gaussian":
+        obs_var = torch.exp(vae.obs_log_var.detach())
+        likelihood.update(variance=cfg.gaussian_variance, mean_std=float(obs_var.sqrt().mean()))
+    graphs = {}
+    for graph, (ins, outs) in GRAPH_IO.items():
+        graphs[graph] = {
+            "onnx": f"{graph}.onnx",
+            "torchscript": f"{graph}.pt",
+            "inputs": ins + (["y"] if conditional else []),
+            "outputs": outs,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "framework": {"torch": torch.__version__, "onnx_opset": ONNX_OPSET},
+        "model": {
+            "kind": "cvae" if conditional else ("linear" if cfg.architecture == "linear" else "vae"),
+            "architecture": cfg.architecture,
+            "latent_dim": cfg.latent_dim,
+            "config": cfg.to_dict(),
+        },
+        "input": {"channels": c, "height": h, "width": w, "dtype": "float32", "value_range": [0.0, 1.0]},
+        "preprocessing": prep.to_dict(),
+        "likelihood": likelihood,
+        "prior": {"family": "gaussian", "mean": 0.0, "std": 1.0},
+        "labels": list(cfg.labels) if conditional else None,
+        "graphs": graphs,
+        "parity": parity,
+        "calibration": calibration,
+        "data": {"name": splits.name, "description": splits.description},
+        "metrics": metrics or {},
+        "training": training or {},
+    }

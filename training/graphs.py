@@ -1,0 +1,72 @@
+"""The three graphs an artifact holds, as modules with tensor-only signatures for export.
+
+    encoder:     x (B, C, H, W) float32 [, y (B,) int64]                -> mean (B, D), log_var (B, D)
+    decoder:     z (B, D) float32 [, y (B,) int64]                      -> x_mean (B, C, H, W)
+    log_weights: x (B, C, H, W), eps (B, K, D) float32 [, y (B,) int64] -> log_w (B, K)
+
+log_weights lets the service compute importance-weighted log-likelihoods with nothing but a
+log-sum-exp: log p(x) ~= logsumexp_k(log_w) - log K, with eps ~ N(0, I) drawn by the service.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models import VAE
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.encode(x, y)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae.decode_mean(z, y)
+
+
+class LogWeightsGraph(nn.Module):
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae.log_weights(x, eps, y)
+
+
+GRAPH_IO: dict[str, tuple[list[str], list[str]]] = {
+    "encoder": (["x"], ["mean", "log_var"]),
+    "decoder": (["z"], ["x_mean"]),
+    "log_weights": (["x", "eps"], ["log_w"]),
+}
+
+
+def build_graphs(vae: VAE) -> dict[str, nn.Module]:
+    return {"encoder": EncoderGraph(vae), "decoder": DecoderGraph(vae), "log_weights": LogWeightsGraph(vae)}
+
+
+def input_names(graph: str, conditional: bool) -> list[str]:
+    return GRAPH_IO[graph][0] + (["y"] if conditional else [])
+
+
+def example_inputs(graph: str, vae: VAE, batch: int, k: int = 3) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the right shapes, for tracing; parity is checked on real data separately."""
+    c, h, w = vae.config.input_shape
+    d = vae.config.latent_dim
+    first: tuple[torch.Tensor, ...] = {
+        "encoder": (torch.rand(batch, c, h, w),),
+        "decoder": (torch.randn(batch, d),),
+        "log_weights": (torch.rand(batch, c, h, w), torch.randn(batch, k, d)),
+    }[graph]
+    if vae.config.num_classes:
+        first = (*first, torch.arange(batch) % vae.config.num_classes)
+    return first

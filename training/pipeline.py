@@ -1,0 +1,34 @@
+"""Glue between checkpoints, data, evaluation and export, shared by the CLI and the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.data import DataSplits, load_dataset
+from training.export import export_model
+from training.train import model_from_checkpoint
+
+
+def splits_for_checkpoint(ckpt: dict) -> DataSplits:
+    """The same data and split the checkpoint was trained on."""
+    cfg = ckpt["train_config"]
+    return load_dataset(cfg["data"], val_fraction=cfg["val_fraction"], seed=cfg["seed"], subset=cfg["subset"])
+
+
+def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: str, *,
+                      report_dir: Path | None = None, calibration_k: int = 256, force: bool = False) -> Path:
+    vae, ckpt = model_from_checkpoint(checkpoint)
+    run = checkpoint.parent
+    report_dir = report_dir or (run / "report")
+    metrics = {}
+    if (report_dir / "report.json").exists():
+        report = json.loads((report_dir / "report.json").read_text())
+        metrics = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+    training = {
+        "data": ckpt["data"], "best_epoch": ckpt["epoch"], "best_validation_score": ckpt["best_score"],
+        "config": ckpt["train_config"],
+    }
+    return export_model(vae, splits_for_checkpoint(ckpt), models_dir, name, version, metrics=metrics,
+                        training=training, report_dir=report_dir if report_dir.is_dir() else None,
+                        calibration_k=calibration_k, seed=ckpt["train_config"]["seed"], force=force)

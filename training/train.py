@@ -1,0 +1,273 @@
+"""The training loop: ELBO / beta-VAE / KL warm-up / IWAE / conditional / denoising, single process or DDP.
+
+Launch with `python -m training train ...`, or `torchrun --nproc-per-node N -m training train ...` to
+train data-parallel on PyTorch's DistributedDataParallel (gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training import losses
+from training.data import DataSplits, load_dataset
+from training.models import VAE, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are a quick but sound ELBO run; the default model overrides some."""
+
+    data: str = "mnist5k"  # mnist5k | digits8 | idx:DIR | folder:DIR | npz:FILE
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conditional: bool = False  # feed labels to encoder and decoder (CVAE)
+    objective: Literal["elbo", "iwae"] = "elbo"
+    iw_samples: int = 5  # k of the IWAE objective (Burda et al. use 5 and 50)
+    beta: float = 1.0  # weight of the KL term (Higgins et al. 2017); ELBO objective only
+    kl_warmup_epochs: int = 0  # linear KL annealing from 0 to beta (Sonderby et al. 2016)
+    input_noise: float = 0.0  # std of Gaussian noise added to the encoder's input (denoising VAE)
+    binarize: Literal["dynamic", "none"] = "dynamic"  # dynamic binarization for Bernoulli models
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 100.0  # guards against the rare exploding step early in training
+    ema_decay: float = 0.0  # > 0: evaluate and export a Polyak average of the weights
+    patience: int = 30  # early stopping: epochs without a better validation score
+    select_on: Literal["elbo", "iwae"] = "elbo"  # validation score for early stopping
+    val_iw_samples: int = 64  # k for the validation IWAE bound
+    val_fraction: float = 0.1
+    subset: int | None = None  # keep only this many training images (quick runs, tests)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        raw = dict(raw)
+        model = ModelConfig(**raw.pop("model", {}))
+        unknown = set(raw) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown training options: {sorted(unknown)}")
+        return cls(model=model, **raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- distributed helpers -------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _maybe_init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Objective(nn.Module):
+    """Per-example training loss of a VAE, as a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, vae: VAE, config: TrainConfig) -> None:
+        super().__init__()
+        self.vae = vae
+        self.config = config
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None, x_in: torch.Tensor, beta: float) -> torch.Tensor:
+        """x: (B, C, H, W) target, x_in: encoder input (maybe noisy) -> mean loss (scalar)."""
+        if self.config.objective == "iwae":
+            # Denoising with IWAE would need q(z|x_in) in the weights; we keep the bound exact instead.
+            return -self.vae.iwae_objective(x, self.config.iw_samples, y).mean()
+        recon, kl = self.vae.elbo_terms(x, y, x_in)
+        return -(recon - beta * kl).mean()
+
+
+@torch.no_grad()
+def validation_scores(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None, k: int,
+                      batch_size: int = 250) -> dict[str, float]:
+    """Mean ELBO, KL and IWAE(k) bound over fixed (pre-binarized) validation images, in nats."""
+    vae.eval()
+    elbos, kls, iwaes = [], [], []
+    device = next(vae.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(1234)  # the same eps every epoch
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        y = None if labels is None else labels[start:start + batch_size].to(device)
+        eps = torch.randn(x.shape[0], k, vae.config.latent_dim, generator=gen).to(device)
+        log_w = vae.log_weights(x, eps, y)  # (B, k)
+        mean, log_var = vae.encode(x, y)
+        elbos.append(log_w.mean(-1))
+        kls.append(losses.gaussian_kl_to_standard(mean, log_var).sum(-1))
+        iwaes.append(losses.iwae_bound(log_w))
+    return {
+        "val_elbo": torch.cat(elbos).mean().item(),
+        "val_kl": torch.cat(kls).mean().item(),
+        f"val_iwae_k{k}": torch.cat(iwaes).mean().item(),
+    }
+
+
+def prepare_eval_images(images: torch.Tensor, likelihood: str, seed: int) -> torch.Tensor:
+    """Bernoulli models are scored on binary images: binarize once, stochastically, with a fixed seed."""
+    if likelihood != "bernoulli":
+        return images
+    return torch.bernoulli(images, generator=torch.Generator().manual_seed(seed))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Checkpoints hold only tensors and plain containers, so weights_only loading (no pickle code) works."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[VAE, dict]:
+    ckpt = load_checkpoint(path)
+    vae = VAE(ModelConfig(**ckpt["model_config"]))
+    state = ckpt["ema_state"] if use_ema and ckpt.get("ema_state") else ckpt["model_state"]
+    vae.load_state_dict(state)
+    vae.eval()
+    return vae, ckpt
+
+
+def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None = None) -> Path:
+    """Train, writing metrics.jsonl, last.pt and best.pt into config.out_dir; returns best.pt's path."""
+    device = resolve_device(config.device)
+    _maybe_init_distributed(device)
+    rank, world = _world()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+    splits = splits or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed,
+                                    subset=config.subset)
+    mc = copy.deepcopy(config.model)
+    mc.input_shape = splits.input_shape
+    if config.conditional:
+        mc.num_classes, mc.labels = len(splits.label_names), list(splits.label_names)
+    vae = VAE(mc).to(device)
+    if mc.likelihood == "bernoulli" and mc.architecture != "linear":
+        _init_output_bias(vae, splits.train_images)
+    objective: nn.Module = Objective(vae, config)
+    if world > 1:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = copy.deepcopy(vae).eval() if config.ema_decay > 0 else None
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, since_best = 0, -math.inf, 0
+    if resume and (out / "last.pt").exists():
+        ckpt = load_checkpoint(out / "last.pt", device)
+        vae.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if ema is not None and ckpt.get("ema_state"):
+            ema.load_state_dict(ckpt["ema_state"])
+        start_epoch, best, since_best = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["epochs_since_best"]
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps({**config.to_dict(), "model": mc.to_dict()}, indent=2))
+
+    labels_of = (lambda t: t) if config.conditional else (lambda t: None)  # noqa: E731
+    val_x = prepare_eval_images(splits.val_images, mc.likelihood, seed=config.seed + 7)
+    n_train = len(splits.train_images)
+    progress = _progress(range(start_epoch, config.epochs), config.progress and rank == 0)
+    for epoch in progress:
+        t0 = time.perf_counter()
+        vae.train()
+        # Seed per epoch (and rank) so a resumed run repeats exactly what an uninterrupted one does.
+        torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed + epoch))
+        perm = perm[rank::world]  # each rank trains on its own shard of the shuffled epoch
+        beta = config.beta * min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else config.beta
+        total, count = 0.0, 0
+        for start in range(0, len(perm), config.batch_size):
+            idx = perm[start:start + config.batch_size]
+            x = splits.train_images[idx].to(device)
+            if config.binarize == "dynamic" and mc.likelihood == "bernoulli":
+                x = torch.bernoulli(x)
+            x_in = x + config.input_noise * torch.randn_like(x) if config.input_noise > 0 else x
+            loss = objective(x, labels_of(splits.train_labels[idx].to(device)), x_in, beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                _ema_update(ema, vae, config.ema_decay)
+            total += loss.item() * len(idx)
+            count += len(idx)
+        if rank != 0:
+            continue
+        scored = ema if ema is not None else vae
+        scores = validation_scores(scored, val_x.to(device), labels_of(splits.val_labels.to(device)),
+                                   config.val_iw_samples)
+        score = scores["val_elbo"] if config.select_on == "elbo" else scores[f"val_iwae_k{config.val_iw_samples}"]
+        improved = score > best
+        best, since_best = (score, 0) if improved else (best, since_best + 1)
+        record = {"epoch": epoch, "train_loss": total / max(count, 1), "beta": beta, **scores,
+                  "best_score": best, "seconds": time.perf_counter() - t0}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt = {
+            "model_config": mc.to_dict(), "train_config": config.to_dict(), "epoch": epoch,
+            "model_state": vae.state_dict(), "ema_state": ema.state_dict() if ema is not None else {},
+            "optimizer_state": optimizer.state_dict(), "best_score": best, "epochs_since_best": since_best,
+            "data": splits.name, "preprocessing": splits.preprocessing.to_dict(),
+        }
+        torch.save(ckpt, out / "last.pt.tmp")
+        os.replace(out / "last.pt.tmp", out / "last.pt")  # atomic: a crash never leaves half a checkpoint
+        if improved:
+            torch.save(ckpt, out / "best.pt")
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(val_elbo=f"{scores['val_elbo']:.2f}", best=f"{best:.2f}")
+        if since_best >= config.patience:
+            break
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out / "best.pt"
+
+
+def _init_output_bias(vae: VAE, images: torch.Tensor) -> None:
+    """Start the decoder at the mean image's logits: skips the slow first epochs of learning the mean."""
+    last = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv2d | nn.Linear)][-1]
+    mean = images.mean(0).clamp(1e-3, 1 - 1e-3)  # (C, H, W)
+    with torch.no_grad():
+        if isinstance(last, nn.Linear):
+            last.bias.copy_(torch.logit(mean).flatten())
+        else:  # a final conv has one bias per channel
+            last.bias.copy_(torch.logit(mean.mean(dim=(1, 2))))
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+
+
+def _progress(it: range, enabled: bool):  # noqa: ANN202 - tqdm or the bare range
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:  # serving installs have no tqdm; training still works
+        return it
+    return tqdm(it, desc="epochs", unit="epoch")
