@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import types
+import typing
 from pathlib import Path
 
 from training.data import DataError
+
+if typing.TYPE_CHECKING:
+    from training.train import TrainConfig
 
 TRAIN_HELP = {
     "data": "data set: mnist5k | digits8 | idx:DIR | folder:DIR | npz:FILE",
@@ -49,20 +55,31 @@ MODEL_HELP = {
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
-    """One --flag per documented dataclass field; defaults stay None so a --config file can fill them."""
+    """One --flag per documented dataclass field, typed from its annotation.
+
+    bool -> --flag/--no-flag, Literal -> choices, int / float / str (also `X | None`) -> that type.
+    Defaults stay None so a --config file can fill what the command line leaves out.
+    """
+    from training.models import literal_choices
+
+    hints = typing.get_type_hints(cls)
+    choices = literal_choices(cls)
     for name, f in cls.__dataclass_fields__.items():
         if name not in helps:
             continue
         flag = "--" + name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{helps[name]} (default: {default})")
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if name == "subset" or name == "threads":
-                kind = int
-            parser.add_argument(flag, type=kind, default=None, help=f"{helps[name]} (default: {default})")
+        help_text = f"{helps[name]} (default: {f.default})"
+        hint = hints[name]
+        if typing.get_origin(hint) in (types.UnionType, typing.Union):  # int | None -> int
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif name in choices:
+            parser.add_argument(flag, choices=choices[name], default=None, help=help_text)
+        elif hint in (int, float, str):
+            parser.add_argument(flag, type=hint, default=None, help=help_text)
+        else:  # e.g. tuples: not settable from the command line (input_shape comes from the data)
+            raise TypeError(f"no command-line option for {cls.__name__}.{name}: {hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("train", help="train a model (use torchrun for several processes)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: the argparse defaults are None (so --config can fill them) and
+    # the help texts already name the real defaults.
+    tr = sub.add_parser("train", help="train a model (use torchrun for several processes)")
     tr.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     _add_dataclass_options(tr, TrainConfig, TRAIN_HELP)
@@ -81,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="test-set metrics, figures and report of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a run")
-    ev.add_argument("--out-dir", type=Path, help="where report.json, report.md, figures/ go (default: RUN/report)")
-    ev.add_argument("--k", type=int, default=5000, help="importance samples for the NLL (5000 as in the IWAE paper)")
+    ev.add_argument("--out-dir", type=Path,
+                    help="where report.json, report.md, figures/ go (default: RUN/report)")
+    ev.add_argument("--k", type=int, default=5000,
+                    help="importance samples for the NLL (5000 as in the IWAE paper)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
@@ -91,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--models-dir", type=Path, default=Path("models"))
     ex.add_argument("--name", required=True, help="model name, e.g. mnist-vae ([a-z0-9-_.])")
     ex.add_argument("--version", default="1")
-    ex.add_argument("--report-dir", type=Path, help="evaluation output to include (default: RUN/report if present)")
+    ex.add_argument("--report-dir", type=Path,
+                    help="evaluation output to include (default: RUN/report if present)")
     ex.add_argument("--calibration-k", type=int, default=256, help="k for the anomaly-score calibration")
     ex.add_argument("--force", action="store_true", help="replace an existing version")
     return parser
 
 
-def _train_config(args: argparse.Namespace):  # noqa: ANN202
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     from training.models import ModelConfig
     from training.train import TrainConfig
 
@@ -120,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             from training.train import train
 
             best = train(_train_config(args), resume=args.resume)
-            print(best)
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
+                print(best)
         elif args.command == "evaluate":
             from training.evaluate import evaluate
             from training.pipeline import splits_for_checkpoint
@@ -129,16 +151,25 @@ def main(argv: list[str] | None = None) -> int:
             vae, ckpt = model_from_checkpoint(args.checkpoint)
             out = args.out_dir or args.checkpoint.parent / "report"
             report = evaluate(vae, splits_for_checkpoint(ckpt), out, k=args.k, seed=args.seed,
-                              metrics_path=args.checkpoint.parent / "metrics.jsonl", figures=not args.no_figures)
+                              metrics_path=args.checkpoint.parent / "metrics.jsonl",
+                              figures=not args.no_figures)
             print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list | dict)}, indent=2))
         elif args.command == "export":
             from training.pipeline import export_checkpoint
 
             print(export_checkpoint(args.checkpoint, args.models_dir, args.name, args.version,
-                                    report_dir=args.report_dir, calibration_k=args.calibration_k, force=args.force))
+                                    report_dir=args.report_dir, calibration_k=args.calibration_k,
+                                    force=args.force))
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from training.export import ExportError
+
+        if not isinstance(exc, ExportError):
+            raise
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

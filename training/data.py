@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: the header promises {ndim} dimensions")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -159,7 +162,8 @@ def load_idx(directory: str | Path, val_fraction: float = 0.1, seed: int = 0) ->
         if imgs.ndim != 3 or lbls.ndim != 1:
             raise DataError(f"{img_path} must be 3-D images and {lbl_path} 1-D labels")
         if imgs.shape[0] != lbls.shape[0]:
-            raise DataError(f"{img_path} has {imgs.shape[0]} images but {lbl_path} has {lbls.shape[0]} labels")
+            raise DataError(f"{img_path} has {imgs.shape[0]} images but {lbl_path} has "
+                            f"{lbls.shape[0]} labels")
         parts[split] = (_from_uint8(imgs, (1, *imgs.shape[1:])), torch.from_numpy(lbls.astype(np.int64)))
     (x, y), (tx, ty) = parts["train"], parts["t10k"]
     tr_x, tr_y, va_x, va_y = _split_off_validation(x, y, val_fraction, seed)
@@ -190,11 +194,13 @@ def load_folder(
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"image folder {d} does not exist")
-    subdirs = sorted(p for p in d.iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes.
+    subdirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
     groups = [(p.name, p) for p in subdirs] if subdirs else [("0", d)]
     images, labels = [], []
     for label, (_, folder) in enumerate(groups):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         images.extend(load_image(p, prep) for p in files)
         labels.extend([label] * len(files))
     if not images:
@@ -205,28 +211,41 @@ def load_folder(
                              test_fraction, seed)
 
 
-def load_npz(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+def load_npz(path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2,
+             seed: int = 0) -> DataSplits:
     """An .npz with `images` (N, H, W) or (N, C, H, W), uint8 0..255 or float 0..1, and optional `labels`."""
     p = Path(path)
     try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as f:
+                arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read npz file {p}: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy: np.load returned the array itself
+        raise DataError(f"{p} is not an .npz archive; write one with numpy.savez(path, images=, labels=)")
     if "images" not in arrays:
         raise DataError(f"{p} has no 'images' array (found: {sorted(arrays)})")
     raw = arrays["images"]
     if raw.ndim == 3:
         raw = raw[:, None]
-    if raw.ndim != 4 or raw.shape[1] not in (1, 3):
-        raise DataError(f"{p}: images must be (N, H, W) or (N, C, H, W) with C in (1, 3), got {raw.shape}")
+    if raw.ndim != 4 or raw.shape[1] not in (1, 3) or len(raw) == 0:
+        raise DataError(f"{p}: images must be a non-empty (N, H, W) or (N, C, H, W) with C in (1, 3), "
+                        f"got {raw.shape}")
+    # Other integer types (uint16, int64, ...) have no agreed white level: refuse rather than guess.
+    if raw.dtype != np.uint8 and not np.issubdtype(raw.dtype, np.floating):
+        raise DataError(f"{p}: images must be uint8 (0..255) or float (0..1), got {raw.dtype}")
     x = torch.from_numpy(raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0))
-    if x.min() < 0 or x.max() > 1:
-        raise DataError(f"{p}: float images must lie in [0, 1]")
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise DataError(f"{p}: float images must lie in [0, 1] (and be finite)")
     labels = arrays.get("labels")
-    if labels is not None and len(labels) != len(x):
-        raise DataError(f"{p}: {len(x)} images but {len(labels)} labels")
-    y = torch.zeros(len(x), dtype=torch.int64) if labels is None else torch.from_numpy(labels.astype(np.int64))
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(x):
+            raise DataError(f"{p}: {len(x)} images but labels of shape {labels.shape} (need ({len(x)},))")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise DataError(f"{p}: labels must be non-negative integers, got {labels.dtype}")
+    y = torch.zeros(len(x), dtype=torch.int64) if labels is None else torch.from_numpy(
+        labels.astype(np.int64))
     names = [str(i) for i in range(int(y.max()) + 1)]
     prep = Preprocessing("L" if x.shape[1] == 1 else "RGB", x.shape[2], x.shape[3])
     return _random_three_way("npz:" + p.stem, x, y, names, prep, val_fraction, test_fraction, seed)
@@ -264,6 +283,8 @@ def load_dataset(
         splits = load_npz(arg, val_fraction, seed=seed)
     else:
         raise DataError(f"unknown data set {spec!r}: use mnist5k, digits8, idx:DIR, folder:DIR or npz:FILE")
+    if len(splits.train_images) == 0:
+        raise DataError(f"{spec} leaves no training images after the validation/test split")
     if subset:
         small = max(1, subset // 4)
         splits.train_images, splits.train_labels = splits.train_images[:subset], splits.train_labels[:subset]

@@ -92,7 +92,7 @@ def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, s
         "k": k,
         "test_nll": float(-ll.mean()),
         "test_nll_standard_error": float(ll.std() / math.sqrt(len(ll))),
-        "test_nll_estimator_se_mean": float(iw["standard_error"].mean()),
+        "test_nll_estimator_se_mean": float(iw["standard_error"].mean()),  # NaN at k=1
         "test_elbo": float(iw["elbo"].mean()),
         "test_bits_per_dim": float(losses.bits_per_dim(ll, dims).mean()),
         "test_kl": lat["kl"],
@@ -112,9 +112,21 @@ def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, s
         report["figures"] = fig.make_all(vae, splits.test_images, splits.test_labels, lat, fig_dir,
                                          metrics_path, seed)
     report["seconds"] = time.perf_counter() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+def json_safe(value: object) -> object:
+    """NaN/inf -> None, recursively. json.dumps would write NaN/Infinity, which is not JSON, and the
+    report ends up in manifest.json, which strict readers (the service, jq) must be able to parse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def render_markdown(report: dict) -> str:

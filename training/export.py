@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from training import losses
-from training.data import DataSplits, Preprocessing, load_dataset
+from training.data import DataSplits, Preprocessing
+from training.evaluate import json_safe
 from training.graphs import GRAPH_IO, build_graphs, example_inputs, input_names
 from training.models import VAE
 
@@ -34,6 +36,11 @@ ABS_TOLERANCE = 1e-4  # encoder / decoder outputs
 # so it is compared relative to its magnitude: |diff| <= 1e-4 * max(1, |log_w| / 100).
 LOG_WEIGHTS_TOLERANCE_PER_100_NATS = 1e-4
 CALIBRATION_PERCENTILES = [round(p * 0.5, 1) for p in range(201)]  # 0, 0.5, ..., 100
+
+# docs/artifact-format.md: names match this; versions too, so neither can be "..", contain a "/" or
+# start with the "." that marks a half-written .<version>.partial folder.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,8 @@ def _max_error(graph: str, ref: np.ndarray, got: np.ndarray) -> float:
     return float(diff.max())
 
 
-def check_parity(vae: VAE, directory: Path, real_inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, dict]:
+def check_parity(vae: VAE, directory: Path,
+                 real_inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, dict]:
     """Compare ONNX Runtime and TorchScript outputs with eager PyTorch; raise ExportError on mismatch."""
     import onnxruntime as ort
 
@@ -152,7 +160,7 @@ def calibrate(vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: i
         "score": "negative_log_likelihood_nats",
         "source": f"{splits.name} validation split ({len(scores)} images)",
         "k": k,
-        "n": int(len(scores)),
+        "n": len(scores),
         "mean": float(scores.mean()),
         "std": float(scores.std()),
         "percentiles": CALIBRATION_PERCENTILES,
@@ -175,11 +183,16 @@ def export_model(
     force: bool = False,
 ) -> Path:
     """Write models_dir/name/version atomically; returns its path. Raises ExportError if a check fails."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ExportError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+    if not VERSION_PATTERN.fullmatch(version):
+        raise ExportError(f"version {version!r} must match {VERSION_PATTERN.pattern}")
     vae = vae.cpu().eval()
     conditional = bool(vae.config.num_classes)
     final = Path(models_dir) / name / version
     if final.exists() and not force:
         raise ExportError(f"{final} exists; pass --force to replace it or choose another --version")
+    created_parent = not final.parent.exists()
     tmp = final.parent / f".{version}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -201,18 +214,22 @@ def export_model(
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:  # a failed first export of a model leaves no empty models/<name>/ behind
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
         raise
     log.info("exported %s", final)
     return final
 
 
-def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing, seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing,
+                 seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
     """Parity inputs from real data: test images, their encoded means as latents, seeded eps."""
     n = min(16, len(splits.test_images))
     x = splits.test_images[:n].contiguous()

@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from training.models import VAE  # noqa: E402
+from training.models import VAE
 
 
 def _grid(images: torch.Tensor, rows: int) -> np.ndarray:
@@ -76,6 +76,8 @@ def make_all(vae: VAE, images: torch.Tensor, labels: torch.Tensor, latent_stats:
     centred = mu - mu.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     proj = (centred @ v[:2].T).numpy()
+    if proj.shape[1] < 2:  # a 1-D latent space: plot it against zeros rather than fail the evaluation
+        proj = np.concatenate([proj, np.zeros_like(proj)], axis=1)
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(proj[:, 0], proj[:, 1], c=labels[: len(proj)].numpy(), cmap="tab10", s=6)
     fig.colorbar(sc, ax=ax, label="class")

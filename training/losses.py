@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -30,8 +29,14 @@ def gaussian_kl_to_standard(mean: torch.Tensor, log_var: torch.Tensor) -> torch.
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log Bernoulli(x; sigmoid(logits)) summed over all but the first dim. (B, ...) -> (B,)."""
-    ll = -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    """log Bernoulli(x; sigmoid(logits)) summed over all but the first dim. (B, ...) -> (B,).
+
+    Written as x*l - max(l, 0) - log1p(exp(-|l|)) on purpose, not binary_cross_entropy_with_logits:
+    the ONNX exporter lowers the latter to Log(Sigmoid(l)), and ONNX Runtime's Sigmoid saturates, so
+    log_w came out -inf for logits below about -18 (every background pixel of a well-trained MNIST
+    model) and failed the export parity check. These elementary ops stay exact in every runtime.
+    """
+    ll = x * logits - torch.clamp(logits, min=0) - torch.log1p(torch.exp(-logits.abs()))
     return ll.flatten(1).sum(-1)
 
 
@@ -58,9 +63,11 @@ def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
 def iwae_standard_error(log_weights: torch.Tensor) -> torch.Tensor:
     """Delta-method standard error of the log of the mean importance weight. (B, K) -> (B,).
 
-    With w normalised by its max, Var[log mean(w)] ~= Var[w] / (K * mean(w)^2).
+    With w normalised by its max, Var[log mean(w)] ~= Var[w] / (K * mean(w)^2). NaN when K == 1.
     """
     k = log_weights.shape[-1]
+    if k < 2:  # one sample says nothing about its own spread; NaN rather than a warning and a fake 0
+        return torch.full_like(log_weights[..., 0], math.nan)
     w = torch.exp(log_weights - log_weights.max(dim=-1, keepdim=True).values)
     return w.std(dim=-1) / (math.sqrt(k) * w.mean(dim=-1))
 

@@ -7,7 +7,9 @@ whose exact log p(x) is available in closed form to check the estimators against
 
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -19,6 +21,22 @@ from training import losses
 Architecture = Literal["mlp", "conv", "linear"]
 Likelihood = Literal["bernoulli", "gaussian"]
 GaussianVariance = Literal["fixed", "global", "pixel"]
+
+
+@functools.cache
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """{field: allowed values} for a dataclass's Literal-typed fields (the CLI turns them into choices)."""
+    hints = typing.get_type_hints(cls)  # evaluates the annotations, strings under `from __future__`
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
+
+
+def check_choices(config: object) -> None:
+    """Literal fields are not checked by Python: a typo such as architecture="cnv" in a --config file
+    would otherwise silently build a different model (or objective="iwea" train the ELBO)."""
+    for name, allowed in literal_choices(type(config)).items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 @dataclass
@@ -39,10 +57,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(v) for v in self.input_shape)  # type: ignore[assignment]
+        check_choices(self)
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
+        if self.latent_dim < 1 or self.hidden_dim < 1 or self.channels < 1 or self.num_classes < 0:
+            raise ValueError("latent_dim, hidden_dim and channels must be positive, num_classes >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.fixed_std <= 0:
+            raise ValueError(f"fixed_std must be positive, got {self.fixed_std}")
         if self.architecture == "linear" and self.likelihood != "gaussian":
             raise ValueError("the linear model (probabilistic PCA) needs likelihood='gaussian'")
         if self.architecture == "conv" and (self.input_shape[1] % 4 or self.input_shape[2] % 4):
-            raise ValueError(f"conv architecture needs height and width divisible by 4, got {self.input_shape}")
+            raise ValueError(f"conv architecture needs height and width divisible by 4, got "
+                             f"{self.input_shape}")
         if self.num_classes and self.labels and len(self.labels) != self.num_classes:
             raise ValueError("labels must name every class")
 
@@ -142,7 +170,8 @@ class VAE(nn.Module):
         if config.likelihood == "gaussian":
             shape = config.input_shape if config.gaussian_variance == "pixel" else ()
             init = 2.0 * math.log(config.fixed_std)
-            self.obs_log_var = nn.Parameter(torch.full(shape, init), requires_grad=config.gaussian_variance != "fixed")
+            self.obs_log_var = nn.Parameter(torch.full(shape, init),
+                                            requires_grad=config.gaussian_variance != "fixed")
 
     # -- pieces -------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,14 +226,20 @@ class VAE(nn.Module):
         return losses.iwae_bound(self.log_weights(x, eps, y))
 
     # -- closed form for the linear model -----------------------------------------------------------
-    def exact_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x) of the linear model: x ~ N(b, W W^T + diag(sigma^2)). (B, C, H, W) -> (B,)."""
+    def exact_log_likelihood(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(x[|y]) of the linear model, x ~ N(b_y, W W^T + diag(sigma^2)). (B, C, H, W) -> (B,).
+
+        For a conditional model the label's one-hot only shifts the mean (b_y = b + W_y y), so the
+        decoder's weight is split into its latent part W and label part W_y.
+        """
         if self.config.architecture != "linear":
             raise ValueError("exact log-likelihood is only available for architecture='linear'")
         linear: nn.Linear = self.decoder.net  # type: ignore[assignment]
-        w = linear.weight.double()  # (P, D)
-        bias = linear.bias.double()  # (P,)
+        d = self.config.latent_dim
+        w = linear.weight.double()[:, :d]  # (P, D)
         noise = torch.exp(self.obs_log_var.double()).expand(self.config.input_shape).reshape(-1)  # (P,)
         cov = w @ w.T + torch.diag(noise)
-        dist = torch.distributions.MultivariateNormal(bias, covariance_matrix=cov)
+        # The mean is the decoder at z = 0, which includes the label shift; (B, P).
+        mean = self.decoder(torch.zeros(x.shape[0], d, device=x.device), y).double().flatten(1)
+        dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
         return dist.log_prob(x.double().flatten(1)).to(x.dtype)

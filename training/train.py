@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training import losses
 from training.data import DataSplits, load_dataset
-from training.models import VAE, ModelConfig
+from training.models import VAE, ModelConfig, check_choices
 
 
 @dataclass
@@ -55,14 +56,31 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # Literal fields are not checked by Python; a typo such as objective="iwea" in a --config file
+        # would otherwise silently train the ELBO.
+        check_choices(self)
+        for name in ("epochs", "batch_size", "iw_samples", "val_iw_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+
     @classmethod
     def from_dict(cls, raw: dict) -> TrainConfig:
         raw = dict(raw)
-        model = ModelConfig(**raw.pop("model", {}))
-        unknown = set(raw) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown training options: {sorted(unknown)}")
-        return cls(model=model, **raw)
+        model_raw = dict(raw.pop("model", None) or {})
+        # A typo in a --config file must be an error, not a silently ignored option (or a TypeError).
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        unknown_model = set(model_raw) - set(ModelConfig.__dataclass_fields__)
+        if unknown or unknown_model:
+            names = sorted(unknown) + sorted("model." + k for k in unknown_model)
+            raise ValueError(f"unknown training options: {names}")
+        return cls(model=ModelConfig(**model_raw), **raw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,16 +93,21 @@ def _world() -> tuple[int, int]:
 
 def _maybe_init_distributed(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL needs each rank's current device set before init
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA if present else CPU. Under torchrun a bare 'cuda' (or auto) means this rank's GPU,
+    LOCAL_RANK; otherwise every rank would pile onto cuda:0."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device("cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 class Objective(nn.Module):
@@ -95,7 +118,8 @@ class Objective(nn.Module):
         self.vae = vae
         self.config = config
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None, x_in: torch.Tensor, beta: float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None, x_in: torch.Tensor,
+                beta: float) -> torch.Tensor:
         """x: (B, C, H, W) target, x_in: encoder input (maybe noisy) -> mean loss (scalar)."""
         if self.config.objective == "iwae":
             # Denoising with IWAE would need q(z|x_in) in the weights; we keep the bound exact instead.
@@ -150,7 +174,12 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[VAE, 
 
 
 def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None = None) -> Path:
-    """Train, writing metrics.jsonl, last.pt and best.pt into config.out_dir; returns best.pt's path."""
+    """Train, writing metrics.jsonl, last.pt and best.pt into config.out_dir; returns best.pt's path.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its own shard of each epoch inside
+    DistributedDataParallel; only rank 0 validates and writes files, and it tells the other ranks
+    when early stopping ends the run.
+    """
     device = resolve_device(config.device)
     _maybe_init_distributed(device)
     rank, world = _world()
@@ -160,6 +189,8 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
 
     splits = splits or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed,
                                     subset=config.subset)
+    if len(splits.train_images) < world:
+        raise ValueError(f"{len(splits.train_images)} training images cannot be shared by {world} processes")
     mc = copy.deepcopy(config.model)
     mc.input_shape = splits.input_shape
     if config.conditional:
@@ -169,12 +200,15 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         _init_output_bias(vae, splits.train_images)
     objective: nn.Module = Objective(vae, config)
     if world > 1:
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # DDP broadcasts rank 0's initial weights and averages gradients in backward().
+        device_ids = [device.index] if device.type == "cuda" else None
+        objective = DistributedDataParallel(objective, device_ids=device_ids)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = copy.deepcopy(vae).eval() if config.ema_decay > 0 else None
 
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     start_epoch, best, since_best = 0, -math.inf, 0
     if resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt", device)
@@ -183,10 +217,17 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         if ema is not None and ckpt.get("ema_state"):
             ema.load_state_dict(ckpt["ema_state"])
         start_epoch, best, since_best = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["epochs_since_best"]
+    elif rank == 0:
+        # A fresh run in an old directory must not append to the old metrics (the training-curve
+        # figure would mix runs) nor leave the old best.pt if this run's first epoch is worse.
+        for stale in ("metrics.jsonl", "best.pt", "last.pt"):
+            (out / stale).unlink(missing_ok=True)
     if rank == 0:
         (out / "config.json").write_text(json.dumps({**config.to_dict(), "model": mc.to_dict()}, indent=2))
 
-    labels_of = (lambda t: t) if config.conditional else (lambda t: None)  # noqa: E731
+    def labels_of(t: torch.Tensor) -> torch.Tensor | None:
+        return t if config.conditional else None
+
     val_x = prepare_eval_images(splits.val_images, mc.likelihood, seed=config.seed + 7)
     n_train = len(splits.train_images)
     progress = _progress(range(start_epoch, config.epochs), config.progress and rank == 0)
@@ -196,9 +237,13 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         # Seed per epoch (and rank) so a resumed run repeats exactly what an uninterrupted one does.
         torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed + epoch))
-        perm = perm[rank::world]  # each rank trains on its own shard of the shuffled epoch
-        beta = config.beta * min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else config.beta
-        total, count = 0.0, 0
+        # Each rank trains on its own shard of the shuffled epoch. The shards must be equally long:
+        # DDP all-reduces in every backward(), so a rank with one batch more would wait forever.
+        perm = perm[: n_train - n_train % world][rank::world]
+        beta = config.beta
+        if config.kl_warmup_epochs:
+            beta *= min(1.0, (epoch + 1) / config.kl_warmup_epochs)
+        total, count = torch.zeros((), dtype=torch.float64), 0
         for start in range(0, len(perm), config.batch_size):
             idx = perm[start:start + config.batch_size]
             x = splits.train_images[idx].to(device)
@@ -212,38 +257,58 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
             optimizer.step()
             if ema is not None:
                 _ema_update(ema, vae, config.ema_decay)
-            total += loss.item() * len(idx)
+            total += loss.detach().double().cpu() * len(idx)
             count += len(idx)
-        if rank != 0:
-            continue
-        scored = ema if ema is not None else vae
-        scores = validation_scores(scored, val_x.to(device), labels_of(splits.val_labels.to(device)),
-                                   config.val_iw_samples)
-        score = scores["val_elbo"] if config.select_on == "elbo" else scores[f"val_iwae_k{config.val_iw_samples}"]
-        improved = score > best
-        best, since_best = (score, 0) if improved else (best, since_best + 1)
-        record = {"epoch": epoch, "train_loss": total / max(count, 1), "beta": beta, **scores,
-                  "best_score": best, "seconds": time.perf_counter() - t0}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        ckpt = {
-            "model_config": mc.to_dict(), "train_config": config.to_dict(), "epoch": epoch,
-            "model_state": vae.state_dict(), "ema_state": ema.state_dict() if ema is not None else {},
-            "optimizer_state": optimizer.state_dict(), "best_score": best, "epochs_since_best": since_best,
-            "data": splits.name, "preprocessing": splits.preprocessing.to_dict(),
-        }
-        torch.save(ckpt, out / "last.pt.tmp")
-        os.replace(out / "last.pt.tmp", out / "last.pt")  # atomic: a crash never leaves half a checkpoint
-        if improved:
-            torch.save(ckpt, out / "best.pt")
-        if hasattr(progress, "set_postfix"):
-            progress.set_postfix(val_elbo=f"{scores['val_elbo']:.2f}", best=f"{best:.2f}")
-        if since_best >= config.patience:
+        if world > 1:  # the epoch's training loss over all shards, not just rank 0's
+            summed = torch.stack([total, torch.tensor(float(count), dtype=torch.float64)]).to(device)
+            dist.all_reduce(summed)
+            total, count = summed[0].cpu(), int(summed[1].item())
+        train_loss = (total / max(count, 1)).item()
+        stop = False
+        if rank == 0:
+            scored = ema if ema is not None else vae
+            scores = validation_scores(scored, val_x.to(device), labels_of(splits.val_labels.to(device)),
+                                       config.val_iw_samples)
+            key = "val_elbo" if config.select_on == "elbo" else f"val_iwae_k{config.val_iw_samples}"
+            score = scores[key]
+            improved = score > best
+            best, since_best = (score, 0) if improved else (best, since_best + 1)
+            record = {"epoch": epoch, "train_loss": train_loss, "beta": beta, **scores,
+                      "best_score": best, "seconds": time.perf_counter() - t0}
+            _save_epoch(out, vae, ema, optimizer, mc, config, splits, epoch, best, since_best, improved)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(val_elbo=f"{scores['val_elbo']:.2f}", best=f"{best:.2f}")
+            stop = since_best >= config.patience
+        if world > 1:
+            # Only rank 0 knows the validation score: without this broadcast it would stop early
+            # while the others ran on into an all-reduce that never completes.
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if stop:
             break
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return out / "best.pt"
+
+
+def _save_epoch(out: Path, vae: VAE, ema: VAE | None, optimizer: torch.optim.Optimizer, mc: ModelConfig,
+                config: TrainConfig, splits: DataSplits, epoch: int, best: float, since_best: int,
+                improved: bool) -> None:
+    """last.pt every epoch, best.pt when the validation score improved; both replaced atomically."""
+    ckpt = {
+        "model_config": mc.to_dict(), "train_config": config.to_dict(), "epoch": epoch,
+        "model_state": vae.state_dict(), "ema_state": ema.state_dict() if ema is not None else {},
+        "optimizer_state": optimizer.state_dict(), "best_score": best, "epochs_since_best": since_best,
+        "data": splits.name, "preprocessing": splits.preprocessing.to_dict(),
+    }
+    names = ("last.pt", "best.pt") if improved else ("last.pt",)
+    for name in names:
+        torch.save(ckpt, out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)  # a crash never leaves half a checkpoint
 
 
 def _init_output_bias(vae: VAE, images: torch.Tensor) -> None:
@@ -263,11 +328,12 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p, 1.0 - decay)
 
 
-def _progress(it: range, enabled: bool):  # noqa: ANN202 - tqdm or the bare range
+def _progress(it: range, enabled: bool) -> Iterable[int]:
+    """tqdm over the epochs, or the bare range (no bar, or serving installs without tqdm)."""
     if not enabled:
         return it
     try:
         from tqdm import tqdm
-    except ImportError:  # serving installs have no tqdm; training still works
+    except ImportError:
         return it
     return tqdm(it, desc="epochs", unit="epoch")
