@@ -1,0 +1,1 @@
+"""HTTP service for exported VAE artifacts: dynamically batched ONNX Runtime / TorchScript inference."""

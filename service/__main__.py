@@ -1,0 +1,75 @@
+"""`python -m service` / `vae-serve`: start the service with uvicorn.
+
+Flags override the environment (`VAE_*`); everything else comes from the environment. On SIGTERM or
+Ctrl-C the server first marks itself draining (/readyz 503, new /v1 work refused with 503), lets
+in-flight requests finish within VAE_DRAIN_TIMEOUT_S, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import Settings
+from service.logs import configure_logging
+from service.state import AppState
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that flips the app to draining the moment a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.app_state.draining:
+            logging.getLogger(__name__).info("signal %d: draining (readyz 503, new requests refused)", sig)
+        self.app_state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def parse_args(argv: list[str] | None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(prog="vae-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="bind address (VAE_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (VAE_PORT, default 8000)")
+    parser.add_argument("--models-dir", help="model repository (VAE_MODELS_DIR, default ./models)")
+    parser.add_argument("--models", help="comma-separated name[:version] to load (VAE_MODELS, default all)")
+    parser.add_argument("--runtime", choices=["onnx", "torchscript"], help="VAE_RUNTIME, default onnx")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="VAE_DEVICE, default auto")
+    parser.add_argument("--log-level", help="VAE_LOG_LEVEL, default INFO")
+    parser.add_argument("--json-logs", action="store_true", default=None, help="VAE_JSON_LOGS")
+    args = vars(parser.parse_args(argv))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vae-serve` console script."""
+    overrides = parse_args(argv)
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"vae-serve: invalid settings (environment variables VAE_<NAME> or flags):\n{problems}",
+              file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.json_logs)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+                            server_header=False)
+    server = DrainingServer(config, app.state.service)
+    server.run()
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

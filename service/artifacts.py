@@ -1,0 +1,224 @@
+"""Find model artifacts on disk, read manifest.json and verify every file before anything is loaded.
+
+Format: docs/artifact-format.md. Paths are only ever built from directory listings and manifest
+entries checked here, never from request data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_FORMAT_VERSIONS = {1}
+GRAPHS = ("encoder", "decoder", "log_weights")
+MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # the manifest's rule plus a length cap
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # hidden `.1.partial` exports never match
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, malformed or corrupt; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    color_mode: str  # Pillow mode of x: "L" or "RGB"
+    height: int
+    width: int
+    resample: str  # Pillow resampling filter name for resizing
+    binarize_threshold: float | None  # likelihood endpoints binarize x >= threshold when set
+
+
+@dataclass(frozen=True)
+class Calibration:
+    k: int
+    percentiles: tuple[float, ...]  # increasing, 0..100
+    values: tuple[float, ...]  # anomaly scores (-log p(x) nats) at those percentiles
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    files: dict[str, str]  # runtime ("onnx" | "torchscript") -> file name inside the version folder
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of manifest.json the service relies on, checked; `raw` keeps everything for metadata."""
+
+    name: str
+    version: str
+    directory: Path
+    kind: str
+    latent_dim: int
+    channels: int
+    height: int
+    width: int
+    likelihood: str
+    labels: tuple[str, ...] | None
+    preprocessing: Preprocessing
+    calibration: Calibration | None
+    graphs: dict[str, GraphSpec]
+    raw: dict[str, Any]
+
+    @property
+    def conditional(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def data_dims(self) -> int:
+        return self.channels * self.height * self.width
+
+    def graph_path(self, graph: str, runtime: str) -> Path:
+        return self.directory / self.graphs[graph].files[runtime]
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after non-numeric ones, so "10" is newer than "9"."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+def discover(models_dir: Path, selected: list[str]) -> list[Path]:
+    """Version folders to load: the latest version of every model, or the `name[:version]` refs given."""
+    if not models_dir.is_dir():
+        raise ArtifactError(f"models directory {models_dir} does not exist (set VAE_MODELS_DIR or --models-dir)")
+    found: dict[str, dict[str, Path]] = {}
+    for model_dir in sorted(models_dir.iterdir()):
+        if not model_dir.is_dir() or not MODEL_NAME_RE.fullmatch(model_dir.name):
+            continue
+        versions = {v.name: v for v in model_dir.iterdir()
+                    if v.is_dir() and VERSION_RE.fullmatch(v.name) and (v / "manifest.json").is_file()}
+        if versions:
+            found[model_dir.name] = versions
+    refs = selected or sorted(found)
+    chosen = []
+    for ref in refs:
+        name, _, version = ref.partition(":")
+        if name not in found:
+            raise ArtifactError(f"model {name!r} not found in {models_dir} (found: {sorted(found) or 'none'})")
+        if version and version not in found[name]:
+            raise ArtifactError(f"model {name!r} has no version {version!r} (found: {sorted(found[name])})")
+        chosen.append(found[name][version or max(found[name], key=_version_key)])
+    if not chosen:
+        raise ArtifactError(f"no models found in {models_dir}: expected <name>/<version>/manifest.json "
+                            "(export one with `python -m training export`)")
+    return chosen
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    """Resolve a manifest-listed path, refusing anything that escapes the version folder."""
+    path = (directory / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(directory.resolve()):
+        raise ArtifactError(f"{directory}/manifest.json lists a file outside the artifact: {relative!r}")
+    return path
+
+
+def verify_files(directory: Path, files: dict[str, str]) -> None:
+    """Every listed file exists and matches its sha256; raise ArtifactError naming the first that does not."""
+    for relative, expected in files.items():
+        path = _inside(directory, relative)
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: file {relative!r} listed in manifest.json is missing")
+        actual = sha256_file(path)
+        if actual != str(expected).lower():
+            raise ArtifactError(f"{directory}: sha256 of {relative!r} is {actual}, manifest says {expected}; "
+                                "the artifact is corrupt or was modified")
+
+
+def load_manifest(directory: Path, runtime: str) -> Manifest:
+    """Read and check manifest.json, verify the files it lists, and make sure `runtime`'s graphs are there."""
+    path = directory / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    version = raw.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ArtifactError(f"{path}: format_version {version!r} is not supported "
+                            f"(this service reads {sorted(SUPPORTED_FORMAT_VERSIONS)}); upgrade the service")
+    try:
+        manifest = _parse(directory, raw, runtime)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' must map file names to sha256 digests")
+    for spec in manifest.graphs.values():
+        if spec.files[runtime] not in files:
+            raise ArtifactError(f"{path}: graph file {spec.files[runtime]!r} has no checksum in 'files'; "
+                                "refusing to load an unverified file")
+    verify_files(directory, files)
+    return manifest
+
+
+def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
+    name = str(raw["name"])
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise ValueError(f"name {name!r} does not match {MODEL_NAME_RE.pattern}")
+    if name != directory.parent.name:
+        raise ValueError(f"name {name!r} differs from its folder {directory.parent.name!r}")
+    inp, prep, model = raw["input"], raw["preprocessing"], raw["model"]
+    channels, height, width = int(inp["channels"]), int(inp["height"]), int(inp["width"])
+    if min(channels, height, width) < 1 or channels not in (1, 3):
+        raise ValueError(f"unsupported input shape {(channels, height, width)}")
+    color_mode = str(prep["color_mode"])
+    if {"L": 1, "RGB": 3}.get(color_mode) != channels:
+        raise ValueError(f"preprocessing.color_mode {color_mode!r} does not give {channels} channels")
+    threshold = prep.get("binarize_threshold")
+    labels = raw.get("labels")
+    graphs = {}
+    for graph in GRAPHS:
+        spec = raw["graphs"][graph]
+        if runtime not in spec:
+            raise ValueError(f"graph {graph} has no {runtime} file")
+        graphs[graph] = GraphSpec(files={r: str(spec[r]) for r in ("onnx", "torchscript") if r in spec},
+                                  inputs=tuple(spec["inputs"]), outputs=tuple(spec["outputs"]))
+        _inside(directory, graphs[graph].files[runtime])
+    calibration = None
+    if raw.get("calibration"):
+        cal = raw["calibration"]
+        percentiles = tuple(float(p) for p in cal["percentiles"])
+        values = tuple(float(v) for v in cal["values"])
+        if len(percentiles) != len(values) or len(values) < 2 or list(percentiles) != sorted(percentiles):
+            raise ValueError("calibration percentiles and values must be equally long, increasing lists")
+        calibration = Calibration(k=int(cal["k"]), percentiles=percentiles, values=values)
+    return Manifest(
+        name=name,
+        version=str(raw["version"]),
+        directory=directory,
+        kind=str(model["kind"]),
+        latent_dim=int(model["latent_dim"]),
+        channels=channels,
+        height=height,
+        width=width,
+        likelihood=str(raw["likelihood"]["family"]),
+        labels=tuple(str(v) for v in labels) if labels else None,
+        preprocessing=Preprocessing(
+            color_mode=color_mode,
+            height=int(prep.get("height", height)),
+            width=int(prep.get("width", width)),
+            resample=str(prep.get("resample", "bilinear")),
+            binarize_threshold=None if threshold is None else float(threshold),
+        ),
+        calibration=calibration,
+        graphs=graphs,
+        raw=raw,
+    )

@@ -1,0 +1,124 @@
+"""Service settings: one object built from `VAE_*` environment variables, validated at start-up.
+
+Every limit that protects the process (queue sizes, upload sizes, k, n) lives here so an operator
+can see them in one place; validators refuse combinations that could never serve a valid request.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.artifacts import MODEL_NAME_RE
+
+
+def _split_commas(value: object) -> object:
+    """Lists come from the environment as comma-separated strings (`VAE_MODELS=a,b`)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All configuration; environment variables are the upper-case field names with the prefix `VAE_`."""
+
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore", frozen=True)
+
+    # -- what to serve ----------------------------------------------------------------------------
+    models_dir: Path = Path("models")  # relative to the working directory, like the Makefile assumes
+    # Names to load, each `name` (latest version) or `name:version`; empty = every model found.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    runtime: Literal["onnx", "torchscript"] = "onnx"  # ONNX Runtime has no Python-side overhead per op
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU and the CUDA provider exist
+    threads: int = Field(0, ge=0)  # intra-op threads per runtime; 0 = the runtime's default (all cores)
+    warmup: bool = True  # run every graph at the batch sizes used before reporting ready
+
+    # -- dynamic batching (Triton's names) -------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # how long a row may wait for company
+    max_queue_size: int = Field(1024, ge=1)  # queued rows per encoder/decoder batcher before 429
+    request_timeout_s: float = Field(30.0, gt=0.0)  # deadline per request; past it: 504
+    # Importance sampling is done in chunks of this many samples so rows of different requests (and
+    # different k) stack into one (B, K, D) batch; the last chunk is padded and the padding dropped.
+    iw_chunk_size: int = Field(128, ge=1, le=65536)
+    max_batch_samples: int = Field(8192, ge=1)  # log_weights batch limit in samples (rows * chunk)
+    max_queue_samples: int = Field(1_048_576, ge=1)  # log_weights queue bound in samples before 429
+
+    # -- request limits ------------------------------------------------------------------------------
+    default_k: int = Field(256, ge=1)  # log-likelihood samples when the caller gives none
+    max_k: int = Field(5000, ge=1)
+    max_n: int = Field(256, ge=1)  # samples per /sample call
+    max_images: int = Field(64, ge=1)  # images (or latents) per request
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # request body, checked while streaming
+    max_image_pixels: int = Field(16_000_000, ge=1)  # declared width*height, checked before decoding
+    anomaly_percentile: float = Field(99.0, ge=0.0, le=100.0)  # threshold of is_anomaly
+
+    # -- security and operations -------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    json_logs: bool = False
+    drain_timeout_s: float = Field(30.0, ge=0.0)  # how long in-flight requests may take after SIGTERM
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists_from_commas(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("models")
+    @classmethod
+    def _valid_model_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            name, _, version = ref.partition(":")
+            if not MODEL_NAME_RE.fullmatch(name) or (version and not MODEL_NAME_RE.fullmatch(version)):
+                raise ValueError(f"model reference {ref!r} must look like 'name' or 'name:version' "
+                                 f"with names matching {MODEL_NAME_RE.pattern}")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 16 for key in value):
+            raise ValueError("every API key must be at least 16 characters long")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        """Refuse settings under which a request within the per-request limits could never be served."""
+        problems = []
+        if self.default_k > self.max_k:
+            problems.append(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        if self.max_batch_samples < self.iw_chunk_size:
+            problems.append(f"max_batch_samples ({self.max_batch_samples}) must be at least "
+                            f"iw_chunk_size ({self.iw_chunk_size})")
+        if self.max_images > self.max_queue_size:
+            problems.append(f"max_images ({self.max_images}) exceeds max_queue_size ({self.max_queue_size})")
+        if self.max_n > self.max_queue_size:
+            problems.append(f"max_n ({self.max_n}) exceeds max_queue_size ({self.max_queue_size})")
+        largest = self.max_images * math.ceil(self.max_k / self.iw_chunk_size) * self.iw_chunk_size
+        if largest > self.max_queue_samples:
+            problems.append(f"a request of max_images x max_k needs {largest} queued samples but "
+                            f"max_queue_samples is {self.max_queue_samples}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def log_weights_batch_rows(self) -> int:
+        """Rows (image x chunk) per log_weights batch: the sample budget divided by the chunk size."""
+        return max(1, self.max_batch_samples // self.iw_chunk_size)
+
+    @property
+    def log_weights_queue_rows(self) -> int:
+        return max(1, self.max_queue_samples // self.iw_chunk_size)

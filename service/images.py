@@ -1,0 +1,149 @@
+"""Image bytes <-> model arrays, with Pillow, following the manifest's preprocessing.
+
+Decoding decisions (applied in this order), so that any common image file gives the x the model
+was trained on:
+- formats: PNG, JPEG, GIF, BMP and WebP only (fewer decoders, less attack surface); the declared
+  width x height is checked against `max_pixels` before any pixel is decoded (decompression bombs).
+- animated images (GIF, APNG, WebP): the first frame.
+- EXIF orientation is applied (phone photos), so the image is upright.
+- transparency (RGBA, LA, palette with transparency): composited over black, i.e. transparent means
+  "no ink" -- the background of the digit data sets these models are trained on is 0.
+- 16-bit and 32-bit grey (I;16, I): scaled by 1/65535, not clipped at 255 the way Pillow's
+  convert("L") would.
+- other modes (1, P, CMYK, YCbCr, LAB, HSV, F) are converted to the model's mode (L or RGB) by
+  Pillow; RGB -> L uses ITU-R 601-2 luma, the same conversion the training data loader uses.
+- size: resized (stretched, no crop) to the model's height x width with the manifest's filter.
+- values: divided by 255 into [0, 1], float32 (C, H, W).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.artifacts import Preprocessing
+
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+_WIDE_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageError(ValueError):
+    """The bytes are not a supported image (message says why)."""
+
+
+class ImageTooLarge(ValueError):
+    """The declared pixel count exceeds the limit."""
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 (standard alphabet), optionally as a data URL (`data:image/png;base64,...`)."""
+    if text.startswith("data:"):
+        _, sep, text = text.partition(",")
+        if not sep:
+            raise ImageError("data URL without a comma")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"not valid base64 ({exc})") from None
+
+
+def decode_image(data: bytes, prep: Preprocessing, max_pixels: int) -> np.ndarray:
+    """Image file bytes -> (C, H, W) float32 in [0, 1] as the manifest's preprocessing says."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+            im.seek(0)  # first frame of animations
+            im = ImageOps.exif_transpose(im)  # also forces the decode: errors in the data surface here
+            im.load()
+            arr = _to_model_mode(im, prep.color_mode)  # (H', W', C) float32 in [0, 1]
+    except (ImageTooLarge, ImageError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image exceeds Pillow's decompression-bomb limit: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a supported image file (supported: {', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, MemoryError) as exc:
+        raise ImageError(f"cannot decode image: {exc}") from None
+    if arr.shape[:2] != (prep.height, prep.width):
+        arr = _resize(arr, prep)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _to_model_mode(im: Image.Image, mode: str) -> np.ndarray:
+    """Any Pillow image -> (H, W, C) float32 in [0, 1], C = 1 for mode L, 3 for RGB."""
+    if im.mode in _WIDE_GREY:
+        grey = np.asarray(im, dtype=np.float32) / 65535.0
+        grey = np.clip(grey, 0.0, 1.0)[..., None]
+        return np.repeat(grey, 3, axis=2) if mode == "RGB" else grey
+    if im.mode == "F":
+        grey = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float32)), 0.0, 255.0)[..., None] / 255.0
+        return np.repeat(grey, 3, axis=2) if mode == "RGB" else grey
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba).convert("RGB")
+    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _resize(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Resize each channel in float mode ("F") so 16-bit inputs keep their precision."""
+    try:
+        resample = Image.Resampling[prep.resample.upper()]
+    except KeyError:
+        resample = Image.Resampling.BILINEAR
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c]), mode="F")
+                   .resize((prep.width, prep.height), resample), dtype=np.float32)
+        for c in range(arr.shape[2])
+    ]
+    return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] -> (H, W[, C]) uint8, rounding; out-of-range values are clipped."""
+    pixels = np.clip(np.nan_to_num(arr, nan=0.0), 0.0, 1.0) * 255.0
+    pixels = np.rint(pixels).astype(np.uint8)
+    return pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """(C, H, W) floats in [0, 1] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_png_base64(arr: np.ndarray) -> str:
+    return base64.b64encode(encode_png(arr)).decode("ascii")
+
+
+def grid_png(images: np.ndarray, padding: int = 1, min_cell: int = 32) -> bytes:
+    """(N, C, H, W) -> one PNG of the images tiled in a near-square grid, for a browser to show.
+
+    Small images (8x8 digits) are scaled up by an integer factor with nearest neighbour so a cell is
+    at least `min_cell` pixels tall; cells are separated by grey (0.5) lines `padding` pixels wide.
+    """
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(min_cell / h))
+    ch, cw = h * scale, w * scale
+    canvas = np.full((c, rows * (ch + padding) + padding, cols * (cw + padding) + padding), 0.5, np.float32)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y0, x0 = padding + r * (ch + padding), padding + col * (cw + padding)
+        canvas[:, y0:y0 + ch, x0:x0 + cw] = images[i].repeat(scale, axis=1).repeat(scale, axis=2)
+    return encode_png(canvas)

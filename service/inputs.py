@@ -1,0 +1,195 @@
+"""The one path from a request body to model inputs, for every endpoint that takes images or latents.
+
+Three forms of images arrive on the same routes: multipart files (field `images`, repeatable),
+JSON base64 files (`{"images": [...]}`) and JSON arrays (`{"inputs": [C x H x W floats]}`). All
+end as one (N, C, H, W) float32 batch in [0, 1], with (N,) int64 labels for conditional models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from service.artifacts import Manifest
+from service.config import Settings
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.images import ImageError, ImageTooLarge, decode_base64, decode_image
+from service.schemas import RequestModels
+
+_INDEX_RE = re.compile(r"[0-9]{1,7}")
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    x: np.ndarray  # (N, C, H, W) float32 in [0, 1]
+    y: np.ndarray | None  # (N,) int64 class indices; conditional models only
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (media_type.startswith("application/") and
+                                                media_type.endswith("+json"))
+
+
+async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        details = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        first = details[0]
+        where = ".".join(first["loc"]) or "body"
+        raise InvalidInput(f"invalid JSON body: {where}: {first['msg']}"
+                           + (f" (and {len(details) - 1} more problems)" if len(details) > 1 else ""),
+                           details=details[:20]) from None
+
+
+async def read_images(request: Request, manifest: Manifest, label: str | None, settings: Settings,
+                      models: RequestModels) -> ImageBatch:
+    """Parse whichever input form the request uses into a checked (N, C, H, W) batch."""
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        arrays, labels = await _read_multipart(request, manifest, settings)
+    elif _is_json(media_type):
+        arrays, labels = await _read_json_images(request, manifest, settings, models)
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'} is not supported: send multipart/form-data with files in "
+            "the field 'images', or application/json with 'images' (base64 files) or 'inputs' (arrays)")
+    x = np.stack(arrays).astype(np.float32, copy=False)  # (N, C, H, W)
+    return ImageBatch(x, resolve_labels(manifest, len(arrays), label, labels))
+
+
+async def _read_multipart(request: Request, manifest: Manifest,
+                          settings: Settings) -> tuple[list[np.ndarray], list[str] | None]:
+    form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
+    try:
+        parts = form.getlist("images")
+        if not parts:
+            raise InvalidInput("no images: send one or more files in the multipart field 'images'")
+        if len(parts) > settings.max_images:
+            raise InvalidInput(f"{len(parts)} images in one request; the limit is {settings.max_images}")
+        arrays = []
+        for i, part in enumerate(parts):
+            if not isinstance(part, UploadFile):
+                raise InvalidInput(f"images[{i}] is a text field; send each image as a file part")
+            arrays.append(_decode(await part.read(), i, manifest, settings))
+        labels = [v for v in form.getlist("labels") if isinstance(v, str)] or None
+    finally:
+        await form.close()  # removes spooled temporary files at once
+    return arrays, labels
+
+
+async def _read_json_images(request: Request, manifest: Manifest, settings: Settings,
+                            models: RequestModels) -> tuple[list[np.ndarray], list[Any] | None]:
+    body = await request.body()
+    # Pick the form from the keys first, so a mistake gets the message of the form the caller meant.
+    keys = _top_level_keys(body)
+    if "images" in keys and "inputs" not in keys:
+        req = await _parse_json(request, models.images)
+        return [_decode(decode_or_422(s, i), i, manifest, settings) for i, s in enumerate(req.images)], req.labels
+    if "inputs" in keys and "images" not in keys:
+        req = await _parse_json(request, models.arrays)
+        return [_check_array(a, i, manifest) for i, a in enumerate(req.inputs)], req.labels
+    raise InvalidInput("the JSON body needs exactly one of 'images' (base64 image files) or 'inputs' "
+                       "(C x H x W arrays of floats in [0, 1])")
+
+
+def _top_level_keys(body: bytes) -> set[str]:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidInput("the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the JSON body must be an object")
+    return set(value)
+
+
+def decode_or_422(text: str, index: int) -> bytes:
+    try:
+        return decode_base64(text)
+    except ImageError as exc:
+        raise InvalidInput(f"images[{index}]: {exc}") from None
+
+
+def _decode(data: bytes, index: int, manifest: Manifest, settings: Settings) -> np.ndarray:
+    try:
+        return decode_image(data, manifest.preprocessing, settings.max_image_pixels)
+    except ImageTooLarge as exc:
+        raise PayloadTooLarge(f"images[{index}]: {exc}") from None
+    except ImageError as exc:
+        raise InvalidInput(f"images[{index}]: {exc}") from None
+
+
+def _check_array(values: list[Any], index: int, manifest: Manifest) -> np.ndarray:
+    """A nested list (already checked: finite floats in [0, 1]) -> (C, H, W) float32 of the model's shape."""
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except ValueError:
+        raise InvalidInput(f"inputs[{index}] is ragged: every row must have the same length") from None
+    if arr.shape != manifest.input_shape:
+        raise InvalidInput(f"inputs[{index}] has shape {tuple(arr.shape)}; model {manifest.name} expects "
+                           f"(channels, height, width) = {manifest.input_shape}")
+    return arr
+
+
+async def read_latents(request: Request, manifest: Manifest, label: str | None,
+                       models: RequestModels) -> tuple[np.ndarray, np.ndarray | None]:
+    """JSON {"latents": [[...], ...]} -> z (N, D) float32 and labels (N,) for conditional models."""
+    media_type = _media_type(request)
+    if not _is_json(media_type):
+        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send "
+                                   'application/json like {"latents": [[0.1, -0.3, ...]]}')
+    req = await _parse_json(request, models.latents)
+    for i, z in enumerate(req.latents):
+        if len(z) != manifest.latent_dim:
+            raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "
+                               f"{manifest.latent_dim}")
+    z = np.asarray(req.latents, dtype=np.float32)  # (N, D)
+    if not np.isfinite(z).all():
+        raise InvalidInput("latents overflow float32; use values of a sensible magnitude")
+    return z, resolve_labels(manifest, len(z), label, req.labels)
+
+
+def resolve_labels(manifest: Manifest, n: int, query_label: str | None,
+                   body_labels: Sequence[int | str] | None) -> np.ndarray | None:
+    """Class indices (N,) for a conditional model from `?label=` (all items) or a per-item list."""
+    if manifest.labels is None:
+        if query_label is not None or body_labels is not None:
+            raise InvalidInput(f"model {manifest.name} is not conditional; remove label/labels")
+        return None
+    if query_label is not None and body_labels is not None:
+        raise InvalidInput("give either the query parameter 'label' or a 'labels' list, not both")
+    if query_label is None and body_labels is None:
+        raise InvalidInput(f"model {manifest.name} is conditional: give ?label= (one of "
+                           f"{list(manifest.labels)} or an index 0..{len(manifest.labels) - 1}) or a "
+                           "'labels' list with one entry per item")
+    values = [query_label] * n if body_labels is None else list(body_labels)
+    if len(values) != n:
+        raise InvalidInput(f"{len(values)} labels for {n} items; give one label per item")
+    return np.asarray([label_index(manifest.labels, v) for v in values], dtype=np.int64)
+
+
+def label_index(names: Sequence[str], value: int | str | None) -> int:
+    """A class name, or an index given as int or decimal string -> index. Names win over indices."""
+    if isinstance(value, str):
+        if value in names:
+            return names.index(value)
+        if _INDEX_RE.fullmatch(value):
+            value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value
+    raise InvalidInput(f"unknown label {value!r}: use one of {list(names)} or an index 0..{len(names) - 1}")

@@ -1,0 +1,77 @@
+"""Prometheus collectors, split the way Triton splits them: requests, queue time, compute time, batches.
+
+Each app gets its own CollectorRegistry so tests (and several apps in one process) never collide.
+Label values are bounded: endpoints are route templates, never raw paths; models are loaded names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """All collectors of one app."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("vae_requests", "HTTP requests by endpoint (route template) and status",
+                                ["endpoint", "method", "status"], registry=r)
+        self.request_latency = Histogram("vae_request_duration_seconds", "HTTP request latency, end to end",
+                                         ["endpoint", "method", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("vae_queue_duration_seconds",
+                                    "Time a submission waited in the batch queue before its first rows ran",
+                                    ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("vae_compute_duration_seconds", "Execution time of one batch on the device",
+                                 ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("vae_batch_size_rows", "Rows per executed batch",
+                                    ["model", "graph"], buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vae_queue_depth_rows", "Rows waiting in the batch queue",
+                                 ["model", "graph"], registry=r)
+        self.batch_failures = Counter("vae_batch_failures", "Batches that raised in the runtime",
+                                      ["model", "graph"], registry=r)
+        self.rejections = Counter("vae_rejections", "Submissions refused (queue_full) or timed out (deadline)",
+                                  ["model", "graph", "reason"], registry=r)
+        self.model_ready = Gauge("vae_model_ready", "1 when the model is loaded and warmed up",
+                                 ["model", "version", "runtime", "device"], registry=r)
+
+    def observer(self, model: str, graph: str) -> BatcherMetrics:
+        return BatcherMetrics(self, model, graph)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatcherMetrics:
+    """The batching.BatchObserver of one (model, graph)."""
+
+    def __init__(self, metrics: Metrics, model: str, graph: str) -> None:
+        labels = {"model": model, "graph": graph}
+        self._queue_wait = metrics.queue_wait.labels(**labels)
+        self._compute = metrics.compute.labels(**labels)
+        self._rows = metrics.batch_rows.labels(**labels)
+        self._depth = metrics.queue_depth.labels(**labels)
+        self._failures = metrics.batch_failures.labels(**labels)
+        self._rejections = metrics.rejections
+        self._labels = labels
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def batch(self, rows: int, seconds: float) -> None:
+        self._rows.observe(rows)
+        self._compute.observe(seconds)
+
+    def depth(self, rows: int) -> None:
+        self._depth.set(rows)
+
+    def failure(self) -> None:
+        self._failures.inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejections.labels(reason=reason, **self._labels).inc()

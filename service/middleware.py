@@ -1,0 +1,129 @@
+"""One pure-ASGI middleware for what every request needs before and after the routes.
+
+- a request id (`X-Request-ID`: the caller's if sane, else a fresh one) on the response and in logs;
+- while draining, /v1 requests are refused with 503 before any work starts;
+- the body limit: Content-Length is checked up front, and bytes are counted while streaming (a
+  chunked upload cannot get around it); the count raises PayloadTooLarge inside the body reader;
+- a client that disconnects after sending its body cancels the handler, so its queued rows are
+  dropped from the batchers instead of being computed for nobody;
+- request count and latency metrics by route template, one access-log line, and a JSON 500 for
+  anything unexpected (never a stack trace to the caller).
+
+Pure ASGI rather than BaseHTTPMiddleware: it streams the body through untouched and keeps the
+handler in the same task, so contextvars (the request id) reach the handlers and their logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import anyio
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, error_response
+from service.logs import request_id_var
+from service.state import AppState
+
+log = logging.getLogger("service.access")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the connection before the response"
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict((k.lower(), v) for k, v in scope.get("headers", []))
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        response: dict[str, Any] = {"status": CLIENT_CLOSED, "started": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response.update(status=message["status"], started=True)
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            limit = self.state.settings.max_upload_bytes
+            declared = headers.get(b"content-length", b"").decode("latin-1")
+            if self.state.draining and scope["path"].startswith("/v1"):
+                await error_response(503, "unavailable", "the service is shutting down; retry on another "
+                                     "replica", {"Retry-After": "1"})(scope, receive, send_with_id)
+            elif declared and (not declared.isdigit() or int(declared) > limit):
+                await error_response(413, "payload_too_large", f"request body of {declared} bytes exceeds the "
+                                     f"limit of {limit} bytes")(scope, receive, send_with_id)
+            else:
+                await self._call_app(scope, self._limited(receive, limit), send_with_id)
+        except Exception:
+            log.exception("unhandled error")
+            if not response["started"]:
+                await error_response(500, "internal_error", "internal error; the request id is in the logs")(
+                    scope, receive, send_with_id)
+        finally:
+            self._record(scope, response["status"], time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    @staticmethod
+    def _limited(receive: Receive, limit: int) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        return limited_receive
+
+    async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; once the body has been read, a disconnect of the client cancels it."""
+        body_read = anyio.Event()
+        if scope.get("method") in ("GET", "HEAD"):
+            body_read.set()  # these routes never read a body; any that was sent is skipped below
+
+        async def tracking_receive() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                await body_read.wait()
+                # The app has the whole body and will not call receive again, so the next message
+                # is http.disconnect, sent by the server when the connection drops.
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
+            try:
+                await self.app(scope, tracking_receive, send)
+            finally:
+                group.cancel_scope.cancel()
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"  # a template, never the raw path
+        method = scope.get("method", "")
+        metrics = self.state.metrics
+        metrics.requests.labels(endpoint, method, str(status)).inc()
+        metrics.request_latency.labels(endpoint, method, str(status)).observe(seconds)
+        log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, seconds * 1000.0)

@@ -1,0 +1,169 @@
+"""Loaded models: runtime + one batcher per graph, and the async operations the routes call.
+
+    encode:      x (N, C, H, W) [, y (N,)]    -> mean, log_var (N, D)        via the encoder batcher
+    decode:      z (N, D) [, y (N,)]          -> x_mean (N, C, H, W)         via the decoder batcher
+    log_weights: x (N, C, H, W), k, seed      -> log_w (N, k) float64        via the log_weights batcher
+
+Importance sampling goes in chunks: image i with k samples becomes ceil(k / chunk) rows of the
+log_weights graph, row j holding x_i and eps (chunk, D) drawn from the seed (seed, i, j). Rows of
+any requests stack into one (B, chunk, D) batch; outputs beyond k (the padding) are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from functools import partial
+
+import numpy as np
+
+from service.artifacts import GRAPHS, Manifest, discover, load_manifest
+from service.batching import Arrays, Batcher, DeviceWorker, RunFn
+from service.config import Settings
+from service.estimators import chunk_eps
+from service.metrics import Metrics
+from service.runtime import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel:
+    """One model version being served."""
+
+    def __init__(self, manifest: Manifest, runtime: Runtime, worker: DeviceWorker, settings: Settings,
+                 metrics: Metrics) -> None:
+        self.manifest = manifest
+        self.runtime = runtime
+        self.worker = worker
+        self.chunk = settings.iw_chunk_size
+        delay = settings.max_queue_delay_ms / 1000.0
+        name = manifest.name
+
+        def batcher(graph: str, run: RunFn, rows: int, queue: int) -> Batcher:
+            return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue, max_delay_s=delay,
+                           observer=metrics.observer(name, graph), name=f"{name}/{graph}")
+
+        self.batchers = {
+            "encoder": batcher("encoder", partial(runtime.run, "encoder"), settings.max_batch_size,
+                               settings.max_queue_size),
+            "decoder": batcher("decoder", partial(runtime.run, "decoder"), settings.max_batch_size,
+                               settings.max_queue_size),
+            "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
+                                   settings.log_weights_queue_rows),
+        }
+
+    # -- operations --------------------------------------------------------------------------------------
+    async def encode(self, x: np.ndarray, y: np.ndarray | None, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, C, H, W) -> mean, log_var (N, D) float32."""
+        out = await self.batchers["encoder"].submit(self._with_labels({"x": x}, y), deadline)
+        return out["mean"], out["log_var"]
+
+    async def decode(self, z: np.ndarray, y: np.ndarray | None, deadline: float) -> np.ndarray:
+        """z (N, D) -> E[x|z] (N, C, H, W) float32."""
+        out = await self.batchers["decoder"].submit(self._with_labels({"z": z}, y), deadline)
+        return out["x_mean"]
+
+    async def log_weights(self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
+                          deadline: float) -> np.ndarray:
+        """x (N, C, H, W) -> log importance weights (N, k) float64, seeded per (seed, image, chunk)."""
+        n = x.shape[0]
+        chunks = math.ceil(k / self.chunk)
+        keys = np.empty((n, chunks, 3), dtype=np.int64)  # (seed, image, chunk) per row
+        keys[..., 0] = seed
+        keys[..., 1] = np.arange(n)[:, None]
+        keys[..., 2] = np.arange(chunks)[None, :]
+        rows: Arrays = {"x": np.repeat(x, chunks, axis=0), "eps_key": keys.reshape(n * chunks, 3)}
+        if y is not None:
+            rows["y"] = np.repeat(y, chunks)
+        out = await self.batchers["log_weights"].submit(rows, deadline)
+        return out["log_w"].reshape(n, chunks * self.chunk)[:, :k].astype(np.float64)
+
+    def _with_labels(self, inputs: Arrays, y: np.ndarray | None) -> Arrays:
+        if self.manifest.conditional:
+            assert y is not None, "conditional models need labels (checked when parsing the request)"
+            inputs["y"] = y
+        return inputs
+
+    def _run_log_weights(self, feeds: Arrays) -> Arrays:
+        """On the device thread: draw each row's eps from its key, then run the graph."""
+        keys = feeds.pop("eps_key")  # (B, 3)
+        d = self.manifest.latent_dim
+        feeds["eps"] = np.stack([chunk_eps(int(s), int(i), int(c), self.chunk, d) for s, i, c in keys])
+        return self.runtime.run("log_weights", feeds)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def warm_up_sync(self) -> None:
+        """Run every graph at the smallest and largest batch it will see, and check output shapes.
+
+        Runs on the device thread before the model is reported ready, so lazy allocations and kernel
+        selection happen here, not in the first requests.
+        """
+        m = self.manifest
+        for graph in GRAPHS:
+            batcher = self.batchers[graph]
+            for rows in sorted({1, batcher.max_batch_rows}):
+                y = np.zeros(rows, dtype=np.int64)
+                if graph == "encoder":
+                    out = self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape),
+                                                                                   np.float32)}, y))
+                    expected = {"mean": (rows, m.latent_dim), "log_var": (rows, m.latent_dim)}
+                elif graph == "decoder":
+                    out = self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim),
+                                                                                   np.float32)}, y))
+                    expected = {"x_mean": (rows, *m.input_shape)}
+                else:
+                    keys = np.zeros((rows, 3), dtype=np.int64)
+                    out = self._run_log_weights(self._with_labels(
+                        {"x": np.zeros((rows, *m.input_shape), np.float32), "eps_key": keys}, y))
+                    expected = {"log_w": (rows, self.chunk)}
+                shapes = {k: tuple(v.shape) for k, v in out.items()}
+                if shapes != expected:
+                    raise RuntimeError(f"{m.name}: {graph} returned shapes {shapes}, expected {expected}")
+
+    def start(self) -> None:
+        for b in self.batchers.values():
+            b.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+
+
+class ModelRegistry:
+    """Every served model by name, and the device workers they share."""
+
+    def __init__(self, models: dict[str, ServedModel], workers: dict[str, DeviceWorker]) -> None:
+        self.models = models
+        self.workers = workers
+
+    @classmethod
+    async def open(cls, settings: Settings, metrics: Metrics) -> ModelRegistry:
+        """Find, verify, load, start and warm up the configured models; raise if any of them fails."""
+        workers: dict[str, DeviceWorker] = {}
+        models: dict[str, ServedModel] = {}
+        try:
+            for directory in discover(settings.models_dir, settings.models):
+                started = time.perf_counter()
+                manifest = load_manifest(directory, settings.runtime)
+                if manifest.name in models:
+                    raise RuntimeError(f"model {manifest.name} is configured twice")
+                runtime = load_runtime(manifest, settings.runtime, settings.device, settings.threads)
+                worker = workers.setdefault(runtime.device, DeviceWorker(runtime.device))
+                model = ServedModel(manifest, runtime, worker, settings, metrics)
+                if settings.warmup:
+                    await worker.call(model.warm_up_sync)
+                model.start()
+                models[manifest.name] = model
+                metrics.model_ready.labels(manifest.name, manifest.version, runtime.name, runtime.device).set(1)
+                log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
+                         runtime.name, runtime.device, time.perf_counter() - started)
+        except BaseException:
+            await cls(models, workers).close()
+            raise
+        return cls(models, workers)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.models.values()))
+        for worker in self.workers.values():
+            worker.close()

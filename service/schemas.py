@@ -1,0 +1,249 @@
+"""Request and response models: what the OpenAPI document at /docs shows, with examples.
+
+Request bodies are parsed by service.inputs (they come as JSON or multipart on the same route), so
+their models are built per app from the settings: the limits in the schema are the limits enforced.
+"""
+
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.config import Settings
+
+# A 1x1 black PNG: the smallest valid example image (it is resized to the model's input size).
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Pixel = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Label = Annotated[int, Field(ge=0, le=1_000_000)] | Annotated[str, Field(min_length=1, max_length=64)]
+
+
+# -- errors ------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    code: str = Field(description="stable machine-readable code", examples=["invalid_input"])
+    message: str = Field(description="what went wrong and what to change", examples=["no images in request"])
+    request_id: str | None = Field(None, description="the X-Request-ID of this request, for the logs")
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems of validation errors")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the error statuses a route can answer."""
+    text = {400: "Malformed request body", 401: "Missing or invalid API key", 404: "Unknown model",
+            413: "Request body or image too large", 415: "Unsupported Content-Type",
+            422: "Invalid input (image, shape, values, labels, limits)", 429: "Queue full; see Retry-After",
+            500: "Inference failed", 503: "Not ready or shutting down", 504: "Request deadline exceeded"}
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+
+
+# -- health and models ---------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+    models: list[str] = Field(default_factory=list)
+
+
+class InputShape(BaseModel):
+    channels: int
+    height: int
+    width: int
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int = Field(description="rows per encoder/decoder batch")
+    max_queue_delay_ms: float
+    max_queue_size: int = Field(description="queued rows per encoder/decoder before 429")
+    iw_chunk_size: int = Field(description="importance samples per log_weights row")
+    max_batch_samples: int
+    max_queue_samples: int
+    request_timeout_s: float
+
+
+class LimitsInfo(BaseModel):
+    default_k: int
+    max_k: int
+    anomaly_default_k: int
+    max_n: int
+    max_images: int
+    max_upload_bytes: int
+    max_image_pixels: int
+    anomaly_threshold_percentile: float
+
+
+class ModelSummary(BaseModel):
+    name: str = Field(examples=["mnist-vae"])
+    version: str = Field(examples=["1"])
+    kind: str = Field(description="vae, cvae or linear", examples=["vae"])
+    latent_dim: int = Field(examples=[32])
+    input: InputShape
+    likelihood: dict[str, Any] = Field(description="manifest likelihood: family and, for gaussian, variance")
+    labels: list[str] | None = Field(description="class names of a conditional model, else null")
+
+
+class ModelDetail(ModelSummary):
+    created_at: str | None
+    architecture: str | None
+    preprocessing: dict[str, Any]
+    calibration: dict[str, Any] | None = Field(description="anomaly calibration summary (k, n, mean, std)")
+    metrics: dict[str, Any] = Field(description="test-set metrics recorded at export")
+    training: dict[str, Any]
+    runtime: str = Field(examples=["onnx"])
+    device: str = Field(examples=["cpu"])
+    runtime_details: dict[str, Any]
+    batching: BatchingInfo
+    limits: LimitsInfo
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+# -- results ------------------------------------------------------------------------------------------------
+class _Response(BaseModel):
+    model: str = Field(examples=["mnist-vae"])
+    version: str = Field(examples=["1"])
+
+
+class EncodeResult(BaseModel):
+    mean: list[float] = Field(description="mean of q(z|x), length latent_dim")
+    variance: list[float] = Field(description="diagonal variance of q(z|x)")
+    log_variance: list[float]
+
+
+class EncodeResponse(_Response):
+    results: list[EncodeResult]
+
+
+class ImageResult(BaseModel):
+    image: str | None = Field(None, description="base64 PNG (format=png)")
+    array: list[list[list[float]]] | None = Field(None, description="C x H x W floats in [0, 1] (format=array)")
+
+
+class DecodeResponse(_Response):
+    results: list[ImageResult]
+
+
+class SampleResult(ImageResult):
+    latent: list[float] = Field(description="z = temperature * eps, the latent that was decoded")
+    label: str | None = Field(None, description="class of a conditional model")
+
+
+class SampleResponse(_Response):
+    seed: int
+    temperature: float
+    results: list[SampleResult]
+
+
+class ReconstructResult(ImageResult):
+    mse: float = Field(description="mean squared error between input and reconstruction, per pixel")
+    sse: float = Field(description="sum of squared errors over all pixels")
+
+
+class ReconstructResponse(_Response):
+    results: list[ReconstructResult]
+
+
+class LogLikelihoodResult(BaseModel):
+    log_likelihood: float = Field(description="importance-weighted estimate of log p(x), nats (a lower bound)")
+    elbo: float = Field(description="evidence lower bound, mean of the k log weights, nats")
+    k: int
+    bits_per_dim: float = Field(description="-log_likelihood / (C*H*W ln 2)")
+    standard_error: float | None = Field(description="delta-method standard error of log_likelihood; null at k=1")
+
+
+class LogLikelihoodResponse(_Response):
+    k: int
+    seed: int = Field(description="pass it back to get the same numbers")
+    binarized: bool = Field(description="inputs were binarized at the manifest threshold")
+    results: list[LogLikelihoodResult]
+
+
+class AnomalyResult(BaseModel):
+    score: float = Field(description="-log p(x) in nats (higher = more anomalous)")
+    percentile: float | None = Field(description="0-100 against the calibration scores; null if uncalibrated")
+    threshold: float | None = Field(description="score at threshold_percentile of the calibration")
+    is_anomaly: bool | None = Field(description="score > threshold")
+    standard_error: float | None
+
+
+class AnomalyResponse(_Response):
+    k: int
+    seed: int
+    calibration_k: int | None = Field(description="k used for the calibration; scores compare best at equal k")
+    threshold_percentile: float
+    results: list[AnomalyResult]
+
+
+# -- request bodies (built per app: limits come from the settings) -----------------------------------------
+class RequestModels:
+    """JSON request models whose size limits are the configured ones."""
+
+    def __init__(self, settings: Settings) -> None:
+        n = settings.max_images
+        labels_field = Field(None, min_length=1, max_length=n,
+                             description="one label per item: class name or index (conditional models)")
+
+        class ImagesRequest(BaseModel):
+            model_config = ConfigDict(extra="forbid", json_schema_extra={
+                "examples": [{"images": [EXAMPLE_PNG]}]})
+            images: list[Annotated[str, Field(max_length=settings.max_upload_bytes)]] = Field(
+                min_length=1, max_length=n, description="base64-encoded PNG/JPEG/GIF/BMP/WebP files")
+            labels: list[Label] | None = labels_field
+
+        class ArraysRequest(BaseModel):
+            model_config = ConfigDict(extra="forbid", json_schema_extra={
+                "examples": [{"inputs": [[[[0.0, 0.5], [1.0, 0.25]]]]}]})
+            inputs: list[list[list[list[Pixel]]]] = Field(
+                min_length=1, max_length=n, description="images as nested C x H x W arrays of floats in [0, 1]")
+            labels: list[Label] | None = labels_field
+
+        class LatentsRequest(BaseModel):
+            model_config = ConfigDict(extra="forbid", json_schema_extra={
+                "examples": [{"latents": [[0.0, 0.5, -1.0, 0.25]]}]})
+            latents: list[list[Finite]] = Field(min_length=1, max_length=n,
+                                                description="latent vectors, each of length latent_dim")
+            labels: list[Label] | None = labels_field
+
+        self.images = ImagesRequest
+        self.arrays = ArraysRequest
+        self.latents = LatentsRequest
+
+    def inputs_openapi(self, max_images: int) -> dict[str, Any]:
+        """openapi_extra for the routes taking images: JSON (two forms) or multipart files."""
+        multipart = {
+            "type": "object",
+            "required": ["images"],
+            "properties": {
+                "images": {"type": "array", "minItems": 1, "maxItems": max_images,
+                           "items": {"type": "string", "format": "binary"},
+                           "description": "image files (repeat the field for several)"},
+                "labels": {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": max_images,
+                           "description": "one label per image (conditional models)"},
+            },
+        }
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {
+                "schema": {"oneOf": [_inline(self.images), _inline(self.arrays)]},
+                "examples": {
+                    "base64": {"summary": "base64 image files", "value": {"images": [EXAMPLE_PNG]}},
+                    "arrays": {"summary": "C x H x W arrays in [0, 1] (shape must match the model)",
+                               "value": {"inputs": [[[[0.0, 0.5], [1.0, 0.25]]]]}},
+                },
+            },
+            "multipart/form-data": {"schema": multipart,
+                                    "encoding": {"images": {"contentType": "image/png, image/jpeg, image/*"}}},
+        }}}
+
+    def latents_openapi(self) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": _inline(self.latents)}}}}
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema without $defs (these request models have no nested models)."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, f"{model.__name__} must stay flat to be inlined"
+    return schema
