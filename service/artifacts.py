@@ -89,7 +89,8 @@ def _version_key(version: str) -> tuple[int, int | str]:
 def discover(models_dir: Path, selected: list[str]) -> list[Path]:
     """Version folders to load: the latest version of every model, or the `name[:version]` refs given."""
     if not models_dir.is_dir():
-        raise ArtifactError(f"models directory {models_dir} does not exist (set VAE_MODELS_DIR or --models-dir)")
+        raise ArtifactError(f"models directory {models_dir} does not exist "
+                            "(set VAE_MODELS_DIR or --models-dir)")
     found: dict[str, dict[str, Path]] = {}
     for model_dir in sorted(models_dir.iterdir()):
         if not model_dir.is_dir() or not MODEL_NAME_RE.fullmatch(model_dir.name):
@@ -103,7 +104,8 @@ def discover(models_dir: Path, selected: list[str]) -> list[Path]:
     for ref in refs:
         name, _, version = ref.partition(":")
         if name not in found:
-            raise ArtifactError(f"model {name!r} not found in {models_dir} (found: {sorted(found) or 'none'})")
+            raise ArtifactError(f"model {name!r} not found in {models_dir} "
+                                f"(found: {sorted(found) or 'none'})")
         if version and version not in found[name]:
             raise ArtifactError(f"model {name!r} has no version {version!r} (found: {sorted(found[name])})")
         chosen.append(found[name][version or max(found[name], key=_version_key)])

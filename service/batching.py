@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -138,10 +139,8 @@ class Batcher:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         while self._queue:
             self._fail(self._queue.popleft(), BatcherClosed(f"{self.name} is shutting down"))
         self._queued_rows = 0
@@ -227,7 +226,8 @@ class Batcher:
     async def _execute(self, batch: list[_Slice]) -> None:
         rows = sum(end - start for _, start, end in batch)
         try:
-            outputs, seconds = await self._worker.call(self._run_batch, [(s.inputs, a, b) for s, a, b in batch])
+            slices = [(sub.inputs, start, end) for sub, start, end in batch]
+            outputs, seconds = await self._worker.call(self._run_batch, slices)
             bad = {k: v.shape for k, v in outputs.items() if len(v) != rows}
             if bad:
                 raise BatchFailed(f"runtime returned {bad} for a batch of {rows} rows")
@@ -240,7 +240,7 @@ class Batcher:
                       exc_info=not isinstance(exc, BatchFailed))
             self._observer.failure()
             for sub, _, _ in batch:
-                self._fail(sub, BatchFailed(f"inference failed for a batch in {self.name}: {type(exc).__name__}"))
+                self._fail(sub, BatchFailed(f"inference failed in {self.name}: {type(exc).__name__}"))
             return
         self._observer.batch(rows, seconds)
         self._seconds_per_batch = 0.9 * self._seconds_per_batch + 0.1 * seconds
@@ -271,10 +271,8 @@ class Batcher:
         if sub.taken < sub.rows:
             self._queued_rows -= sub.rows - sub.taken
             sub.taken = sub.rows
-            try:
+            with contextlib.suppress(ValueError):
                 self._queue.remove(sub)
-            except ValueError:
-                pass
             self._observer.depth(self._queued_rows)
 
     def _fail(self, sub: _Submission, exc: Exception) -> None:

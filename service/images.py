@@ -63,7 +63,7 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int) -> np.ndarra
             im = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
             width, height = im.size
             if width * height > max_pixels:
-                raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+                raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
             im.seek(0)  # first frame of animations
             im = ImageOps.exif_transpose(im)  # also forces the decode: errors in the data surface here
             im.load()

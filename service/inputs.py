@@ -49,7 +49,8 @@ async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        details = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        errors = exc.errors(include_url=False)
+        details = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in errors]
         first = details[0]
         where = ".".join(first["loc"]) or "body"
         raise InvalidInput(f"invalid JSON body: {where}: {first['msg']}"
@@ -100,7 +101,8 @@ async def _read_json_images(request: Request, manifest: Manifest, settings: Sett
     keys = _top_level_keys(body)
     if "images" in keys and "inputs" not in keys:
         req = await _parse_json(request, models.images)
-        return [_decode(decode_or_422(s, i), i, manifest, settings) for i, s in enumerate(req.images)], req.labels
+        arrays = [_decode(decode_or_422(s, i), i, manifest, settings) for i, s in enumerate(req.images)]
+        return arrays, req.labels
     if "inputs" in keys and "images" not in keys:
         req = await _parse_json(request, models.arrays)
         return [_check_array(a, i, manifest) for i, a in enumerate(req.inputs)], req.labels

@@ -47,7 +47,8 @@ def configure_logging(level: str, json_logs: bool) -> None:
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        text = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+        handler.setFormatter(logging.Formatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -6,7 +6,14 @@ Label values are bounded: endpoints are route templates, never raw paths; models
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -23,7 +30,8 @@ class Metrics:
         self.requests = Counter("vae_requests", "HTTP requests by endpoint (route template) and status",
                                 ["endpoint", "method", "status"], registry=r)
         self.request_latency = Histogram("vae_request_duration_seconds", "HTTP request latency, end to end",
-                                         ["endpoint", "method", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+                                         ["endpoint", "method", "status"], buckets=_LATENCY_BUCKETS,
+                                         registry=r)
         self.queue_wait = Histogram("vae_queue_duration_seconds",
                                     "Time a submission waited in the batch queue before its first rows ran",
                                     ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -35,7 +43,8 @@ class Metrics:
                                  ["model", "graph"], registry=r)
         self.batch_failures = Counter("vae_batch_failures", "Batches that raised in the runtime",
                                       ["model", "graph"], registry=r)
-        self.rejections = Counter("vae_rejections", "Submissions refused (queue_full) or timed out (deadline)",
+        self.rejections = Counter("vae_rejections",
+                                  "Submissions refused (queue_full) or timed out (deadline)",
                                   ["model", "graph", "reason"], registry=r)
         self.model_ready = Gauge("vae_model_ready", "1 when the model is loaded and warmed up",
                                  ["model", "version", "runtime", "device"], registry=r)

@@ -63,8 +63,8 @@ class RequestMiddleware:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
                                      "replica", {"Retry-After": "1"})(scope, receive, send_with_id)
             elif declared and (not declared.isdigit() or int(declared) > limit):
-                await error_response(413, "payload_too_large", f"request body of {declared} bytes exceeds the "
-                                     f"limit of {limit} bytes")(scope, receive, send_with_id)
+                message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+                await error_response(413, "payload_too_large", message)(scope, receive, send_with_id)
             else:
                 await self._call_app(scope, self._limited(receive, limit), send_with_id)
         except Exception:

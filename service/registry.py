@@ -42,8 +42,8 @@ class ServedModel:
         name = manifest.name
 
         def batcher(graph: str, run: RunFn, rows: int, queue: int) -> Batcher:
-            return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue, max_delay_s=delay,
-                           observer=metrics.observer(name, graph), name=f"{name}/{graph}")
+            return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue,
+                           max_delay_s=delay, observer=metrics.observer(name, graph), name=f"{name}/{graph}")
 
         self.batchers = {
             "encoder": batcher("encoder", partial(runtime.run, "encoder"), settings.max_batch_size,
@@ -54,8 +54,9 @@ class ServedModel:
                                    settings.log_weights_queue_rows),
         }
 
-    # -- operations --------------------------------------------------------------------------------------
-    async def encode(self, x: np.ndarray, y: np.ndarray | None, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+    # -- operations ------------------------------------------------------------------------------------------
+    async def encode(self, x: np.ndarray, y: np.ndarray | None,
+                     deadline: float) -> tuple[np.ndarray, np.ndarray]:
         """x (N, C, H, W) -> mean, log_var (N, D) float32."""
         out = await self.batchers["encoder"].submit(self._with_labels({"x": x}, y), deadline)
         return out["mean"], out["log_var"]
@@ -93,7 +94,7 @@ class ServedModel:
         feeds["eps"] = np.stack([chunk_eps(int(s), int(i), int(c), self.chunk, d) for s, i, c in keys])
         return self.runtime.run("log_weights", feeds)
 
-    # -- lifecycle ---------------------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------------------
     def warm_up_sync(self) -> None:
         """Run every graph at the smallest and largest batch it will see, and check output shapes.
 
@@ -155,7 +156,8 @@ class ModelRegistry:
                     await worker.call(model.warm_up_sync)
                 model.start()
                 models[manifest.name] = model
-                metrics.model_ready.labels(manifest.name, manifest.version, runtime.name, runtime.device).set(1)
+                labels = (manifest.name, manifest.version, runtime.name, runtime.device)
+                metrics.model_ready.labels(*labels).set(1)
                 log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
                          runtime.name, runtime.device, time.perf_counter() - started)
         except BaseException:

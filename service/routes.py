@@ -95,7 +95,7 @@ def build_ops_router(state: AppState) -> APIRouter:
 
     @router.get("/readyz", response_model=Health, summary="Readiness", responses=error_responses(503))
     async def get_ready() -> Health:
-        """200 when every configured model is loaded and warmed up; 503 before that and once shutdown begins."""
+        """200 when every configured model is loaded and warmed up; 503 before and once shutdown begins."""
         if state.draining:
             raise Unavailable("shutting down")
         if state.registry is None:
@@ -133,7 +133,7 @@ def _auth_dependency(settings: Settings) -> list[Any]:
     return [Depends(require_api_key)]
 
 
-def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closure per route
+def build_v1_router(settings: Settings) -> APIRouter:
     """The model API. Options are query parameters, so they work with JSON and multipart bodies alike."""
     models = RequestModels(settings)
     common = (401, 404, 429, 500, 503, 504)
@@ -149,9 +149,11 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
                                                                     "(conditional models)")]
     SeedQ = Annotated[int | None, Query(ge=0, le=MAX_SEED, description="random if omitted; echoed back")]
     KQ = Annotated[int, Query(ge=1, le=settings.max_k, description="importance samples per image")]
-    FormatQ = Annotated[Literal["png", "array"], Query(description="png: base64 PNG; array: C x H x W floats")]
+    FormatQ = Annotated[Literal["png", "array"],
+                        Query(description="png: base64 PNG; array: C x H x W floats")]
 
-    async def iw(served: ServedModel, batch: ImageBatch, k: int, seed: int, deadline: float) -> list[IWEstimate]:
+    async def iw(served: ServedModel, batch: ImageBatch, k: int, seed: int,
+                 deadline: float) -> list[IWEstimate]:
         """IW estimates per image on the likelihood view of x (binarized when the manifest says so)."""
         threshold = served.manifest.preprocessing.binarize_threshold
         x = batch.x if threshold is None else (batch.x >= threshold).astype(np.float32)
@@ -179,13 +181,15 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
         """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
         batch = await read_images(request, served.manifest, label, settings, models)
         mean, log_var = await served.encode(batch.x, batch.y, deadline)
-        mean, log_var = _finite(mean.astype(np.float64), "means"), _finite(log_var.astype(np.float64), "variances")
+        mean = _finite(mean.astype(np.float64), "means")
+        log_var = _finite(log_var.astype(np.float64), "variances")
         results = [EncodeResult(mean=m.tolist(), variance=np.exp(lv).tolist(), log_variance=lv.tolist())
                    for m, lv in zip(mean, log_var, strict=True)]
         return EncodeResponse(model=served.manifest.name, version=served.manifest.version, results=results)
 
     @router.post("/models/{model}/decode", response_model=DecodeResponse, response_model_exclude_none=True,
-                 responses=error_responses(*common, 400, 413, 415, 422), openapi_extra=models.latents_openapi())
+                 responses=error_responses(*common, 400, 413, 415, 422),
+                 openapi_extra=models.latents_openapi())
     async def decode_latents(request: Request, served: Model, deadline: Deadline, label: LabelQ = None,
                              format: FormatQ = "png") -> DecodeResponse:
         """E[x|z] for each latent vector, as base64 PNG or arrays."""
@@ -208,7 +212,7 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
             description="png/array: JSON; grid: one image/png of all samples for a browser")] = "png",
         label: LabelQ = None,
     ) -> Any:
-        """Samples from the prior, decoded to E[x|z]. A conditional model without label cycles through all classes."""
+        """Samples from the prior, decoded to E[x|z]; without label a conditional model cycles the classes."""
         m = served.manifest
         seed = secrets.randbits(63) if seed is None else seed
         z = prior_latents(seed, n, m.latent_dim, temperature)  # (n, D)
@@ -218,11 +222,13 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
             y = resolve_labels(m, n, label, None)
         x = await served.decode(z, y, deadline)
         if format == "grid":
-            return Response(grid_png(_finite(x, "pixels")), media_type="image/png", headers={"X-Seed": str(seed)})
+            png = grid_png(_finite(x, "pixels"))
+            return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
         names = [None] * n if y is None or m.labels is None else [m.labels[int(i)] for i in y]
         results = [SampleResult(**r, latent=zi.astype(np.float64).tolist(), label=name)
                    for r, zi, name in zip(_images(x, format), z, names, strict=True)]
-        return SampleResponse(model=m.name, version=m.version, seed=seed, temperature=temperature, results=results)
+        return SampleResponse(model=m.name, version=m.version, seed=seed, temperature=temperature,
+                              results=results)
 
     @router.post("/models/{model}/reconstruct", response_model=ReconstructResponse, responses=image_errors,
                  openapi_extra=inputs_body, response_model_exclude_none=True)
@@ -236,14 +242,15 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
         sse = _finite(sq.reshape(len(batch), -1).sum(axis=1), "errors")
         results = [ReconstructResult(**r, mse=float(s / served.manifest.data_dims), sse=float(s))
                    for r, s in zip(_images(x_hat, format), sse, strict=True)]
-        return ReconstructResponse(model=served.manifest.name, version=served.manifest.version, results=results)
+        m = served.manifest
+        return ReconstructResponse(model=m.name, version=m.version, results=results)
 
-    @router.post("/models/{model}/log-likelihood", response_model=LogLikelihoodResponse, responses=image_errors,
-                 openapi_extra=inputs_body)
+    @router.post("/models/{model}/log-likelihood", response_model=LogLikelihoodResponse,
+                 responses=image_errors, openapi_extra=inputs_body)
     async def estimate_log_likelihood(request: Request, served: Model, deadline: Deadline,
                                       k: KQ = settings.default_k, seed: SeedQ = None, label: LabelQ = None
                                       ) -> LogLikelihoodResponse:
-        """Importance-weighted estimate of log p(x) (nats) with k samples from q(z|x), plus ELBO and its error."""
+        """Importance-weighted log p(x) in nats with k samples from q(z|x), the ELBO and a standard error."""
         m = served.manifest
         batch = await read_images(request, m, label, settings, models)
         seed = secrets.randbits(63) if seed is None else seed
@@ -251,10 +258,9 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
         results = [LogLikelihoodResult(log_likelihood=e.log_likelihood, elbo=e.elbo, k=e.k,
                                        bits_per_dim=bits_per_dim(e.log_likelihood, m.data_dims),
                                        standard_error=e.standard_error) for e in estimates]
-        return LogLikelihoodResponse(model=m.name, version=m.version, k=k, seed=seed,
-                                     binarized=m.preprocessing.binarize_threshold is not None, results=results)
-
-    anomaly_k = (lambda m: m.calibration.k if m.calibration else settings.default_k)
+        binarized = m.preprocessing.binarize_threshold is not None
+        return LogLikelihoodResponse(model=m.name, version=m.version, k=k, seed=seed, binarized=binarized,
+                                     results=results)
 
     @router.post("/models/{model}/anomaly-score", response_model=AnomalyResponse, responses=image_errors,
                  openapi_extra=inputs_body)
@@ -265,14 +271,14 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
         seed: SeedQ = None, label: LabelQ = None,
         threshold_percentile: Annotated[float | None, Query(
             ge=0.0, le=100.0, allow_inf_nan=False,
-            description=f"calibration percentile above which is_anomaly (default {settings.anomaly_percentile})",
+            description=f"calibration percentile of the threshold (default {settings.anomaly_percentile})",
         )] = None,
     ) -> AnomalyResponse:
         """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
         m = served.manifest
         batch = await read_images(request, m, label, settings, models)
-        k = anomaly_k(m) if k is None else k
-        k = min(k, settings.max_k)
+        if k is None:  # the calibration's k, so scores compare with the calibration percentiles
+            k = min(m.calibration.k if m.calibration else settings.default_k, settings.max_k)
         seed = secrets.randbits(63) if seed is None else seed
         pct = settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
         cal = m.calibration
@@ -284,8 +290,8 @@ def build_v1_router(settings: Settings) -> APIRouter:  # noqa: C901 - one closur
                 score=score, standard_error=e.standard_error,
                 percentile=percentile_of(score, cal.percentiles, cal.values) if cal else None,
                 threshold=threshold, is_anomaly=None if threshold is None else bool(score > threshold)))
-        return AnomalyResponse(model=m.name, version=m.version, k=k, seed=seed,
-                               calibration_k=cal.k if cal else None, threshold_percentile=pct, results=results)
+        return AnomalyResponse(model=m.name, version=m.version, k=k, seed=seed, threshold_percentile=pct,
+                               calibration_k=cal.k if cal else None, results=results)
 
     return router
 

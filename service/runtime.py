@@ -61,7 +61,8 @@ class OnnxRuntime:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             actual_inputs = sorted(i.name for i in session.get_inputs())
             if actual_inputs != sorted(spec.inputs):
-                raise RuntimeUnavailable(f"{path}: inputs {actual_inputs} differ from the manifest's {spec.inputs}")
+                raise RuntimeUnavailable(f"{path}: inputs {actual_inputs} differ from the manifest's "
+                                         f"{list(spec.inputs)}")
             self._sessions[graph] = session
             self._outputs[graph] = list(spec.outputs)
         active = self._sessions["encoder"].get_providers()
@@ -87,7 +88,8 @@ class TorchScriptRuntime:
         import torch
 
         if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeUnavailable("VAE_DEVICE=cuda but torch sees no CUDA device; use VAE_DEVICE=auto or cpu")
+            raise RuntimeUnavailable("VAE_DEVICE=cuda but torch sees no CUDA device; "
+                                     "use VAE_DEVICE=auto or cpu")
         self._torch = torch
         self._device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         if threads and self._device.type == "cpu":

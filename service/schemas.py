@@ -119,7 +119,7 @@ class EncodeResponse(_Response):
 
 class ImageResult(BaseModel):
     image: str | None = Field(None, description="base64 PNG (format=png)")
-    array: list[list[list[float]]] | None = Field(None, description="C x H x W floats in [0, 1] (format=array)")
+    array: list[list[list[float]]] | None = Field(None, description="C x H x W floats (format=array)")
 
 
 class DecodeResponse(_Response):
@@ -147,11 +147,12 @@ class ReconstructResponse(_Response):
 
 
 class LogLikelihoodResult(BaseModel):
-    log_likelihood: float = Field(description="importance-weighted estimate of log p(x), nats (a lower bound)")
+    log_likelihood: float = Field(description="importance-weighted estimate of log p(x), nats (lower bound)")
     elbo: float = Field(description="evidence lower bound, mean of the k log weights, nats")
     k: int
     bits_per_dim: float = Field(description="-log_likelihood / (C*H*W ln 2)")
-    standard_error: float | None = Field(description="delta-method standard error of log_likelihood; null at k=1")
+    standard_error: float | None = Field(description="delta-method standard error of log_likelihood; "
+                                                     "null at k=1")
 
 
 class LogLikelihoodResponse(_Response):
@@ -172,7 +173,7 @@ class AnomalyResult(BaseModel):
 class AnomalyResponse(_Response):
     k: int
     seed: int
-    calibration_k: int | None = Field(description="k used for the calibration; scores compare best at equal k")
+    calibration_k: int | None = Field(description="k of the calibration; scores compare best at equal k")
     threshold_percentile: float
     results: list[AnomalyResult]
 
@@ -197,7 +198,7 @@ class RequestModels:
             model_config = ConfigDict(extra="forbid", json_schema_extra={
                 "examples": [{"inputs": [[[[0.0, 0.5], [1.0, 0.25]]]]}]})
             inputs: list[list[list[list[Pixel]]]] = Field(
-                min_length=1, max_length=n, description="images as nested C x H x W arrays of floats in [0, 1]")
+                min_length=1, max_length=n, description="images as nested C x H x W floats in [0, 1]")
             labels: list[Label] | None = labels_field
 
         class LatentsRequest(BaseModel):
@@ -220,8 +221,8 @@ class RequestModels:
                 "images": {"type": "array", "minItems": 1, "maxItems": max_images,
                            "items": {"type": "string", "format": "binary"},
                            "description": "image files (repeat the field for several)"},
-                "labels": {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": max_images,
-                           "description": "one label per image (conditional models)"},
+                "labels": {"type": "array", "items": {"type": "string", "maxLength": 64},
+                           "maxItems": max_images, "description": "one label per image (conditional models)"},
             },
         }
         return {"requestBody": {"required": True, "content": {
@@ -234,7 +235,7 @@ class RequestModels:
                 },
             },
             "multipart/form-data": {"schema": multipart,
-                                    "encoding": {"images": {"contentType": "image/png, image/jpeg, image/*"}}},
+                                    "encoding": {"images": {"contentType": "image/*"}}},
         }}}
 
     def latents_openapi(self) -> dict[str, Any]:
