@@ -160,7 +160,8 @@ async def read_latents(request: Request, manifest: Manifest, label: str | None,
         if len(z) != manifest.latent_dim:
             raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "
                                f"{manifest.latent_dim}")
-    z = np.asarray(req.latents, dtype=np.float32)  # (N, D)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
+        z = np.asarray(req.latents, dtype=np.float32)  # (N, D)
     if not np.isfinite(z).all():
         raise InvalidInput("latents overflow float32; use values of a sensible magnitude")
     return z, resolve_labels(manifest, len(z), label, req.labels)

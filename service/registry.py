@@ -46,9 +46,9 @@ class ServedModel:
                            max_delay_s=delay, observer=metrics.observer(name, graph), name=f"{name}/{graph}")
 
         self.batchers = {
-            "encoder": batcher("encoder", partial(runtime.run, "encoder"), settings.max_batch_size,
+            "encoder": batcher("encoder", partial(self._run, "encoder"), settings.max_batch_size,
                                settings.max_queue_size),
-            "decoder": batcher("decoder", partial(runtime.run, "decoder"), settings.max_batch_size,
+            "decoder": batcher("decoder", partial(self._run, "decoder"), settings.max_batch_size,
                                settings.max_queue_size),
             "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
                                    settings.log_weights_queue_rows),
@@ -86,6 +86,10 @@ class ServedModel:
             assert y is not None, "conditional models need labels (checked when parsing the request)"
             inputs["y"] = y
         return inputs
+
+    def _run(self, graph: str, feeds: Arrays) -> Arrays:
+        # Looked up per call (not bound once), so a runtime can be swapped or wrapped while serving.
+        return self.runtime.run(graph, feeds)
 
     def _run_log_weights(self, feeds: Arrays) -> Arrays:
         """On the device thread: draw each row's eps from its key, then run the graph."""
