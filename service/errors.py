@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import batching
 from service.logs import request_id_var
 
 
@@ -129,8 +130,26 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, dict(exc.headers or {}))
 
 
+async def _batching_error(_: Request, exc: Exception) -> JSONResponse:
+    """The batcher's HTTP-agnostic errors, as the typed errors above."""
+    mapped: ServiceError
+    if isinstance(exc, batching.QueueFull):
+        mapped = Overloaded(f"the service is at capacity ({exc}); retry after the Retry-After seconds",
+                            exc.retry_after_s)
+    elif isinstance(exc, batching.DeadlineExceeded):
+        mapped = DeadlineExceeded(f"{exc}; send fewer images or a smaller k, or retry later")
+    elif isinstance(exc, batching.BatcherClosed):
+        mapped = Unavailable(f"{exc}; retry on another replica")
+    else:
+        mapped = InferenceFailed(f"{exc}; other requests are unaffected, retrying may succeed")
+    return await _service_error(_, mapped)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's default handlers so every error has the same JSON shape."""
     app.add_exception_handler(ServiceError, _service_error)
+    for error in (batching.QueueFull, batching.DeadlineExceeded, batching.BatcherClosed,
+                  batching.BatchFailed):
+        app.add_exception_handler(error, _batching_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
