@@ -1,0 +1,177 @@
+"""Image decoding decisions and the pure estimator functions, against hand computations."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from svc_helpers import image_bytes
+
+from service.artifacts import Preprocessing
+from service.estimators import (
+    bits_per_dim,
+    chunk_eps,
+    iw_estimate,
+    logsumexp,
+    percentile_of,
+    prior_latents,
+    value_at,
+)
+from service.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
+
+NOISE_PNG = image_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
+GREY = Preprocessing("L", 8, 8, "bilinear", None)
+RGB = Preprocessing("RGB", 8, 8, "bilinear", None)
+
+
+# -- images ----------------------------------------------------------------------------------------------
+def test_png_round_trip_is_exact() -> None:
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    x = decode_image(image_bytes(pixels), GREY, 10_000)
+    assert x.shape == (1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], (pixels / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(decode_image(encode_png(x), GREY, 10_000), x)
+
+
+def test_rgb_is_converted_with_luma_and_resized() -> None:
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[..., 0] = 255
+    x = decode_image(image_bytes(red), GREY, 10_000)
+    assert x.shape == (1, 8, 8)
+    np.testing.assert_allclose(x, round(0.299 * 255) / 255.0, atol=1 / 255)  # ITU-R 601-2 luma
+    assert decode_image(image_bytes(red), RGB, 10_000).shape == (3, 8, 8)
+
+
+def test_transparency_is_composited_over_black() -> None:
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:4, :, 3] = 255  # top half opaque white, bottom half transparent white
+    x = decode_image(image_bytes(rgba), GREY, 10_000)[0]
+    assert (x[:4] == 1.0).all() and (x[4:] == 0.0).all()
+    palette = Image.fromarray(rgba).convert("P")
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG", transparency=0)
+    assert decode_image(buf.getvalue(), GREY, 10_000).shape == (1, 8, 8)
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    x = decode_image(buf.getvalue(), GREY, 10_000)
+    np.testing.assert_allclose(x[0], deep / 65535.0, atol=1e-6)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (255, 0)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    x = decode_image(buf.getvalue(), GREY, 10_000)
+    assert x.min() > 0.9
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = np.zeros((8, 8), np.uint8)
+    pixels[0, :] = 255  # a white top row
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=100)
+    x = decode_image(buf.getvalue(), GREY, 10_000)[0]
+    assert x[:, -1].mean() > 0.8 and x[0, :4].mean() < 0.5  # the top row became the right column
+
+
+def test_jpeg_and_bmp_and_webp_decode() -> None:
+    pixels = np.full((8, 8), 128, np.uint8)
+    for fmt in ("JPEG", "BMP", "WEBP"):
+        x = decode_image(image_bytes(pixels, fmt=fmt), GREY, 10_000)
+        np.testing.assert_allclose(x, 128 / 255.0, atol=3 / 255.0)
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"\x89PNG\r\n\x1a\n" + b"\0" * 30,
+                                  NOISE_PNG[:len(NOISE_PNG) // 2]])
+def test_undecodable_bytes_raise_image_error(data: bytes) -> None:
+    with pytest.raises(ImageError):
+        decode_image(data, GREY, 10_000)
+
+
+def test_unsupported_format_is_refused() -> None:
+    with pytest.raises(ImageError, match="supported"):
+        decode_image(image_bytes(np.zeros((8, 8), np.uint8), fmt="TIFF"), GREY, 10_000)
+
+
+def test_declared_size_is_checked_before_decoding() -> None:
+    """A PNG header declaring 100000 x 100000 pixels is refused without decoding anything."""
+    huge = image_bytes(np.zeros((8, 8), np.uint8))
+    ihdr = huge.index(b"IHDR")
+    import struct
+    import zlib
+
+    chunk = b"IHDR" + struct.pack(">II", 100_000, 100_000) + huge[ihdr + 12:ihdr + 17]
+    header = huge[:ihdr - 4] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    bomb = header + huge[ihdr + 21:]
+    with pytest.raises(ImageTooLarge):
+        decode_image(bomb, GREY, 16_000_000)
+    with pytest.raises(ImageTooLarge):
+        decode_image(image_bytes(np.zeros((20, 20), np.uint8)), GREY, 399)
+
+
+def test_base64_is_strict_and_accepts_data_urls() -> None:
+    assert decode_base64("aGk=") == b"hi"
+    assert decode_base64("data:image/png;base64,aGk=") == b"hi"
+    for bad in ("a", "!!!!", "data:image/png;base64"):
+        with pytest.raises(ImageError):
+            decode_base64(bad)
+
+
+def test_grid_tiles_and_upscales() -> None:
+    grid = Image.open(io.BytesIO(grid_png(np.ones((5, 1, 8, 8), np.float32))))
+    assert grid.size == (3 * 32 + 4, 2 * 32 + 3)  # 3 columns, 2 rows of 32-pixel cells, 1-pixel gaps
+
+
+# -- estimators ------------------------------------------------------------------------------------------
+def test_iw_estimate_matches_hand_computation() -> None:
+    log_w = np.array([-100.0, -101.0, -102.5, -99.0])
+    e = iw_estimate(log_w)
+    assert e.log_likelihood == pytest.approx(math.log(np.exp(log_w).mean()), abs=1e-12)
+    assert e.elbo == pytest.approx(log_w.mean())
+    w = np.exp(log_w - log_w.max())
+    assert e.standard_error == pytest.approx(w.std(ddof=1) / (2 * w.mean()))
+    assert e.log_likelihood >= e.elbo and e.k == 4
+
+
+def test_iw_estimate_is_stable_at_extreme_magnitudes() -> None:
+    e = iw_estimate(np.array([-1e5, -1e5 + 1.0]))
+    assert e.log_likelihood == pytest.approx(-1e5 + math.log((math.e + 1) / 2))
+    assert iw_estimate(np.array([-3.0])).standard_error is None
+    assert logsumexp(np.array([-np.inf, -np.inf])) == -np.inf
+
+
+def test_bits_per_dim() -> None:
+    assert bits_per_dim(-64 * math.log(2), 64) == pytest.approx(1.0)
+
+
+def test_noise_is_seeded_per_image_and_chunk() -> None:
+    a = chunk_eps(7, 0, 0, 128, 4)
+    assert a.shape == (128, 4) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, chunk_eps(7, 0, 0, 128, 4))
+    assert not np.array_equal(a, chunk_eps(7, 1, 0, 128, 4))
+    assert not np.array_equal(a, chunk_eps(7, 0, 1, 128, 4))
+    assert abs(float(np.concatenate([chunk_eps(1, 0, c, 128, 4) for c in range(40)]).std()) - 1) < 0.05
+    z = prior_latents(3, 5, 4, temperature=0.5)
+    np.testing.assert_array_equal(z[2], prior_latents(3, 3, 4, temperature=0.5)[2])  # independent of n
+    np.testing.assert_allclose(prior_latents(3, 5, 4, temperature=1.0), 2 * z, rtol=1e-6)
+
+
+def test_percentiles_interpolate_and_clamp() -> None:
+    pct = (0.0, 50.0, 100.0)
+    vals = (10.0, 20.0, 40.0)
+    assert percentile_of(15.0, pct, vals) == pytest.approx(25.0)
+    assert percentile_of(30.0, pct, vals) == pytest.approx(75.0)
+    assert percentile_of(5.0, pct, vals) == 0.0 and percentile_of(50.0, pct, vals) == 100.0
+    assert value_at(99.0, pct, vals) == pytest.approx(39.6)
+    assert percentile_of(20.0, (0.0, 25.0, 50.0, 100.0), (10.0, 20.0, 20.0, 40.0)) == 50.0  # ties: highest
