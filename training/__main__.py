@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
                 print(best)
         elif args.command == "evaluate":
-            from training.evaluate import evaluate
+            from training.evaluate import evaluate, json_safe
             from training.pipeline import splits_for_checkpoint
             from training.train import model_from_checkpoint
 
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate(vae, splits_for_checkpoint(ckpt), out, k=args.k, seed=args.seed,
                               metrics_path=args.checkpoint.parent / "metrics.jsonl",
                               figures=not args.no_figures)
-            print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list | dict)}, indent=2))
+            scalars = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+            print(json.dumps(json_safe(scalars), indent=2))
         elif args.command == "export":
             from training.pipeline import export_checkpoint
 

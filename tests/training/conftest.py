@@ -1,4 +1,4 @@
-"""Shared fixtures for the training tests: tiny configs and one small trained run reused across files.
+"""Shared fixtures for the training tests: tiny training configs and the digits8 splits.
 
 Everything here is sized for a 2-core CI machine: digits8 (8x8 images), hidden layers of 32 units,
 a few epochs, one torch thread (another job may be training on the other core).
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training.data import DataSplits, load_digits8
-from training.train import TrainConfig, train
+from training.train import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,10 +42,3 @@ def make_config() -> ConfigFactory:
 @pytest.fixture(scope="session")
 def digits8() -> DataSplits:
     return load_digits8()
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of a small Bernoulli mlp trained for 3 epochs on 300 digits8 images."""
-    out = tmp_path_factory.mktemp("run")
-    return train(tiny_config(out, epochs=3, subset=300))

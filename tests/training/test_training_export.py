@@ -28,6 +28,7 @@ KINDS = {
     "mlp-bernoulli": {"architecture": "mlp"},
     "conv-bernoulli-conditional": {"architecture": "conv", "num_classes": 10},
     "mlp-gaussian-pixel": {"architecture": "mlp", "likelihood": "gaussian", "gaussian_variance": "pixel"},
+    "linear-gaussian": {"architecture": "linear", "likelihood": "gaussian"},  # pPCA, kind "linear"
 }
 
 
@@ -84,7 +85,8 @@ def test_manifest_fields(exported: tuple[VAE, Path], digits8: DataSplits) -> Non
     assert datetime.fromisoformat(manifest["created_at"]).tzinfo is not None
     assert manifest["framework"] == {"torch": torch.__version__, "onnx_opset": 18}
     conditional = bool(cfg.num_classes)
-    assert manifest["model"]["kind"] == ("cvae" if conditional else "vae")
+    kind = "cvae" if conditional else ("linear" if cfg.architecture == "linear" else "vae")
+    assert manifest["model"]["kind"] == kind
     assert manifest["model"]["architecture"] == cfg.architecture
     assert manifest["model"]["latent_dim"] == 4
     assert ModelConfig(**manifest["model"]["config"]) == cfg  # enough to rebuild the model
@@ -98,7 +100,7 @@ def test_manifest_fields(exported: tuple[VAE, Path], digits8: DataSplits) -> Non
         assert prep["binarize_threshold"] == 0.5
     else:
         assert prep["binarize_threshold"] is None
-        assert manifest["likelihood"]["variance"] == "pixel"
+        assert manifest["likelihood"]["variance"] == cfg.gaussian_variance
         expected_std = float(torch.exp(0.5 * vae.obs_log_var.detach()).mean())
         assert manifest["likelihood"]["mean_std"] == pytest.approx(expected_std, rel=1e-6)
     assert manifest["prior"] == {"family": "gaussian", "mean": 0.0, "std": 1.0}
