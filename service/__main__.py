@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from types import FrameType
 
@@ -33,6 +34,9 @@ class DrainingServer(uvicorn.Server):
             logging.getLogger(__name__).info("signal %d: draining (readyz 503, new requests refused)", sig)
         self.app_state.draining = True
         super().handle_exit(sig, frame)
+        # Uvicorn re-raises captured signals after shutdown, so the process would die "killed by
+        # SIGTERM" (status 143). A completed drain is an orderly exit: status 0, as orchestrators expect.
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
