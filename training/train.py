@@ -274,7 +274,7 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
             improved = score > best
             best, since_best = (score, 0) if improved else (best, since_best + 1)
             record = {"epoch": epoch, "train_loss": train_loss, "beta": beta, **scores,
-                      "best_score": best, "seconds": time.perf_counter() - t0}
+                      "best_score": best, "world_size": world, "seconds": time.perf_counter() - t0}
             _save_epoch(out, vae, ema, optimizer, mc, config, splits, epoch, best, since_best, improved)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -43,16 +43,18 @@ def _epochs(run: Path) -> list[int]:
 
 
 def test_two_process_cpu_run_matches_single_process(tmp_path: Path, digits8: DataSplits) -> None:
-    result = _torchrun(tmp_path / "ddp", "--epochs", "2")
+    result = _torchrun(tmp_path / "ddp", "--epochs", "4", "--lr", "0.01")
     assert result.stdout.count("best.pt") == 1  # only rank 0 reports (and writes)
     run = tmp_path / "ddp"
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
-    assert _epochs(run) == [0, 1]  # one line per epoch, not one per rank
+    assert _epochs(run) == [0, 1, 2, 3]  # one line per epoch, not one per rank
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["world_size"] == 2 for r in records)  # really data-parallel, not two solo runs
     ddp_vae, ckpt = model_from_checkpoint(run / "best.pt")
     assert ckpt["train_config"]["data"] == "digits8" and ckpt["model_config"]["latent_dim"] == 4
 
     single = TrainConfig.from_dict({
-        "data": "digits8", "out_dir": str(tmp_path / "single"), "epochs": 2, "batch_size": 32,
+        "data": "digits8", "out_dir": str(tmp_path / "single"), "epochs": 4, "batch_size": 32, "lr": 0.01,
         "val_iw_samples": 8, "device": "cpu", "threads": 1, "progress": False,
         "model": {"architecture": "mlp", "latent_dim": 4, "hidden_dim": 32},
     })
@@ -60,12 +62,12 @@ def test_two_process_cpu_run_matches_single_process(tmp_path: Path, digits8: Dat
     val_x = prepare_eval_images(digits8.val_images, "bernoulli", seed=7)
     ddp_elbo = validation_scores(ddp_vae, val_x, None, 8)["val_elbo"]
     single_elbo = validation_scores(single_vae, val_x, None, 8)["val_elbo"]
-    untrained = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["val_elbo"]
-    assert torch.isfinite(torch.tensor(ddp_elbo))
+    first_epoch = records[0]["val_elbo"]
+    print(f"validation ELBO: ddp {ddp_elbo:.2f} (epoch 0: {first_epoch:.2f}), single {single_elbo:.2f}")
+    assert torch.isfinite(torch.tensor(ddp_elbo)) and ddp_elbo > first_epoch + 0.2  # it learned
     # Same config, half the optimizer steps per epoch (each rank sees half of every epoch and the
     # gradients are averaged): close to the single-process run, not identical.
-    assert abs(ddp_elbo - single_elbo) < 0.1 * abs(single_elbo), (ddp_elbo, single_elbo)
-    assert ddp_elbo >= untrained - 1.0
+    assert abs(ddp_elbo - single_elbo) < 1.5, (ddp_elbo, single_elbo)
 
 
 def test_uneven_shards_and_early_stopping_do_not_hang(tmp_path: Path) -> None:
