@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,6 +39,27 @@ Images go in as multipart files (field `images`), JSON base64 (`{"images": [...]
 """
 
 
+def _document_loaded_models(app: FastAPI, state: AppState) -> None:
+    """List the loaded model names as the enum of every `{model}` path parameter once they are known.
+
+    The schema then tells callers (and fuzzers) exactly which names exist; any other name is a 404.
+    """
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = default_openapi()  # built once and cached by FastAPI; patched in place
+        if state.registry is not None:
+            names = sorted(state.registry.models)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    for param in operation.get("parameters", []):
+                        if param["in"] == "path" and param["name"] == "model":
+                            param["schema"] = {**param["schema"], "enum": names, "examples": names[:1]}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own metrics registry; models load when its lifespan starts."""
     settings = settings or Settings()
@@ -65,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={500: {"model": ErrorResponse, "description": "Internal error"}},
     )
     app.state.service = state
+    _document_loaded_models(app, state)
     install_error_handlers(app)
     app.include_router(build_ops_router(state))
     app.include_router(build_v1_router(settings))
