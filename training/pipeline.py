@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.data import DataSplits, load_dataset
+from training.data import DataSplits
 from training.export import export_model
-from training.train import model_from_checkpoint
+from training.train import load_dataset_for, model_from_checkpoint
 
 
 def splits_for_checkpoint(ckpt: dict) -> DataSplits:
     """The same data and split the checkpoint was trained on."""
-    cfg = ckpt["train_config"]
-    return load_dataset(cfg["data"], val_fraction=cfg["val_fraction"], seed=cfg["seed"], subset=cfg["subset"])
+    return load_dataset_for(ckpt["train_config"])
 
 
 def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: str, *,

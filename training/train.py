@@ -51,6 +51,9 @@ class TrainConfig:
     val_iw_samples: int = 64  # k for the validation IWAE bound
     val_fraction: float = 0.1
     subset: int | None = None  # keep only this many training images (quick runs, tests)
+    image_height: int = 28  # folder:DIR data only: images are resized to this size ...
+    image_width: int = 28
+    color_mode: Literal["L", "RGB"] = "L"  # ... and converted to grey (L) or RGB
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads; None leaves torch's default
@@ -96,6 +99,15 @@ def _maybe_init_distributed(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL needs each rank's current device set before init
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def load_dataset_for(config: dict) -> DataSplits:
+    """The data and split a training config names (a TrainConfig or the dict stored in a checkpoint)."""
+    return load_dataset(
+        config["data"], height=config.get("image_height", 28), width=config.get("image_width", 28),
+        color_mode=config.get("color_mode", "L"), val_fraction=config["val_fraction"], seed=config["seed"],
+        subset=config["subset"],
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,8 +199,7 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    splits = splits or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed,
-                                    subset=config.subset)
+    splits = splits or load_dataset_for(config.to_dict())
     if len(splits.train_images) < world:
         raise ValueError(f"{len(splits.train_images)} training images cannot be shared by {world} processes")
     mc = copy.deepcopy(config.model)
