@@ -29,6 +29,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from service.logs import request_id_var
+
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
@@ -98,6 +100,7 @@ class _Submission:
     rows: int
     future: asyncio.Future[Arrays]
     enqueued_at: float
+    request_id: str = "-"  # for the logs of the device thread and the batch loop
     taken: int = 0  # rows handed to batches so far
     finished: int = 0  # rows whose outputs came back
     parts: list[Arrays] = field(default_factory=list)
@@ -161,7 +164,8 @@ class Batcher:
             self._observer.rejected("queue_full")
             raise QueueFull(f"{self.name}: {self._queued_rows} rows queued, {n} more would exceed the "
                             f"limit of {self.max_queue_rows}", self._retry_after())
-        submission = _Submission(inputs, n, asyncio.get_running_loop().create_future(), time.monotonic())
+        submission = _Submission(inputs, n, asyncio.get_running_loop().create_future(), time.monotonic(),
+                                 request_id_var.get())
         self._queue.append(submission)
         self._queued_rows += n
         self._observer.depth(self._queued_rows)
@@ -236,8 +240,10 @@ class Batcher:
                 self._fail(sub, BatcherClosed(f"{self.name} is shutting down"))
             raise
         except Exception as exc:
+            # Logged with the ids of every request in the batch, so each caller's error can be traced.
+            ids = ",".join(sorted({sub.request_id for sub, _, _ in batch}))
             log.error("batch of %d rows failed in %s: %s: %s", rows, self.name, type(exc).__name__, exc,
-                      exc_info=not isinstance(exc, BatchFailed))
+                      exc_info=not isinstance(exc, BatchFailed), extra={"request_id": ids})
             self._observer.failure()
             for sub, _, _ in batch:
                 self._fail(sub, BatchFailed(f"inference failed in {self.name}: {type(exc).__name__}"))

@@ -7,6 +7,7 @@ end as one (N, C, H, W) float32 batch in [0, 1], with (N,) int64 labels for cond
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -45,9 +46,9 @@ def _is_json(media_type: str) -> bool:
                                                 media_type.endswith("+json"))
 
 
-async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
+def _validate(body: bytes, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         details = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in errors]
@@ -83,28 +84,36 @@ async def _read_multipart(request: Request, manifest: Manifest,
             raise InvalidInput("no images: send one or more files in the multipart field 'images'")
         if len(parts) > settings.max_images:
             raise InvalidInput(f"{len(parts)} images in one request; the limit is {settings.max_images}")
-        arrays = []
+        files = []
         for i, part in enumerate(parts):
             if not isinstance(part, UploadFile):
                 raise InvalidInput(f"images[{i}] is a text field; send each image as a file part")
-            arrays.append(_decode(await part.read(), i, manifest, settings))
+            files.append(await part.read())
         labels = [v for v in form.getlist("labels") if isinstance(v, str)] or None
     finally:
         await form.close()  # removes spooled temporary files at once
+    # Decoding is CPU work (up to max_image_pixels per image): off the event loop, which keeps serving.
+    arrays = await asyncio.to_thread(lambda: [_decode(f, i, manifest, settings) for i, f in enumerate(files)])
     return arrays, labels
 
 
 async def _read_json_images(request: Request, manifest: Manifest, settings: Settings,
                             models: RequestModels) -> tuple[list[np.ndarray], list[Any] | None]:
     body = await request.body()
+    # Parsing up to max_upload_bytes of JSON and decoding images is CPU work: off the event loop.
+    return await asyncio.to_thread(_parse_json_images, body, manifest, settings, models)
+
+
+def _parse_json_images(body: bytes, manifest: Manifest, settings: Settings,
+                       models: RequestModels) -> tuple[list[np.ndarray], list[Any] | None]:
     # Pick the form from the keys first, so a mistake gets the message of the form the caller meant.
     keys = _top_level_keys(body)
     if "images" in keys and "inputs" not in keys:
-        req = await _parse_json(request, models.images)
+        req = _validate(body, models.images)
         arrays = [_decode(decode_or_422(s, i), i, manifest, settings) for i, s in enumerate(req.images)]
         return arrays, req.labels
     if "inputs" in keys and "images" not in keys:
-        req = await _parse_json(request, models.arrays)
+        req = _validate(body, models.arrays)
         return [_check_array(a, i, manifest) for i, a in enumerate(req.inputs)], req.labels
     raise InvalidInput("the JSON body needs exactly one of 'images' (base64 image files) or 'inputs' "
                        "(C x H x W arrays of floats in [0, 1])")
@@ -155,7 +164,7 @@ async def read_latents(request: Request, manifest: Manifest, label: str | None,
     if not _is_json(media_type):
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send "
                                    'application/json like {"latents": [[0.1, -0.3, ...]]}')
-    req = await _parse_json(request, models.latents)
+    req = _validate(await request.body(), models.latents)
     for i, z in enumerate(req.latents):
         if len(z) != manifest.latent_dim:
             raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "

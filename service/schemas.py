@@ -102,6 +102,11 @@ class ModelList(BaseModel):
 
 
 # -- results ------------------------------------------------------------------------------------------------
+def _example(value: dict[str, Any]) -> ConfigDict:
+    """A response example shown in /docs (values from a real MNIST model, shortened)."""
+    return ConfigDict(json_schema_extra={"examples": [{"model": "mnist-vae", "version": "1", **value}]})
+
+
 class _Response(BaseModel):
     model: str = Field(examples=["mnist-vae"])
     version: str = Field(examples=["1"])
@@ -114,6 +119,8 @@ class EncodeResult(BaseModel):
 
 
 class EncodeResponse(_Response):
+    model_config = _example({"results": [{"mean": [0.41, -1.2], "variance": [0.02, 0.05],
+                                          "log_variance": [-3.9, -3.0]}]})
     results: list[EncodeResult]
 
 
@@ -123,6 +130,7 @@ class ImageResult(BaseModel):
 
 
 class DecodeResponse(_Response):
+    model_config = _example({"results": [{"image": "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA..."}]})
     results: list[ImageResult]
 
 
@@ -132,6 +140,9 @@ class SampleResult(ImageResult):
 
 
 class SampleResponse(_Response):
+    model_config = _example({"seed": 42, "temperature": 1.0,
+                             "results": [{"image": "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA...",
+                                          "latent": [0.3, -1.1]}]})
     seed: int
     temperature: float
     results: list[SampleResult]
@@ -143,6 +154,8 @@ class ReconstructResult(ImageResult):
 
 
 class ReconstructResponse(_Response):
+    model_config = _example({"results": [{"image": "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA...",
+                                          "mse": 0.012, "sse": 9.4}]})
     results: list[ReconstructResult]
 
 
@@ -156,6 +169,8 @@ class LogLikelihoodResult(BaseModel):
 
 
 class LogLikelihoodResponse(_Response):
+    model_config = _example({"k": 256, "seed": 7, "binarized": True, "results": [
+        {"log_likelihood": -86.3, "elbo": -90.1, "k": 256, "bits_per_dim": 0.159, "standard_error": 0.21}]})
     k: int
     seed: int = Field(description="pass it back to get the same numbers")
     binarized: bool = Field(description="inputs were binarized at the manifest threshold")
@@ -171,6 +186,9 @@ class AnomalyResult(BaseModel):
 
 
 class AnomalyResponse(_Response):
+    model_config = _example({"k": 256, "seed": 7, "calibration_k": 256, "threshold_percentile": 99.0,
+                             "results": [{"score": 151.8, "percentile": 99.7, "threshold": 142.5,
+                                          "is_anomaly": True, "standard_error": 0.4}]})
     k: int
     seed: int
     calibration_k: int | None = Field(description="k of the calibration; scores compare best at equal k")
