@@ -30,8 +30,10 @@ class FakeGraph:
         self.batches: list[int] = []
         self.fail_next = False
         self.gate: threading.Event | None = None  # when set, each batch waits for it
+        self.entered = 0
 
     def __call__(self, feeds: Arrays) -> Arrays:
+        self.entered += 1
         if self.gate is not None:
             self.gate.wait(5)
         if self.delay:
@@ -60,6 +62,13 @@ def run(test: Callable[[Batcher, FakeGraph], Awaitable[None]], graph: FakeGraph 
 
     asyncio.run(main())
     return graph
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
 
 
 def rows(start: int, n: int) -> Arrays:
@@ -102,7 +111,7 @@ def test_full_queue_rejects_at_once_with_retry_after() -> None:
     async def test(b: Batcher, g: FakeGraph) -> None:
         g.gate = threading.Event()  # hold the first batch on the device
         first = asyncio.ensure_future(b.submit(rows(0, 8), later()))
-        await asyncio.sleep(0.05)  # the first batch is now running; the queue is empty
+        await until(lambda: g.entered == 1)  # the first batch is now running; the queue is empty
         queued = asyncio.ensure_future(b.submit(rows(0, 10), later()))
         await asyncio.sleep(0)
         assert b.queued_rows == 10
@@ -133,12 +142,11 @@ def test_cancelled_submission_leaves_no_rows_behind() -> None:
     async def test(b: Batcher, g: FakeGraph) -> None:
         g.gate = threading.Event()
         blocker = asyncio.ensure_future(b.submit(rows(0, 8), later()))
-        await asyncio.sleep(0.05)
+        await until(lambda: g.entered == 1)
         victim = asyncio.ensure_future(b.submit(rows(100, 16), later()))
-        await asyncio.sleep(0.01)
-        assert b.queued_rows == 16
+        await until(lambda: b.queued_rows == 16)
         victim.cancel()  # the client went away
-        await asyncio.sleep(0.01)
+        await until(victim.done)
         assert victim.cancelled()
         assert b.queued_rows == 0
         g.gate.set()

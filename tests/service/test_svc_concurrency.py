@@ -31,8 +31,10 @@ class FaultyRuntime:
         self.delay = delay
         self.fail_next: set[str] = set()
         self.gate: threading.Event | None = None
+        self.calls = 0
 
     def run(self, graph: str, inputs: Arrays) -> Arrays:
+        self.calls += 1
         if self.gate is not None:
             self.gate.wait(5)
         time.sleep(self.delay)
@@ -40,6 +42,14 @@ class FaultyRuntime:
             self.fail_next.discard(graph)
             raise RuntimeError("injected fault")
         return self.inner.run(graph, inputs)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition instead of sleeping a fixed time: the machine may be busy."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 Scenario = Callable[[httpx.AsyncClient, FastAPI], Awaitable[None]]
@@ -120,16 +130,19 @@ def test_seeded_log_likelihood_is_batch_invariant(make_app: Callable[..., FastAP
 
 def test_overload_answers_429_with_retry_after(make_app: Callable[..., FastAPI]) -> None:
     async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
-        runtime = wrap_runtime(app, delay=0.2)
+        runtime = wrap_runtime(app)
+        runtime.gate = threading.Event()  # the device is busy until released
         body = {"inputs": grey_arrays(2)}
-        calls = [client.post("/v1/models/tiny/encode", json=body) for _ in range(8)]
+        calls = [asyncio.ensure_future(client.post("/v1/models/tiny/encode", json=body)) for _ in range(8)]
+        # One request's 2 rows are on the device, two more fill the queue of 4 rows, five are refused.
+        await until(lambda: sum(c.done() for c in calls) == 5)
+        runtime.gate.set()
         responses = await asyncio.gather(*calls)
-        statuses = [r.status_code for r in responses]
-        assert 200 in statuses and 429 in statuses, statuses
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 3 + [429] * 5, statuses
         rejected = next(r for r in responses if r.status_code == 429)
         assert int(rejected.headers["retry-after"]) >= 1
         assert rejected.json()["error"]["code"] == "overloaded"
-        runtime.delay = 0.0
         assert (await client.post("/v1/models/tiny/encode", json=body)).status_code == 200
         assert 'reason="queue_full"' in (await client.get("/metrics")).text
 
@@ -177,7 +190,7 @@ def test_client_disconnect_cancels_queued_work(make_app: Callable[..., FastAPI])
         runtime.gate = threading.Event()  # hold the device so later work stays queued
         blocker = asyncio.ensure_future(client.post("/v1/models/tiny/encode",
                                                     json={"inputs": grey_arrays(1)}))
-        await asyncio.sleep(0.1)
+        await until(lambda: runtime.calls > 0)  # the blocker's batch is on the device
         body = json.dumps({"inputs": grey_arrays(5)}).encode()
         disconnected = asyncio.Event()
         sent: list[dict] = []
@@ -198,9 +211,8 @@ def test_client_disconnect_cancels_queued_work(make_app: Callable[..., FastAPI])
                  "headers": [(b"content-type", b"application/json"),
                              (b"content-length", str(len(body)).encode())]}
         call = asyncio.ensure_future(app(scope, receive, send))
-        await asyncio.sleep(0.1)
         encoder = app.state.service.registry.models["tiny"].batchers["encoder"]
-        assert encoder.queued_rows == 5
+        await until(lambda: encoder.queued_rows == 5)
         disconnected.set()
         await asyncio.wait_for(call, 2)
         assert encoder.queued_rows == 0  # the departed client's rows were dropped

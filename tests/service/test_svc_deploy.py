@@ -19,7 +19,7 @@ import uvicorn
 import yaml
 from fastapi import FastAPI
 from svc_helpers import grey_arrays
-from test_svc_concurrency import FaultyRuntime
+from test_svc_concurrency import FaultyRuntime, until
 
 from service.__main__ import DrainingServer, main
 
@@ -126,7 +126,7 @@ def test_shutdown_refuses_new_work_and_finishes_in_flight_requests(make_app: Cal
         async with httpx.AsyncClient(base_url=base, timeout=20) as client:
             body = {"inputs": grey_arrays(1)}
             in_flight = asyncio.ensure_future(client.post("/v1/models/tiny/encode", json=body))
-            await asyncio.sleep(0.3)
+            await until(lambda: served.runtime.calls > 0)  # the request is on the device
             server.handle_exit(signal.SIGTERM, None)
             assert app.state.service.draining and not app.state.service.ready  # readyz is 503 from now on
             response = await in_flight
