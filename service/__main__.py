@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.artifacts import ArtifactError, discover
 from service.config import Settings
 from service.logs import configure_logging
 from service.state import AppState
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                              for e in exc.errors())
         print(f"vae-serve: invalid settings (environment variables VAE_<NAME> or flags):\n{problems}",
               file=sys.stderr)
+        return 2
+    try:  # the commonest mistake (no or wrong models directory) gets one line, not a traceback
+        discover(settings.models_dir, settings.models)
+    except ArtifactError as exc:
+        print(f"vae-serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.json_logs)
     app = create_app(settings)

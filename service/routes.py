@@ -182,9 +182,10 @@ def build_v1_router(settings: Settings) -> APIRouter:
         batch = await read_images(request, served.manifest, label, settings, models)
         mean, log_var = await served.encode(batch.x, batch.y, deadline)
         mean = _finite(mean.astype(np.float64), "means")
-        log_var = _finite(log_var.astype(np.float64), "variances")
-        results = [EncodeResult(mean=m.tolist(), variance=np.exp(lv).tolist(), log_variance=lv.tolist())
-                   for m, lv in zip(mean, log_var, strict=True)]
+        log_var = log_var.astype(np.float64)
+        variance = _finite(np.exp(log_var), "variances")  # exp overflows only for absurd log-variances
+        results = [EncodeResult(mean=m.tolist(), variance=v.tolist(), log_variance=lv.tolist())
+                   for m, v, lv in zip(mean, variance, log_var, strict=True)]
         return EncodeResponse(model=served.manifest.name, version=served.manifest.version, results=results)
 
     @router.post("/models/{model}/decode", response_model=DecodeResponse, response_model_exclude_none=True,

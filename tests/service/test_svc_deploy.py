@@ -63,6 +63,14 @@ def test_invalid_settings_stop_start_up_with_a_clear_message(monkeypatch: pytest
     assert "invalid settings" in err and "max_batch_size" in err
 
 
+def test_missing_models_stop_start_up_with_a_clear_message(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models-dir", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--models-dir", str(tmp_path)]) == 2
+    assert "no models found" in capsys.readouterr().err
+
+
 def test_cli_flags_are_validated() -> None:
     with pytest.raises(SystemExit) as info:
         main(["--runtime", "tensorflow"])
