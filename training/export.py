@@ -31,10 +31,12 @@ from training.models import VAE
 
 FORMAT_VERSION = 1
 ONNX_OPSET = 18
-ABS_TOLERANCE = 1e-4  # encoder / decoder outputs
-# log_w sums ~C*H*W float32 terms of magnitude ~1: summation order alone moves it by ~1e-7 relative,
-# so it is compared relative to its magnitude: |diff| <= 1e-4 * max(1, |log_w| / 100).
-LOG_WEIGHTS_TOLERANCE_PER_100_NATS = 1e-4
+ABS_TOLERANCE = 1e-4  # encoder / decoder outputs: max abs error
+# log_w is a sum over C*H*W pixel terms (~100 nats for MNIST) of a decoder fed with z = mean + sigma*eps,
+# so float32 rounding in the encoder is amplified and summed: eager float32 itself differs from float64
+# by ~3e-5 on the default model. It is compared numpy.allclose-style: |diff| <= atol + rtol * |log_w|.
+LOG_WEIGHTS_ATOL = 1e-4
+LOG_WEIGHTS_RTOL = 2e-5
 CALIBRATION_PERCENTILES = [round(p * 0.5, 1) for p in range(201)]  # 0, 0.5, ..., 100
 
 # docs/artifact-format.md: names match this; versions too, so neither can be "..", contain a "/" or
@@ -93,11 +95,11 @@ def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list
                           external_data=False, verbose=False)
 
 
-def _max_error(graph: str, ref: np.ndarray, got: np.ndarray) -> float:
-    diff = np.abs(ref - got)
+def _tolerance(graph: str, ref: np.ndarray) -> np.ndarray:
+    """Allowed |error| per element."""
     if graph == "log_weights":
-        return float((diff / np.maximum(1.0, np.abs(ref) / 100.0)).max())
-    return float(diff.max())
+        return LOG_WEIGHTS_ATOL + LOG_WEIGHTS_RTOL * np.abs(ref)
+    return np.full_like(ref, ABS_TOLERANCE)
 
 
 def check_parity(vae: VAE, directory: Path,
@@ -117,17 +119,24 @@ def check_parity(vae: VAE, directory: Path,
         with _quiet(), torch.no_grad():
             scripted = torch.jit.load(str(directory / f"{graph}.pt"))(*inputs)
         ts_out = [t.numpy() for t in (scripted if isinstance(scripted, tuple) else (scripted,))]
-        errors = {
-            "onnx": max(_max_error(graph, r, g) for r, g in zip(eager_out, onnx_out, strict=True)),
-            "torchscript": max(_max_error(graph, r, g) for r, g in zip(eager_out, ts_out, strict=True)),
-        }
-        report[graph] = {"max_error": errors, "rows": int(inputs[0].shape[0])}
-        tolerance = LOG_WEIGHTS_TOLERANCE_PER_100_NATS if graph == "log_weights" else ABS_TOLERANCE
-        for runtime, err in errors.items():
-            if not np.isfinite(err) or err > tolerance:
-                raise ExportError(f"{graph} {runtime} output differs from eager PyTorch by {err:.3g} "
-                                  f"(tolerance {tolerance:g}); the artifact was not written")
+        errors: dict[str, float] = {}
+        for runtime, outputs in (("onnx", onnx_out), ("torchscript", ts_out)):
+            for ref, got in zip(eager_out, outputs, strict=True):
+                diff = np.abs(ref - got)
+                if not np.all(diff <= _tolerance(graph, ref)):  # also catches NaN
+                    raise ExportError(
+                        f"{graph} {runtime} output differs from eager PyTorch by up to {np.nanmax(diff):.3g} "
+                        f"(tolerance: {_describe_tolerance(graph)}); the artifact was not written")
+                errors[runtime] = max(errors.get(runtime, 0.0), float(diff.max()))
+        report[graph] = {"max_abs_error": errors, "tolerance": _describe_tolerance(graph),
+                         "rows": int(inputs[0].shape[0])}
     return report
+
+
+def _describe_tolerance(graph: str) -> str:
+    if graph == "log_weights":
+        return f"{LOG_WEIGHTS_ATOL:g} + {LOG_WEIGHTS_RTOL:g} * |log_w|"
+    return f"{ABS_TOLERANCE:g}"
 
 
 def service_view(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
