@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
@@ -31,9 +32,22 @@ class DrainingServer(uvicorn.Server):
         self.app_state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self.app_state.settings.drain_delay_s
         if not self.app_state.draining:
-            logging.getLogger(__name__).info("signal %d: draining (readyz 503, new requests refused)", sig)
-        self.app_state.draining = True
+            self.app_state.draining = True
+            logging.getLogger(__name__).info(
+                "signal %d: draining (readyz 503, new requests refused); port closes in %.1fs, in-flight "
+                "requests get up to %.1fs", sig, delay, self.app_state.settings.drain_timeout_s)
+            if delay > 0 and sig == signal.SIGTERM:
+                # Keep listening (answering 503) so load balancers see readyz fail before the port
+                # closes; a second SIGTERM or a Ctrl-C skips the wait.
+                timer = threading.Timer(delay, self._exit_now, (sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+        self._exit_now(sig, frame)
+
+    def _exit_now(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         # Uvicorn re-raises captured signals after shutdown, so the process would die "killed by
         # SIGTERM" (status 143). A completed drain is an orderly exit: status 0, as orchestrators expect.

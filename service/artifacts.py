@@ -143,6 +143,26 @@ def verify_files(directory: Path, files: dict[str, str]) -> None:
                                 "the artifact is corrupt or was modified")
 
 
+def read_verified(manifest: Manifest, graph: str, runtime: str) -> bytes:
+    """The bytes of one graph file, checked against the manifest's sha256 again as they are read.
+
+    Runtimes load from these bytes, never from the path, so the file that is served is exactly the
+    file that was verified (a file swapped after start-up verification is refused, not loaded).
+    """
+    relative = manifest.graphs[graph].files[runtime]
+    path = _inside(manifest.directory, relative)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{manifest.directory}: cannot read {relative!r}: {exc}") from exc
+    expected = str(manifest.raw.get("files", {}).get(relative, "")).lower()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ArtifactError(f"{manifest.directory}: sha256 of {relative!r} is {actual}, manifest says "
+                            f"{expected or 'nothing'}; the artifact is corrupt or was modified")
+    return data
+
+
 def load_manifest(directory: Path, runtime: str) -> Manifest:
     """Read and check manifest.json, verify the files it lists, and make sure `runtime`'s graphs are there."""
     path = directory / "manifest.json"

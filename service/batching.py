@@ -149,6 +149,15 @@ class Batcher:
         self._queued_rows = 0
         self._observer.depth(0)
 
+    def check_capacity(self, rows: int) -> None:
+        """Raise (BatcherClosed or QueueFull) if a submission of `rows` rows would be refused now."""
+        if self._closed:
+            raise BatcherClosed(f"{self.name} is shutting down")
+        if self._queued_rows + rows > self.max_queue_rows:
+            self._observer.rejected("queue_full")
+            raise QueueFull(f"{self.name}: {self._queued_rows} rows queued, {rows} more would exceed the "
+                            f"limit of {self.max_queue_rows}", self._retry_after())
+
     async def submit(self, inputs: Arrays, deadline: float) -> Arrays:
         """Queue `inputs` (each (rows, ...)) and wait for the outputs of exactly these rows, in order.
 
@@ -158,12 +167,7 @@ class Batcher:
         assert len(rows) == 1, f"all inputs of a submission need the same number of rows, got {rows}"
         n = rows.pop()
         assert n >= 1, "a submission needs at least one row"
-        if self._closed:
-            raise BatcherClosed(f"{self.name} is shutting down")
-        if self._queued_rows + n > self.max_queue_rows:
-            self._observer.rejected("queue_full")
-            raise QueueFull(f"{self.name}: {self._queued_rows} rows queued, {n} more would exceed the "
-                            f"limit of {self.max_queue_rows}", self._retry_after())
+        self.check_capacity(n)
         submission = _Submission(inputs, n, asyncio.get_running_loop().create_future(), time.monotonic(),
                                  request_id_var.get())
         self._queue.append(submission)

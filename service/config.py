@@ -36,12 +36,18 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU and the CUDA provider exist
     threads: int = Field(0, ge=0)  # intra-op threads per runtime; 0 = the runtime's default (all cores)
     warmup: bool = True  # run every graph at the batch sizes used before reporting ready
+    # A model whose artifact fails verification or loading: `fail` refuses to start (exit status 3),
+    # `skip` logs the refusal, serves the other models, and stays not-ready only if none is left.
+    on_bad_model: Literal["fail", "skip"] = "fail"
 
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
     max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # how long a row may wait for company
     max_queue_size: int = Field(1024, ge=1)  # queued rows per encoder/decoder batcher before 429
     request_timeout_s: float = Field(30.0, gt=0.0)  # deadline per request; past it: 504
+    # /v1 requests being handled at once (reading, decoding, queued, running); past it: 429 before the
+    # body is read. Bounds the memory of bodies and decoded images that the row queues do not cover.
+    max_inflight_requests: int = Field(256, ge=1)
     # Importance sampling is done in chunks of this many samples so rows of different requests (and
     # different k) stack into one (B, K, D) batch; the last chunk is padded and the padding dropped.
     iw_chunk_size: int = Field(128, ge=1, le=65536)
@@ -59,10 +65,14 @@ class Settings(BaseSettings):
 
     # -- security and operations -------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth
+    auth_ops: bool = False  # with api_keys: also require the key on /healthz, /readyz and /metrics
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     json_logs: bool = False
     drain_timeout_s: float = Field(30.0, ge=0.0)  # how long in-flight requests may take after SIGTERM
+    # After SIGTERM, keep accepting connections this long (readyz 503, /v1 503) so load balancers see
+    # the replica leave before its port closes; then stop listening and drain.
+    drain_delay_s: float = Field(0.0, ge=0.0, le=300.0)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 

@@ -46,6 +46,15 @@ class Metrics:
         self.rejections = Counter("vae_rejections",
                                   "Submissions refused (queue_full) or timed out (deadline)",
                                   ["model", "graph", "reason"], registry=r)
+        self.queue_peak = Gauge("vae_queue_depth_peak_rows", "Most rows ever waiting in the batch queue",
+                                ["model", "graph"], registry=r)
+        self.queue_limit = Gauge("vae_queue_limit_rows", "Queue bound in rows; admission refuses beyond it",
+                                 ["model", "graph"], registry=r)
+        self.inflight = Gauge("vae_inflight_requests", "/v1 requests being handled now", registry=r)
+        self.inflight_peak = Gauge("vae_inflight_requests_peak", "Most /v1 requests ever handled at once",
+                                   registry=r)
+        self.model_refused = Gauge("vae_model_refused", "1 when the model's artifact was refused at start-up",
+                                   ["model", "version"], registry=r)
         self.model_ready = Gauge("vae_model_ready", "1 when the model is loaded and warmed up",
                                  ["model", "version", "runtime", "device"], registry=r)
 
@@ -65,6 +74,9 @@ class BatcherMetrics:
         self._compute = metrics.compute.labels(**labels)
         self._rows = metrics.batch_rows.labels(**labels)
         self._depth = metrics.queue_depth.labels(**labels)
+        self._peak = metrics.queue_peak.labels(**labels)
+        self._limit = metrics.queue_limit.labels(**labels)
+        self._peak_rows = 0
         self._failures = metrics.batch_failures.labels(**labels)
         self._rejections = metrics.rejections
         self._labels = labels
@@ -78,6 +90,12 @@ class BatcherMetrics:
 
     def depth(self, rows: int) -> None:
         self._depth.set(rows)
+        if rows > self._peak_rows:
+            self._peak_rows = rows
+            self._peak.set(rows)
+
+    def limit(self, rows: int) -> None:
+        self._limit.set(rows)
 
     def failure(self) -> None:
         self._failures.inc()

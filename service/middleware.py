@@ -2,10 +2,14 @@
 
 - a request id (`X-Request-ID`: the caller's if sane, else a fresh one) on the response and in logs;
 - while draining, /v1 requests are refused with 503 before any work starts;
+- at most `max_inflight_requests` /v1 requests are handled at once; one more is answered 429 at once,
+  before its body is read, so bodies and decoded images in memory stay bounded under any burst;
 - the body limit: Content-Length is checked up front, and bytes are counted while streaming (a
   chunked upload cannot get around it); the count raises PayloadTooLarge inside the body reader;
 - a client that disconnects after sending its body cancels the handler, so its queued rows are
-  dropped from the batchers instead of being computed for nobody;
+  dropped from the batchers instead of being computed for nobody; one that disconnects while
+  sending it ends the handler in the body reader (nothing was queued yet); both are logged as 499,
+  not as errors;
 - request count and latency metrics by route template, one access-log line, and a JSON 500 for
   anything unexpected (never a stack trace to the caller).
 
@@ -23,6 +27,7 @@ from typing import Any
 
 import anyio
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, error_response
@@ -38,6 +43,8 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
+        self.inflight = 0  # /v1 requests between admission here and their response
+        self.inflight_peak = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,25 +63,52 @@ class RequestMiddleware:
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
+        settings = self.state.settings
+        counted = False
         try:
-            limit = self.state.settings.max_upload_bytes
+            limit = settings.max_upload_bytes
             declared = headers.get(b"content-length", b"").decode("latin-1")
-            if self.state.draining and scope["path"].startswith("/v1"):
+            is_v1 = scope["path"].startswith("/v1")
+            if self.state.draining and is_v1:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
                                      "replica", {"Retry-After": "1"})(scope, receive, send_with_id)
             elif declared and (not declared.isdigit() or int(declared) > limit):
                 message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
                 await error_response(413, "payload_too_large", message)(scope, receive, send_with_id)
+            elif is_v1 and self.inflight >= settings.max_inflight_requests:
+                self.state.metrics.rejections.labels("-", "-", "inflight_limit").inc()
+                message = (f"the service is at capacity ({self.inflight} requests in flight, limit "
+                           f"{settings.max_inflight_requests}); retry after the Retry-After seconds")
+                await error_response(429, "overloaded", message, {"Retry-After": "1"})(
+                    scope, receive, send_with_id)
             else:
+                if is_v1:
+                    counted = True
+                    self._enter()
                 await self._call_app(scope, self._limited(receive, limit), send_with_id)
+        except ClientDisconnect:
+            # The client went away while sending its body: nothing was queued; 499 in the access log.
+            response["status"] = CLIENT_CLOSED
         except Exception:
             log.exception("unhandled error")
             if not response["started"]:
                 await error_response(500, "internal_error", "internal error; the request id is in the logs")(
                     scope, receive, send_with_id)
         finally:
+            if counted:
+                self._leave()
             self._record(scope, response["status"], time.perf_counter() - started)
             request_id_var.reset(token)
+
+    def _enter(self) -> None:
+        self.inflight += 1
+        self.inflight_peak = max(self.inflight_peak, self.inflight)
+        self.state.metrics.inflight.set(self.inflight)
+        self.state.metrics.inflight_peak.set(self.inflight_peak)
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        self.state.metrics.inflight.set(self.inflight)
 
     @staticmethod
     def _limited(receive: Receive, limit: int) -> Receive:

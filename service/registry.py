@@ -16,10 +16,11 @@ import logging
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import GRAPHS, Manifest, discover, load_manifest
+from service.artifacts import GRAPHS, ArtifactError, Manifest, discover, load_manifest
 from service.batching import Arrays, Batcher, DeviceWorker, RunFn
 from service.config import Settings
 from service.estimators import chunk_eps
@@ -42,8 +43,10 @@ class ServedModel:
         name = manifest.name
 
         def batcher(graph: str, run: RunFn, rows: int, queue: int) -> Batcher:
+            observer = metrics.observer(name, graph)
+            observer.limit(queue)
             return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue,
-                           max_delay_s=delay, observer=metrics.observer(name, graph), name=f"{name}/{graph}")
+                           max_delay_s=delay, observer=observer, name=f"{name}/{graph}")
 
         self.batchers = {
             "encoder": batcher("encoder", partial(self._run, "encoder"), settings.max_batch_size,
@@ -53,6 +56,15 @@ class ServedModel:
             "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
                                    settings.log_weights_queue_rows),
         }
+
+    def check_capacity(self, graph: str, k: int | None = None) -> None:
+        """Raise QueueFull at once if even the smallest request for `graph` would not fit the queue.
+
+        Called before the body is read or any image decoded, so under overload the 429 costs almost
+        nothing; `submit` checks again with the real row count.
+        """
+        rows = 1 if k is None else math.ceil(k / self.chunk)
+        self.batchers[graph].check_capacity(rows)
 
     # -- operations ------------------------------------------------------------------------------------------
     async def encode(self, x: np.ndarray, y: np.ndarray | None,
@@ -138,36 +150,64 @@ class ServedModel:
 class ModelRegistry:
     """Every served model by name, and the device workers they share."""
 
-    def __init__(self, models: dict[str, ServedModel], workers: dict[str, DeviceWorker]) -> None:
+    def __init__(self, models: dict[str, ServedModel], workers: dict[str, DeviceWorker],
+                 refused: dict[str, str] | None = None) -> None:
         self.models = models
         self.workers = workers
+        self.refused = refused or {}  # version folder -> why it was refused (VAE_ON_BAD_MODEL=skip)
 
     @classmethod
     async def open(cls, settings: Settings, metrics: Metrics) -> ModelRegistry:
-        """Find, verify, load, start and warm up the configured models; raise if any of them fails."""
+        """Find, verify, load, start and warm up the configured models.
+
+        A model that fails (checksum, format version, corrupt graph, warm-up) is refused with one
+        error log line naming it and the reason. With on_bad_model=fail that stops start-up; with
+        skip the other models are served, and start-up fails only when no model is left.
+        """
         workers: dict[str, DeviceWorker] = {}
         models: dict[str, ServedModel] = {}
+        refused: dict[str, str] = {}
         try:
             for directory in discover(settings.models_dir, settings.models):
-                started = time.perf_counter()
-                manifest = load_manifest(directory, settings.runtime)
-                if manifest.name in models:
-                    raise RuntimeError(f"model {manifest.name} is configured twice")
-                runtime = load_runtime(manifest, settings.runtime, settings.device, settings.threads)
-                worker = workers.setdefault(runtime.device, DeviceWorker(runtime.device))
-                model = ServedModel(manifest, runtime, worker, settings, metrics)
-                if settings.warmup:
-                    await worker.call(model.warm_up_sync)
-                model.start()
-                models[manifest.name] = model
-                labels = (manifest.name, manifest.version, runtime.name, runtime.device)
-                metrics.model_ready.labels(*labels).set(1)
-                log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
-                         runtime.name, runtime.device, time.perf_counter() - started)
+                try:
+                    model = await cls._load_one(directory, settings, metrics, workers, models)
+                except Exception as exc:
+                    reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+                    refused[str(directory)] = reason
+                    metrics.model_refused.labels(directory.parent.name, directory.name).set(1)
+                    log.error("refusing model %s/%s: %s", directory.parent.name, directory.name, reason)
+                    if settings.on_bad_model == "fail":
+                        raise ArtifactError(f"refusing model {directory.parent.name}/{directory.name}: "
+                                            f"{reason} (VAE_ON_BAD_MODEL=skip serves the other models)"
+                                            ) from exc
+                    continue
+                models[model.manifest.name] = model
+            if not models:
+                raise ArtifactError(f"no model could be loaded from {settings.models_dir}: "
+                                    + "; ".join(f"{d}: {r}" for d, r in refused.items()))
         except BaseException:
             await cls(models, workers).close()
             raise
-        return cls(models, workers)
+        return cls(models, workers, refused)
+
+    @staticmethod
+    async def _load_one(directory: Path, settings: Settings, metrics: Metrics,
+                        workers: dict[str, DeviceWorker], models: dict[str, ServedModel]) -> ServedModel:
+        started = time.perf_counter()
+        manifest = load_manifest(directory, settings.runtime)
+        if manifest.name in models:
+            raise RuntimeError(f"model {manifest.name} is configured twice")
+        runtime = load_runtime(manifest, settings.runtime, settings.device, settings.threads)
+        worker = workers.setdefault(runtime.device, DeviceWorker(runtime.device))
+        model = ServedModel(manifest, runtime, worker, settings, metrics)
+        if settings.warmup:
+            await worker.call(model.warm_up_sync)
+        model.start()
+        labels = (manifest.name, manifest.version, runtime.name, runtime.device)
+        metrics.model_ready.labels(*labels).set(1)
+        log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
+                 runtime.name, runtime.device, time.perf_counter() - started)
+        return model
 
     async def close(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.models.values()))

@@ -85,8 +85,10 @@ def _images(x: np.ndarray, fmt: str) -> list[dict[str, Any]]:
 
 
 def build_ops_router(state: AppState) -> APIRouter:
-    """Liveness, readiness and metrics: unauthenticated, outside /v1."""
-    router = APIRouter(tags=["operations"])
+    """Liveness, readiness and metrics, outside /v1: open unless VAE_AUTH_OPS (with VAE_API_KEYS) is set."""
+    protect = state.settings.auth_ops and bool(state.settings.api_keys)
+    router = APIRouter(tags=["operations"], dependencies=_auth_dependency(state.settings) if protect else [],
+                       responses=error_responses(401) if protect else None)
 
     @router.get("/healthz", response_model=Health, summary="Liveness")
     async def get_health() -> Health:
@@ -179,6 +181,7 @@ def build_v1_router(settings: Settings) -> APIRouter:
     async def encode_images(request: Request, served: Model, deadline: Deadline, label: LabelQ = None
                             ) -> EncodeResponse:
         """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
+        served.check_capacity("encoder")
         batch = await read_images(request, served.manifest, label, settings, models)
         mean, log_var = await served.encode(batch.x, batch.y, deadline)
         mean = _finite(mean.astype(np.float64), "means")
@@ -194,6 +197,7 @@ def build_v1_router(settings: Settings) -> APIRouter:
     async def decode_latents(request: Request, served: Model, deadline: Deadline, label: LabelQ = None,
                              format: FormatQ = "png") -> DecodeResponse:
         """E[x|z] for each latent vector, as base64 PNG or arrays."""
+        served.check_capacity("decoder")
         z, y = await read_latents(request, served.manifest, label, models)
         x = await served.decode(z, y, deadline)
         results = [ImageResult(**r) for r in _images(x, format)]
@@ -236,6 +240,7 @@ def build_v1_router(settings: Settings) -> APIRouter:
     async def reconstruct_images(request: Request, served: Model, deadline: Deadline, label: LabelQ = None,
                                  format: FormatQ = "png") -> ReconstructResponse:
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
+        served.check_capacity("encoder")
         batch = await read_images(request, served.manifest, label, settings, models)
         mean, _ = await served.encode(batch.x, batch.y, deadline)
         x_hat = await served.decode(mean, batch.y, deadline)
@@ -253,6 +258,7 @@ def build_v1_router(settings: Settings) -> APIRouter:
                                       ) -> LogLikelihoodResponse:
         """Importance-weighted log p(x) in nats with k samples from q(z|x), the ELBO and a standard error."""
         m = served.manifest
+        served.check_capacity("log_weights", k)
         batch = await read_images(request, m, label, settings, models)
         seed = secrets.randbits(63) if seed is None else seed
         estimates = await iw(served, batch, k, seed, deadline)
@@ -277,6 +283,7 @@ def build_v1_router(settings: Settings) -> APIRouter:
     ) -> AnomalyResponse:
         """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
         m = served.manifest
+        served.check_capacity("log_weights", k or 1)
         batch = await read_images(request, m, label, settings, models)
         if k is None:  # the calibration's k, so scores compare with the calibration percentiles
             k = min(m.calibration.k if m.calibration else settings.default_k, settings.max_k)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.artifacts import Manifest
+from service.artifacts import ArtifactError, Manifest, read_verified
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,12 @@ class OnnxRuntime:
         self._outputs: dict[str, list[str]] = {}
         for graph, spec in manifest.graphs.items():
             path = manifest.graph_path(graph, "onnx")
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            data = read_verified(manifest, graph, "onnx")  # checksummed bytes, not a path to re-open
+            try:
+                session = ort.InferenceSession(data, sess_options=options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own types for corrupt or unsupported files
+                raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: "
+                                    f"{str(exc).strip()[:300]})") from exc
             actual_inputs = sorted(i.name for i in session.get_inputs())
             if actual_inputs != sorted(spec.inputs):
                 raise RuntimeUnavailable(f"{path}: inputs {actual_inputs} differ from the manifest's "
@@ -98,10 +103,17 @@ class TorchScriptRuntime:
         self._specs = manifest.graphs
         for graph in manifest.graphs:
             path = manifest.graph_path(graph, "torchscript")
+            data = read_verified(manifest, graph, "torchscript")  # checksummed bytes from the models dir
             # TorchScript is deprecated upstream and warns on load; the traced files still run fine.
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                module = torch.jit.load(str(path), map_location=self._device)
+            # torch.jit.load reads TorchScript archives with its own restricted reader (no torch.load,
+            # no arbitrary Python objects); the bytes were verified just above.
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    module = torch.jit.load(io.BytesIO(data), map_location=self._device)
+            except Exception as exc:
+                raise ArtifactError(f"{path}: TorchScript cannot load it ({type(exc).__name__}: "
+                                    f"{str(exc).strip()[:300]})") from exc
             self._modules[graph] = module.eval()
         self.device = "cuda:0" if self._device.type == "cuda" else "cpu"
         self.details = {"torch": torch.__version__, "threads": torch.get_num_threads()}
