@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="importance samples for the NLL (5000 as in the IWAE paper)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ev.add_argument("--binarization", choices=["stochastic", "threshold"], default="stochastic",
+                    help="Bernoulli models: binarize the test set stochastically once (seed 0, the IWAE "
+                         "paper's protocol) or at 0.5 (what the service does)")
 
     ex = sub.add_parser("export", help="write models/NAME/VERSION with TorchScript, ONNX and manifest.json")
     ex.add_argument("checkpoint", type=Path)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out_dir or args.checkpoint.parent / "report"
             report = evaluate(vae, splits_for_checkpoint(ckpt), out, k=args.k, seed=args.seed,
                               metrics_path=args.checkpoint.parent / "metrics.jsonl",
-                              figures=not args.no_figures)
+                              figures=not args.no_figures, binarization=args.binarization)
             scalars = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
             print(json.dumps(json_safe(scalars), indent=2))
         elif args.command == "export":
