@@ -8,8 +8,11 @@ in-flight requests finish within VAE_DRAIN_TIMEOUT_S, then exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import math
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -46,6 +49,30 @@ class DrainingServer(uvicorn.Server):
                 timer.start()
                 return
         self._exit_now(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Uvicorn's shutdown (stop listening, wait for in-flight requests), with a drain deadline.
+
+        At VAE_DRAIN_TIMEOUT_S the batchers stop: requests still queued or running are answered 503
+        (retry elsewhere) instead of being cut off, then uvicorn's own timeout (a little later)
+        cancels anything left and the lifespan shutdown runs.
+        """
+        loop = asyncio.get_running_loop()
+        aborting: list[asyncio.Task[None]] = []
+
+        def abort() -> None:
+            registry = self.app_state.registry
+            if registry is not None:
+                logging.getLogger(__name__).warning("drain timeout: answering the remaining requests 503")
+                aborting.append(loop.create_task(registry.stop_batchers()))
+
+        handle = loop.call_later(self.app_state.settings.drain_timeout_s, abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            handle.cancel()
+            for task in aborting:
+                await task
 
     def _exit_now(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -88,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.json_logs)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+                            lifespan="on", timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 2,
                             server_header=False)
     server = DrainingServer(config, app.state.service)
     server.run()

@@ -137,6 +137,16 @@ class RequestMiddleware:
                 body_read.set()
             return message
 
+        try:
+            await self._run_watched(scope, receive, send, body_read, tracking_receive)
+        except BaseExceptionGroup as group:  # the task group wraps what the app raised
+            _, rest = group.split(ClientDisconnect)
+            if rest is None:
+                raise ClientDisconnect() from None
+            raise
+
+    async def _run_watched(self, scope: Scope, receive: Receive, send: Send, body_read: anyio.Event,
+                           tracking_receive: Receive) -> None:
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:

@@ -209,6 +209,10 @@ class ModelRegistry:
                  runtime.name, runtime.device, time.perf_counter() - started)
         return model
 
+    async def stop_batchers(self) -> None:
+        """Fail every queued and running submission with BatcherClosed (503); refuse new ones."""
+        await asyncio.gather(*(m.stop() for m in self.models.values()))
+
     async def close(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.models.values()))
         for worker in self.workers.values():
