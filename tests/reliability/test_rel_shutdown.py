@@ -1,0 +1,66 @@
+"""SIGTERM under load, with a real `python -m service` process and real HTTP.
+
+In-flight requests are made slow with simulated device time (1 s per batch) so they are
+certainly in flight when the signal arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import harness
+
+ENV = {"VAE_MODELS": "tiny", "VAE_MAX_BATCH_SIZE": "4", "VAE_MAX_QUEUE_DELAY_MS": "2"}
+
+
+async def _in_flight_then_sigterm(server: harness.Server, n: int) -> dict:
+    """n requests in flight, SIGTERM, then: how fast readyz turns 503, what new work and in-flight get."""
+    port = server.port
+    request = harness.encode_request("POST", harness.ENCODE, port, harness.tiny_image_body(1))
+    t0 = time.monotonic()
+    in_flight = [asyncio.create_task(harness._one(port, request, t0, 60)) for _ in range(n)]
+    for _ in range(200):  # until all n are inside the service (bounded)
+        if harness.scrape(server.url)["vae_inflight_requests"] == n:
+            break
+        await asyncio.sleep(0.05)
+    signalled = server.sigterm()
+    readyz = await harness.raw_request(port, harness.encode_request("GET", "/readyz", port), 10)
+    readyz_after_s = time.monotonic() - signalled
+    new_work = await harness.raw_request(port, request, 10)
+    outcomes = await asyncio.gather(*in_flight)
+    return {"readyz": readyz[0], "readyz_after_s": readyz_after_s, "new_work": new_work[0],
+            "new_work_raw": new_work[1], "in_flight": sorted(str(o.status) for o in outcomes),
+            "signalled": signalled}
+
+
+def test_sigterm_under_load_drains_in_flight_and_exits_zero(models_dir: Path, tmp_path: Path) -> None:
+    env = {**ENV, "VAE_DRAIN_TIMEOUT_S": "10", "VAE_DRAIN_DELAY_S": "1"}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=1.0) as server:
+        r = asyncio.run(_in_flight_then_sigterm(server, 6))  # 2 batches: about 2 s of work
+        code = server.proc.wait(timeout=30)
+        exited_after = time.monotonic() - r["signalled"]
+        log = server.log()
+    assert r["readyz"] == 503 and r["readyz_after_s"] < 0.5, r
+    assert r["new_work"] == 503 and b"retry-after" in r["new_work_raw"].lower(), r
+    assert r["in_flight"] == ["200"] * 6, r
+    assert code == 0, log[-3000:]
+    assert exited_after < 1 + 10, exited_after  # drain delay + drain timeout
+    assert "draining" in log and "Traceback" not in log
+
+
+def test_drain_timeout_answers_the_rest_503_and_exits_zero(models_dir: Path, tmp_path: Path) -> None:
+    """Work that cannot finish within VAE_DRAIN_TIMEOUT_S is answered 503 (not cut off), then exit 0."""
+    env = {**ENV, "VAE_DRAIN_TIMEOUT_S": "1", "VAE_REQUEST_TIMEOUT_S": "60"}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=4.0) as server:
+        r = asyncio.run(_in_flight_then_sigterm(server, 8))  # 2 batches: 8 s of work, 1 s allowed
+        code = server.proc.wait(timeout=30)
+        exited_after = time.monotonic() - r["signalled"]
+        log = server.log()
+    assert set(r["in_flight"]) <= {"200", "503"} and "503" in r["in_flight"], r  # every one answered
+    assert code == 0, log[-3000:]
+    # the drain deadline, then at most the one batch already on the device (4 s) before exit
+    assert exited_after < 1 + 4 + 3, exited_after
+    assert "drain timeout" in log
+
