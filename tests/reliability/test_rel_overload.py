@@ -74,7 +74,7 @@ async def _send_then_leave(port: int, path: str, body: bytes, stay_s: float) -> 
 
 
 def test_clients_leaving_mid_request_leak_no_queue_slots_or_work(models_dir: Path, tmp_path: Path) -> None:
-    env = {**harness.BURST_ENV, "VAE_LOG_LEVEL": "INFO"}
+    env = {**harness.BURST_ENV, "VAE_LOG_LEVEL": "INFO", "VAE_WARMUP": "false"}
     with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=0.3) as server:
         path = harness.ENCODE
         body = json.dumps(harness.tiny_image_body(4)).encode()
