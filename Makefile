@@ -25,3 +25,10 @@ default-model:
 bench:
 	scripts/bootstrap.sh train,test
 	$(PY) benchmarks/load_benchmark.py
+
+# Long reliability variants: the slow burst test, then the burst and soak scripts (JSON results).
+reliability:
+	scripts/bootstrap.sh train,test
+	$(PY) -m pytest tests/reliability -q --run-slow
+	$(PY) scripts/reliability/burst.py
+	$(PY) scripts/reliability/soak.py
