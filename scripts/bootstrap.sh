@@ -2,10 +2,10 @@
 # Create .venv and install the project with the given extras (e.g. "train,test").
 # Idempotent: re-runs pip only when pyproject.toml or the extras change.
 #
-# torch: without an NVIDIA GPU we install the pinned CPU build first ($VAE_TORCH_SPEC, default
-# torch==2.13.0, which these machines serve as a local CPU wheel), so resolving the project's
-# `torch>=2.4` range installs nothing more and no CUDA wheels are downloaded. With a GPU
-# (nvidia-smi works) the same pin resolves to the CUDA build from the package index.
+# torch is installed first, pinned ($VAE_TORCH_SPEC, default torch==2.13.0), so resolving the
+# project's `torch>=2.4` range later installs nothing more. On this project's CPU machines the pin
+# resolves to a local CPU wheel (pip's find-links), so no CUDA wheels are downloaded; on a GPU
+# machine it resolves to the CUDA build from the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
