@@ -25,7 +25,8 @@ fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "bootstrap: installing $torch_spec" >&2
-    "${pip[@]}" "$torch_spec"
+    # shellcheck disable=SC2086  # unquoted on purpose: the spec may carry pip options
+    "${pip[@]}" $torch_spec
 fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
