@@ -52,8 +52,10 @@ def make_all(vae: VAE, images: torch.Tensor, labels: torch.Tensor, latent_stats:
     made["samples"] = "figures/samples.png"
 
     # Input / reconstruction pairs: odd columns are inputs, even columns their reconstructions.
-    x = images[:32]
-    y_rec = labels[:32] if cond else None
+    # Evenly spaced picks: test sets such as mnist5k's are sorted by class.
+    picks = torch.linspace(0, len(images) - 1, min(32, len(images))).long()
+    x = images[picks]
+    y_rec = labels[picks] if cond else None
     rec = vae.decode_mean(vae.encode(x, y_rec)[0], y_rec)
     pairs = torch.stack([x, rec], dim=1).reshape(-1, *x.shape[1:])
     _save(_grid(pairs, 8), out / "reconstructions.png", "Input (left) and reconstruction (right)")
