@@ -10,7 +10,7 @@ serve:
 	$(PY) -m service --host $(HOST) --port $(PORT)
 
 test:
-	scripts/bootstrap.sh train,test
+	scripts/bootstrap.sh train,test,torchscript
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -23,12 +23,12 @@ default-model:
 	scripts/train_default_model.sh
 
 bench:
-	scripts/bootstrap.sh train,test
+	scripts/bootstrap.sh train,test,torchscript
 	$(PY) benchmarks/load_benchmark.py
 
 # Long reliability variants: the slow burst test, then the burst and soak scripts (JSON results).
 reliability:
-	scripts/bootstrap.sh train,test
+	scripts/bootstrap.sh train,test,torchscript
 	$(PY) -m pytest tests/reliability -q --run-slow
 	$(PY) scripts/reliability/burst.py
 	$(PY) scripts/reliability/soak.py

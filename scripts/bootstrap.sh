@@ -2,8 +2,9 @@
 # Create .venv and install the project with the given extras (e.g. "train,test").
 # Idempotent: re-runs pip only when pyproject.toml or the extras change.
 #
-# torch is installed first, pinned ($VAE_TORCH_SPEC, default torch==2.13.0), so resolving the
-# project's `torch>=2.4` range later installs nothing more. On this project's CPU machines the pin
+# Serving alone (no extras) needs no torch. With an extra that needs it (train, torchscript), torch is
+# installed first, pinned ($VAE_TORCH_SPEC, default torch==2.13.0), so resolving the project's
+# `torch>=2.4` range later installs nothing more. On this project's CPU machines the pin
 # resolves to a local CPU wheel (pip's find-links), so no CUDA wheels are downloaded; on a GPU
 # machine it resolves to the CUDA build from the package index.
 set -euo pipefail
@@ -23,7 +24,9 @@ if [ -f "$stamp" ]; then
 fi
 
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+needs_torch=false
+case ",$extras," in *,train,*|*,torchscript,*) needs_torch=true ;; esac
+if $needs_torch && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "bootstrap: installing $torch_spec" >&2
     # shellcheck disable=SC2086  # unquoted on purpose: the spec may carry pip options
     "${pip[@]}" $torch_spec
