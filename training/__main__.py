@@ -121,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation output to include (default: RUN/report if present)")
     ex.add_argument("--calibration-k", type=int, default=256, help="k for the anomaly-score calibration")
     ex.add_argument("--force", action="store_true", help="replace an existing version")
+
+    tri = sub.add_parser("triton-repo", help="write an NVIDIA Triton model repository from exported models "
+                                             "(docs/triton-and-kserve.md)")
+    tri.add_argument("--models-dir", type=Path, default=Path("models"))
+    tri.add_argument("--out", type=Path, required=True, help="repository folder to write")
+    tri.add_argument("--models", default="", help="comma-separated name or name:version (default: the latest "
+                                                  "version of every model)")
+    tri.add_argument("--instance-kind", choices=["gpu", "cpu"], default="gpu", help="KIND_GPU or KIND_CPU")
+    tri.add_argument("--instance-count", type=int, default=1, help="model instances per device")
+    tri.add_argument("--max-batch-size", type=int, default=64, help="rows per batch (default: 64)")
+    tri.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching delay (2000)")
+    tri.add_argument("--max-queue-size", type=int, default=1024, help="queued requests before rejection")
+    tri.add_argument("--timeout-us", type=int, default=30_000_000,
+                     help="queue timeout per request, REJECT when reached (default 30 s; 0 = none)")
+    tri.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -167,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             print(export_checkpoint(args.checkpoint, args.models_dir, args.name, args.version,
                                     report_dir=args.report_dir, calibration_k=args.calibration_k,
                                     force=args.force))
+        elif args.command == "triton-repo":
+            from training.triton_repo import TritonOptions, export_triton_repo
+
+            options = TritonOptions(args.instance_kind, args.instance_count, args.max_batch_size,
+                                    args.max_queue_delay_us, args.max_queue_size, args.timeout_us)
+            refs = [ref.strip() for ref in args.models.split(",") if ref.strip()]
+            names = export_triton_repo(args.models_dir, args.out, refs, options, force=args.force)
+            print(f"{args.out}: {', '.join(names)}")
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
