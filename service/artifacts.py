@@ -1,7 +1,10 @@
-"""Find model artifacts on disk, read manifest.json and verify every file before anything is loaded.
+"""The artifact contract, defined once, and its reader: find artifacts, read manifest.json, verify files.
 
-Format: docs/artifact-format.md. Paths are only ever built from directory listings and manifest
-entries checked here, never from request data.
+Format: docs/artifact-format.md. The exporter (training/export.py) imports the definitions below
+(format version, name rules, graph names and signatures, preprocessing, sha256) so the writer and the
+reader cannot drift apart; this module imports nothing from training/ (the service never does).
+Paths are only ever built from directory listings and manifest entries checked here, never from
+request data.
 """
 
 from __future__ import annotations
@@ -9,14 +12,31 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_FORMAT_VERSIONS = {1}
-GRAPHS = ("encoder", "decoder", "log_weights")
-MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # the manifest's rule plus a length cap
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # hidden `.1.partial` exports never match
+import numpy as np
+
+from service.anomaly import METHODS, MethodCalibration, TypicalityReference
+
+FORMAT_VERSION = 1  # what the exporter writes
+SUPPORTED_FORMAT_VERSIONS = {FORMAT_VERSION}
+# Graph name -> (input names, output names); conditional models add a trailing "y" input to each.
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "encoder": (("x",), ("mean", "log_var")),
+    "decoder": (("z",), ("x_mean",)),
+    "log_weights": (("x", "eps"), ("log_w",)),
+    # Optional: the likelihood-ratio background model (Ren et al. 2019), same signature as log_weights
+    # (eps (B, K, D) with the main model's latent_dim D).
+    "background_log_weights": (("x", "eps"), ("log_w",)),
+}
+GRAPHS = ("encoder", "decoder", "log_weights")  # every artifact has these
+OPTIONAL_GRAPHS = ("background_log_weights",)  # loaded when the manifest lists them
+# Names and versions (docs/artifact-format.md): neither can be "..", contain a "/" or start with the "."
+# that marks a half-written `.<version>.partial` export; 64 characters at most.
+MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ArtifactError(RuntimeError):
@@ -25,11 +45,40 @@ class ArtifactError(RuntimeError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    color_mode: str  # Pillow mode of x: "L" or "RGB"
-    height: int
-    width: int
-    resample: str  # Pillow resampling filter name for resizing
-    binarize_threshold: float | None  # likelihood endpoints binarize x >= threshold when set
+    """How a raw image becomes the model input x; written by the exporter, applied by the service."""
+
+    color_mode: str = "L"  # Pillow mode of x: "L" (grey, 1 channel) or "RGB" (3 channels)
+    height: int = 28
+    width: int = 28
+    resample: str = "bilinear"  # Pillow resampling filter name for resizing
+    # Pixel values are divided by 255 into [0, 1]. For Bernoulli models the likelihood endpoints
+    # binarize x >= threshold (deterministic, so the same image always gets the same score);
+    # training uses dynamic binarization instead (x ~ Bernoulli(grey level)).
+    binarize_threshold: float | None = None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    def to_dict(self) -> dict:
+        """The manifest's `preprocessing` object."""
+        return {**asdict(self), "channels": self.channels, "value_range": [0.0, 1.0]}
+
+    def likelihood_view(self, x: np.ndarray) -> np.ndarray:
+        """What log_weights (and every anomaly score) sees: x (N, C, H, W) in [0, 1], binarized if set."""
+        if self.binarize_threshold is None:
+            return x
+        return (x >= self.binarize_threshold).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class AnomalyCalibration:
+    """The manifest's optional `anomaly` object: conformal calibration per scoring method."""
+
+    k: int  # importance samples of every -log p(x) in the calibration
+    alpha: float  # the exporter's suggested default level
+    default_method: str
+    methods: dict[str, MethodCalibration] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +113,7 @@ class Manifest:
     calibration: Calibration | None
     graphs: dict[str, GraphSpec]
     raw: dict[str, Any]
+    anomaly: AnomalyCalibration | None = None  # conformal calibration per method (absent in mnist-vae/1)
 
     @property
     def conditional(self) -> bool:
@@ -86,8 +136,11 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (1, int(version)) if version.isdigit() else (0, version)
 
 
-def discover(models_dir: Path, selected: list[str]) -> list[Path]:
-    """Version folders to load: the latest version of every model, or the `name[:version]` refs given."""
+def discover(models_dir: Path, selected: list[str], all_versions: bool = False) -> list[Path]:
+    """Version folders to load, for the `name[:version]` refs given (default: every model).
+
+    A bare name means every version of it with `all_versions`, else only its latest version.
+    """
     if not models_dir.is_dir():
         raise ArtifactError(f"models directory {models_dir} does not exist "
                             "(set VAE_MODELS_DIR or --models-dir)")
@@ -108,7 +161,12 @@ def discover(models_dir: Path, selected: list[str]) -> list[Path]:
                                 f"(found: {sorted(found) or 'none'})")
         if version and version not in found[name]:
             raise ArtifactError(f"model {name!r} has no version {version!r} (found: {sorted(found[name])})")
-        chosen.append(found[name][version or max(found[name], key=_version_key)])
+        if version:
+            chosen.append(found[name][version])
+        elif all_versions:
+            chosen.extend(found[name][v] for v in sorted(found[name], key=_version_key))
+        else:
+            chosen.append(found[name][max(found[name], key=_version_key)])
     if not chosen:
         raise ArtifactError(f"no models found in {models_dir}: expected <name>/<version>/manifest.json "
                             "(export one with `python -m training export`)")
@@ -116,6 +174,7 @@ def discover(models_dir: Path, selected: list[str]) -> list[Path]:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks; the checksum of the manifest's `files`."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -207,7 +266,7 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
     threshold = prep.get("binarize_threshold")
     labels = raw.get("labels")
     graphs = {}
-    for graph in GRAPHS:
+    for graph in GRAPHS + tuple(g for g in OPTIONAL_GRAPHS if g in raw["graphs"]):
         spec = raw["graphs"][graph]
         if runtime not in spec:
             raise ValueError(f"graph {graph} has no {runtime} file")
@@ -222,6 +281,7 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         if len(percentiles) != len(values) or len(values) < 2 or list(percentiles) != sorted(percentiles):
             raise ValueError("calibration percentiles and values must be equally long, increasing lists")
         calibration = Calibration(k=int(cal["k"]), percentiles=percentiles, values=values)
+    anomaly = _parse_anomaly(raw["anomaly"], graphs) if raw.get("anomaly") else None
     return Manifest(
         name=name,
         version=str(raw["version"]),
@@ -243,4 +303,32 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         calibration=calibration,
         graphs=graphs,
         raw=raw,
+        anomaly=anomaly,
     )
+
+
+def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec]) -> AnomalyCalibration:
+    """The `anomaly` object (docs/artifact-format.md): methods unknown to this service are skipped."""
+    methods: dict[str, MethodCalibration] = {}
+    for method, rec in dict(raw["methods"]).items():
+        if method not in METHODS:
+            continue
+        scores = tuple(float(v) for v in rec["scores"])
+        if not scores or list(scores) != sorted(scores) or not all(np.isfinite(scores)):
+            raise ValueError(f"anomaly.methods.{method}.scores must be non-empty, increasing numbers")
+        if int(rec.get("n", len(scores))) != len(scores):
+            raise ValueError(f"anomaly.methods.{method}: n differs from the number of scores")
+        ref = None
+        if method == "typicality":
+            r = rec["reference"]
+            ref = TypicalityReference(float(r["center"]), float(r["scale_low"]), float(r["scale_high"]))
+        if method == "likelihood_ratio" and "background_log_weights" not in graphs:
+            raise ValueError("anomaly method likelihood_ratio needs the background_log_weights graph")
+        methods[method] = MethodCalibration(method, scores, ref)
+    default = str(raw.get("default_method", "nll"))
+    if default not in methods:
+        raise ValueError(f"anomaly.default_method {default!r} has no calibration (have: {sorted(methods)})")
+    alpha = float(raw.get("alpha", 0.01))
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"anomaly.alpha must be in (0, 1), got {alpha}")
+    return AnomalyCalibration(k=int(raw["k"]), alpha=alpha, default_method=default, methods=methods)

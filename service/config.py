@@ -7,6 +7,7 @@ can see them in one place; validators refuse combinations that could never serve
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,6 +33,9 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")  # relative to the working directory, like the Makefile assumes
     # Names to load, each `name` (latest version) or `name:version`; empty = every model found.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # With no `name:version` refs: serve every version found (the highest is the default of its name),
+    # or only the highest one of each model.
+    serve_all_versions: bool = True
     runtime: Literal["onnx", "torchscript"] = "onnx"  # ONNX Runtime has no Python-side overhead per op
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU and the CUDA provider exist
     threads: int = Field(0, ge=0)  # intra-op threads per runtime; 0 = the runtime's default (all cores)
@@ -40,11 +44,17 @@ class Settings(BaseSettings):
     # `skip` logs the refusal, serves the other models, and stays not-ready only if none is left.
     on_bad_model: Literal["fail", "skip"] = "fail"
 
+    # -- processes ------------------------------------------------------------------------------------
+    # HTTP worker processes (parsing, decoding, validation, serialisation) in front of one inference
+    # process per device. -1: one per CPU core, at most 8; 0: a single process doing everything.
+    http_workers: int = Field(-1, ge=-1, le=64)
+
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
     max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # how long a row may wait for company
     max_queue_size: int = Field(1024, ge=1)  # queued rows per encoder/decoder batcher before 429
     request_timeout_s: float = Field(30.0, gt=0.0)  # deadline per request; past it: 504
+    # (a caller may ask for a shorter one with the header `X-Request-Timeout: <seconds>`)
     # /v1 requests being handled at once (reading, decoding, queued, running); past it: 429 before the
     # body is read. Bounds the memory of bodies and decoded images that the row queues do not cover.
     max_inflight_requests: int = Field(256, ge=1)
@@ -53,6 +63,12 @@ class Settings(BaseSettings):
     iw_chunk_size: int = Field(128, ge=1, le=65536)
     max_batch_samples: int = Field(8192, ge=1)  # log_weights batch limit in samples (rows * chunk)
     max_queue_samples: int = Field(1_048_576, ge=1)  # log_weights queue bound in samples before 429
+    # Time slice of one log_weights batch on the device (rows are capped to fit at the measured cost),
+    # so encode/decode batches never wait behind more than this much log-likelihood work. 0: no cap.
+    log_weights_slice_ms: float = Field(50.0, ge=0.0, le=60_000.0)
+    # Deadline-aware admission: a request is admitted only if the estimated time until its work is
+    # done fits in this share of the time left before its deadline (the rest absorbs estimate error).
+    admission_share: float = Field(0.8, gt=0.0, le=1.0)
 
     # -- request limits ------------------------------------------------------------------------------
     default_k: int = Field(256, ge=1)  # log-likelihood samples when the caller gives none
@@ -123,6 +139,13 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def worker_processes(self) -> int:
+        """HTTP worker processes to start (0: single-process mode)."""
+        if self.http_workers >= 0:
+            return self.http_workers
+        return max(1, min(8, len(os.sched_getaffinity(0))))
 
     @property
     def log_weights_batch_rows(self) -> int:

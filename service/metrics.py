@@ -2,9 +2,16 @@
 
 Each app gets its own CollectorRegistry so tests (and several apps in one process) never collide.
 Label values are bounded: endpoints are route templates, never raw paths; models are loaded names.
+
+Several processes (HTTP workers + the inference process): prometheus-client's multiprocess mode.
+The supervisor sets PROMETHEUS_MULTIPROC_DIR for its children; each process writes its own values
+to files there, and /metrics (in any HTTP worker) aggregates all of them: counters and histograms
+summed, gauges by their `multiprocess_mode` (live sums for depths, maxima for peaks and limits).
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,7 +20,21 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
+    values,
 )
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Write this process's metrics to files in `directory` (call before creating Metrics()).
+
+    prometheus-client chooses its value class when it is first imported; a forked child of a parent
+    that imported it earlier must choose again.
+    """
+    os.environ[MULTIPROC_ENV] = directory
+    values.ValueClass = values.get_value_class()
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -40,29 +61,37 @@ class Metrics:
         self.batch_rows = Histogram("vae_batch_size_rows", "Rows per executed batch",
                                     ["model", "graph"], buckets=_BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth_rows", "Rows waiting in the batch queue",
-                                 ["model", "graph"], registry=r)
+                                 ["model", "graph"], registry=r, multiprocess_mode="livesum")
         self.batch_failures = Counter("vae_batch_failures", "Batches that raised in the runtime",
                                       ["model", "graph"], registry=r)
         self.rejections = Counter("vae_rejections",
                                   "Submissions refused (queue_full) or timed out (deadline)",
                                   ["model", "graph", "reason"], registry=r)
         self.queue_peak = Gauge("vae_queue_depth_peak_rows", "Most rows ever waiting in the batch queue",
-                                ["model", "graph"], registry=r)
+                                ["model", "graph"], registry=r, multiprocess_mode="max")
         self.queue_limit = Gauge("vae_queue_limit_rows", "Queue bound in rows; admission refuses beyond it",
-                                 ["model", "graph"], registry=r)
-        self.inflight = Gauge("vae_inflight_requests", "/v1 requests being handled now", registry=r)
-        self.inflight_peak = Gauge("vae_inflight_requests_peak", "Most /v1 requests ever handled at once",
-                                   registry=r)
+                                 ["model", "graph"], registry=r, multiprocess_mode="max")
+        self.inflight = Gauge("vae_inflight_requests", "Model requests being handled now (all HTTP workers)",
+                              registry=r, multiprocess_mode="livesum")
+        # The sum of each worker's peak: an upper bound of the true peak across workers.
+        self.inflight_peak = Gauge("vae_inflight_requests_peak", "Most model requests handled at once "
+                                   "(summed over HTTP workers)", registry=r, multiprocess_mode="sum")
         self.model_refused = Gauge("vae_model_refused", "1 when the model's artifact was refused at start-up",
-                                   ["model", "version"], registry=r)
+                                   ["model", "version"], registry=r, multiprocess_mode="max")
         self.model_ready = Gauge("vae_model_ready", "1 when the model is loaded and warmed up",
-                                 ["model", "version", "runtime", "device"], registry=r)
+                                 ["model", "version", "runtime", "device"], registry=r,
+                                 multiprocess_mode="livemax")
 
     def observer(self, model: str, graph: str) -> BatcherMetrics:
         return BatcherMetrics(self, model, graph)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=directory)
+        return generate_latest(combined)
 
 
 class BatcherMetrics:

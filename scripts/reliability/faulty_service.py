@@ -15,7 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `service`
 
-import service.registry as registry
+import service.engine.registry as registry
 from service.__main__ import main
 
 

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.artifacts import ArtifactError, load_manifest
 from service.config import Settings
-from service.runtime import load_runtime
+from service.engine.runtime import load_runtime
 
 
 def _missing(d: Path) -> None:

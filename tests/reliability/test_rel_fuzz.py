@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 
 # Small limits keep generated requests cheap on a shared 2-core machine.

@@ -13,7 +13,7 @@ import harness
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 
 KEY = "k" * 8 + "0123456789abcdef"

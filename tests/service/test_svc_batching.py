@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import (
+from service.engine.batching import (
     Arrays,
     Batcher,
     BatcherClosed,

@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI
 from svc_helpers import grey_arrays
 
-from service.batching import Arrays
+from service.engine.batching import Arrays
 
 
 class FaultyRuntime:

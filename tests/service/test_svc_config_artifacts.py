@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.app import create_app
+from service.api.app import create_app
 from service.artifacts import ArtifactError, discover, load_manifest
 from service.config import Settings
 

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from svc_helpers import grey_arrays
 from test_svc_concurrency import FaultyRuntime, until
 
-from service.__main__ import DrainingServer, main
+from service.__main__ import main
+from service.api.worker import DrainingServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from service.estimators import (
     prior_latents,
     value_at,
 )
-from service.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
+from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
 
 NOISE_PNG = image_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
 GREY = Preprocessing("L", 8, 8, "bilinear", None)

@@ -19,11 +19,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image
+from service.api.schemas import RequestModels
 from service.artifacts import Manifest
 from service.config import Settings
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.images import ImageError, ImageTooLarge, decode_base64, decode_image
-from service.schemas import RequestModels
 
 _INDEX_RE = re.compile(r"[0-9]{1,7}")
 

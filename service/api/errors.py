@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import batching
+from service.engine import interface as engine
 from service.logs import request_id_var
 
 
@@ -76,6 +76,12 @@ class Unavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class TooExpensive(ServiceError):
+    """The request alone needs more device time than its deadline allows on this machine."""
+
+    status, code = 422, "too_expensive"
+
+
 class InferenceFailed(ServiceError):
     """A batch failed in the runtime; only the requests in that batch see this."""
 
@@ -130,26 +136,32 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, dict(exc.headers or {}))
 
 
-async def _batching_error(_: Request, exc: Exception) -> JSONResponse:
-    """The batcher's HTTP-agnostic errors, as the typed errors above."""
-    mapped: ServiceError
-    if isinstance(exc, batching.QueueFull):
-        mapped = Overloaded(f"the service is at capacity ({exc}); retry after the Retry-After seconds",
-                            exc.retry_after_s)
-    elif isinstance(exc, batching.DeadlineExceeded):
-        mapped = DeadlineExceeded(f"{exc}; send fewer images or a smaller k, or retry later")
-    elif isinstance(exc, batching.BatcherClosed):
-        mapped = Unavailable(f"{exc}; retry on another replica")
-    else:
-        mapped = InferenceFailed(f"{exc}; other requests are unaffected, retrying may succeed")
-    return await _service_error(_, mapped)
+def from_engine_error(exc: engine.EngineError) -> ServiceError:
+    """The engine's HTTP-agnostic errors as the typed errors above (one mapping for every protocol)."""
+    if isinstance(exc, engine.QueueFull):
+        return Overloaded(f"the service is at capacity ({exc}); retry after the Retry-After seconds",
+                          exc.retry_after_s)
+    if isinstance(exc, engine.TooExpensive):
+        return TooExpensive(str(exc))
+    if isinstance(exc, engine.DeadlineExceeded):
+        return DeadlineExceeded(f"{exc}; send fewer images or a smaller k, or retry later")
+    if isinstance(exc, engine.EngineClosed):
+        return Unavailable(f"{exc}; retry on another replica")
+    if isinstance(exc, engine.EngineUnavailable):
+        return Unavailable(str(exc))
+    if isinstance(exc, engine.UnknownModel):
+        return ModelNotFound(str(exc))
+    return InferenceFailed(f"{exc}; other requests are unaffected, retrying may succeed")
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, engine.EngineError)
+    return await _service_error(request, from_engine_error(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's default handlers so every error has the same JSON shape."""
     app.add_exception_handler(ServiceError, _service_error)
-    for error in (batching.QueueFull, batching.DeadlineExceeded, batching.BatcherClosed,
-                  batching.BatchFailed):
-        app.add_exception_handler(error, _batching_error)
+    app.add_exception_handler(engine.EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -6,9 +6,22 @@ at most `max_delay_s` for company (Triton's max_queue_delay), runs each batch on
 thread, and hands every caller its own rows back. A submission larger than a batch is split over
 several batches; one smaller than the space left in a batch shares it with others.
 
+Scheduling between graphs on one device (why cheap work is not starved by expensive work):
+- each batcher has at most one batch on its device at a time, and the device thread takes batches
+  in arrival order, so busy batchers take turns: round-robin by batch;
+- a batcher with a time slice (`max_batch_seconds`, used for log_weights) caps its batches at the
+  rows that fit in the slice at its measured cost per row, so an encode batch never waits behind
+  more than one slice of log-likelihood work, however large the log-likelihood requests are.
+
+Admission (all checked before anything is queued, so overload is answered at once):
+- `queued_rows` is bounded by `max_queue_rows` (QueueFull);
+- deadline-aware: from the measured seconds per row of this batcher and of the other busy batchers
+  on the device, the time until a new submission would finish is estimated; if it exceeds the
+  admission share of the time left before the request's deadline, QueueFull with a Retry-After from
+  the estimate; if the submission alone could never finish in time, TooExpensive.
+
 Invariants:
-- `queued_rows` counts rows waiting in the queue (not yet handed to a batch); it is the admission
-  bound, checked before anything is queued, so overload is rejected at once (QueueFull).
+- `queued_rows` counts rows waiting in the queue (not yet handed to a batch).
 - a caller that stops waiting (deadline, client gone) cancels its future; its rows still queued
   are dropped at once, and the outputs of rows already running are discarded.
 - a batch that raises fails exactly the submissions with rows in it; the loop goes on.
@@ -29,33 +42,22 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from service.engine.interface import (
+    Arrays,
+    BatchFailed,
+    DeadlineExceeded,
+    QueueFull,
+    TooExpensive,
+)
+from service.engine.interface import EngineClosed as BatcherClosed
 from service.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
-Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
 RunFn = Callable[[Arrays], Arrays]
 T = TypeVar("T")
-
-
-class QueueFull(Exception):
-    """Admitting these rows would exceed the queue bound; retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """The submission was not finished before its deadline; its remaining work was dropped."""
-
-
-class BatchFailed(Exception):
-    """The batch holding (some of) these rows raised in the runtime."""
-
-
-class BatcherClosed(Exception):
-    """The batcher is stopping or stopped (service shutdown)."""
+__all__ = ["Arrays", "BatchFailed", "Batcher", "BatcherClosed", "DeadlineExceeded", "DeviceWorker",
+           "QueueFull", "TooExpensive"]
 
 
 class BatchObserver(Protocol):
@@ -86,6 +88,11 @@ class DeviceWorker:
     def __init__(self, device: str) -> None:
         self.device = device
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vae-{device}")
+        self.batchers: list[Batcher] = []  # every batcher on this device, for the admission estimate
+
+    def busy_round_s(self, exclude: Batcher) -> float:
+        """Device seconds the other busy batchers take per round-robin turn (one batch each)."""
+        return sum(b.batch_seconds() for b in self.batchers if b is not exclude and b.busy)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -114,25 +121,71 @@ class Batcher:
     """Queue + batch-forming loop for one graph of one model; see the module docstring."""
 
     def __init__(self, *, run: RunFn, worker: DeviceWorker, max_batch_rows: int, max_queue_rows: int,
-                 max_delay_s: float, observer: BatchObserver | None = None, name: str = "batcher") -> None:
+                 max_delay_s: float, observer: BatchObserver | None = None, name: str = "batcher",
+                 max_batch_seconds: float | None = None, admission_share: float = 1.0) -> None:
         assert max_batch_rows >= 1 and max_queue_rows >= 1, "batch and queue sizes must be positive"
+        assert 0.0 < admission_share <= 1.0, "admission_share is a fraction of the time left"
         self.name = name
         self.max_batch_rows = max_batch_rows
         self.max_queue_rows = max_queue_rows
         self.max_delay_s = max_delay_s
+        self.max_batch_seconds = max_batch_seconds  # time slice; None = batches of max_batch_rows
+        self.admission_share = admission_share  # admit if the estimate fits in this share of the time left
         self._run = run
         self._worker = worker
+        worker.batchers.append(self)
         self._observer = observer or NullObserver()
         self._queue: collections.deque[_Submission] = collections.deque()
         self._queued_rows = 0
+        self._running_rows = 0  # rows of the batch on the device now
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._seconds_per_batch = 0.01  # running mean, for Retry-After
+        # Cost model of one batch of r rows: fixed + r * per_row seconds. Seeded by `calibrate` at
+        # warm-up, then a running mean of measured batches (Retry-After and admission use it).
+        self._fixed_s = 0.0005
+        self._per_row_s = 0.001
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def busy(self) -> bool:
+        return self._queued_rows > 0 or self._running_rows > 0
+
+    @property
+    def seconds_per_row(self) -> float:
+        return self._per_row_s
+
+    def calibrate(self, small: tuple[int, float], large: tuple[int, float]) -> None:
+        """Seed the cost model from two timed batches (rows, seconds), e.g. the warm-up's 1 and max rows."""
+        (r1, s1), (r2, s2) = small, large
+        per_row = (s2 - s1) / (r2 - r1) if r2 > r1 else s2 / max(1, r2)
+        self._per_row_s = max(per_row, 1e-7)
+        self._fixed_s = max(0.0, s1 - r1 * self._per_row_s)
+
+    def batch_rows(self) -> int:
+        """Rows per batch now: max_batch_rows, or fewer when a time slice caps them."""
+        if self.max_batch_seconds is None:
+            return self.max_batch_rows
+        fit = int((self.max_batch_seconds - self._fixed_s) / self._per_row_s)
+        return max(1, min(self.max_batch_rows, fit))
+
+    def batch_seconds(self, rows: int | None = None) -> float:
+        """Estimated device seconds of one batch of `rows` rows (default: a full batch now)."""
+        rows = self.batch_rows() if rows is None else rows
+        return self._fixed_s + rows * self._per_row_s
+
+    def estimate_s(self, rows: int) -> float:
+        """Seconds until `rows` more rows, queued behind the current queue, would have run.
+
+        Batches of this batcher alternate with one batch of every other busy batcher on the device.
+        """
+        per_batch = self.batch_rows()
+        ahead = self._queued_rows + self._running_rows + rows
+        batches = math.ceil(ahead / per_batch)
+        return batches * (self.batch_seconds(per_batch) + self._worker.busy_round_s(exclude=self))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"batcher {self.name}")
@@ -158,6 +211,22 @@ class Batcher:
             raise QueueFull(f"{self.name}: {self._queued_rows} rows queued, {rows} more would exceed the "
                             f"limit of {self.max_queue_rows}", self._retry_after())
 
+    def check_deadline(self, rows: int, deadline: float) -> None:
+        """Refuse at once work that could not finish before `deadline` (see the module docstring)."""
+        left = (deadline - time.monotonic()) * self.admission_share
+        alone = math.ceil(rows / self.batch_rows()) * self.batch_seconds()
+        if alone > left:
+            self._observer.rejected("too_expensive")
+            raise TooExpensive(f"{self.name}: this request needs about {alone:.1f}s of device time, "
+                               f"more than its deadline allows ({left:.1f}s); send fewer images or a "
+                               "smaller k")
+        expected = self.estimate_s(rows)
+        if expected > left:
+            self._observer.rejected("deadline_estimate")
+            raise QueueFull(f"{self.name}: the queue would finish this request in about {expected:.1f}s, "
+                            f"after its deadline ({left:.1f}s left)",
+                            max(1, min(60, math.ceil(expected - left))))
+
     async def submit(self, inputs: Arrays, deadline: float) -> Arrays:
         """Queue `inputs` (each (rows, ...)) and wait for the outputs of exactly these rows, in order.
 
@@ -168,6 +237,7 @@ class Batcher:
         n = rows.pop()
         assert n >= 1, "a submission needs at least one row"
         self.check_capacity(n)
+        self.check_deadline(n, deadline)
         submission = _Submission(inputs, n, asyncio.get_running_loop().create_future(), time.monotonic(),
                                  request_id_var.get())
         self._queue.append(submission)
@@ -198,7 +268,7 @@ class Batcher:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._queued_rows >= self.max_batch_rows:
+            if self._queued_rows >= self.batch_rows():
                 return
             remaining = self._queue[0].enqueued_at + self.max_delay_s - time.monotonic()
             if remaining <= 0:
@@ -210,29 +280,37 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Slice]:
-        """Pop up to max_batch_rows rows in FIFO order, splitting a submission where the batch ends."""
+        """Pop up to batch_rows() rows in FIFO order, splitting a submission where the batch ends."""
         batch: list[_Slice] = []
         rows = 0
+        limit = self.batch_rows()
         now = time.monotonic()
-        while self._queue and rows < self.max_batch_rows:
+        while self._queue and rows < limit:
             sub = self._queue[0]
             if sub.future.done():  # cancelled or failed while queued
                 self._drop(sub)
                 continue
             if sub.taken == 0:
                 self._observer.queue_wait(now - sub.enqueued_at)
-            n = min(sub.rows - sub.taken, self.max_batch_rows - rows)
+            n = min(sub.rows - sub.taken, limit - rows)
             batch.append((sub, sub.taken, sub.taken + n))
             sub.taken += n
             rows += n
             self._queued_rows -= n
             if sub.taken == sub.rows:
                 self._queue.popleft()
+        self._running_rows = rows
         self._observer.depth(self._queued_rows)
         return batch
 
     async def _execute(self, batch: list[_Slice]) -> None:
         rows = sum(end - start for _, start, end in batch)
+        try:
+            return await self._execute_rows(batch, rows)
+        finally:
+            self._running_rows = 0
+
+    async def _execute_rows(self, batch: list[_Slice], rows: int) -> None:
         try:
             slices = [(sub.inputs, start, end) for sub, start, end in batch]
             outputs, seconds = await self._worker.call(self._run_batch, slices)
@@ -253,7 +331,7 @@ class Batcher:
                 self._fail(sub, BatchFailed(f"inference failed in {self.name}: {type(exc).__name__}"))
             return
         self._observer.batch(rows, seconds)
-        self._seconds_per_batch = 0.9 * self._seconds_per_batch + 0.1 * seconds
+        self._learn(rows, seconds)
         offset = 0
         for sub, start, end in batch:
             n = end - start
@@ -290,7 +368,11 @@ class Batcher:
         if not sub.future.done():
             sub.future.set_exception(exc)
 
+    def _learn(self, rows: int, seconds: float) -> None:
+        """Move the per-row cost towards this batch's (a running mean; the fixed part stays)."""
+        per_row = max(1e-7, (seconds - self._fixed_s) / rows)
+        self._per_row_s = 0.8 * self._per_row_s + 0.2 * per_row
+
     def _retry_after(self) -> int:
-        """Seconds until the queue has drained at the recent batch rate (at least 1)."""
-        batches = self._queued_rows / self.max_batch_rows
-        return max(1, min(60, math.ceil(batches * self._seconds_per_batch)))
+        """Seconds until the queue has drained at the measured rate (at least 1)."""
+        return max(1, min(60, math.ceil(self.estimate_s(0))))

@@ -1,9 +1,10 @@
 """One pure-ASGI middleware for what every request needs before and after the routes.
 
 - a request id (`X-Request-ID`: the caller's if sane, else a fresh one) on the response and in logs;
-- while draining, /v1 requests are refused with 503 before any work starts;
-- at most `max_inflight_requests` /v1 requests are handled at once; one more is answered 429 at once,
-  before its body is read, so bodies and decoded images in memory stay bounded under any burst;
+- while draining, model requests (every path but the operations paths, ops.OPS_PATHS, whatever the
+  protocol) are refused with 503 before any work starts;
+- at most `max_inflight_requests` model requests are handled at once; one more is answered 429 at
+  once, before its body is read, so bodies and decoded images in memory stay bounded under any burst;
 - the body limit: Content-Length is checked up front, and bytes are counted while streaming (a
   chunked upload cannot get around it); the count raises PayloadTooLarge inside the body reader;
 - a client that disconnects after sending its body cancels the handler, so its queued rows are
@@ -30,9 +31,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_response
+from service.api.errors import PayloadTooLarge, error_response
+from service.api.ops import OPS_PATHS
+from service.api.state import AppState
 from service.logs import request_id_var
-from service.state import AppState
 
 log = logging.getLogger("service.access")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -43,7 +45,7 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
-        self.inflight = 0  # /v1 requests between admission here and their response
+        self.inflight = 0  # model requests between admission here and their response
         self.inflight_peak = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,21 +70,21 @@ class RequestMiddleware:
         try:
             limit = settings.max_upload_bytes
             declared = headers.get(b"content-length", b"").decode("latin-1")
-            is_v1 = scope["path"].startswith("/v1")
-            if self.state.draining and is_v1:
+            is_work = scope["path"] not in OPS_PATHS
+            if self.state.draining and is_work:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
                                      "replica", {"Retry-After": "1"})(scope, receive, send_with_id)
             elif declared and (not declared.isdigit() or int(declared) > limit):
                 message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
                 await error_response(413, "payload_too_large", message)(scope, receive, send_with_id)
-            elif is_v1 and self.inflight >= settings.max_inflight_requests:
+            elif is_work and self.inflight >= settings.max_inflight_requests:
                 self.state.metrics.rejections.labels("-", "-", "inflight_limit").inc()
                 message = (f"the service is at capacity ({self.inflight} requests in flight, limit "
                            f"{settings.max_inflight_requests}); retry after the Retry-After seconds")
                 await error_response(429, "overloaded", message, {"Retry-After": "1"})(
                     scope, receive, send_with_id)
             else:
-                if is_v1:
+                if is_work:
                     counted = True
                     self._enter()
                 await self._call_app(scope, self._limited(receive, limit), send_with_id)

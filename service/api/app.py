@@ -1,7 +1,7 @@
-"""create_app(): wires settings, model registry, middleware, error handlers and routers together.
+"""create_app(): wires settings, the engine, middleware, error handlers and routers together.
 
-Heavy work (verifying and loading models, warming up, starting batchers) happens in the lifespan,
-never at import, so tests can build many apps and `with TestClient(app)` runs the real start-up.
+Heavy work (loading models, or connecting to the inference process) happens in the lifespan, never
+at import, so tests can build many apps and `with TestClient(app)` runs the real start-up.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.api.errors import install_error_handlers
+from service.api.middleware import RequestMiddleware
+from service.api.ops import build_ops_router
+from service.api.schemas import ErrorResponse
+from service.api.state import AppState
+from service.api.v1 import build_v1_router
 from service.config import Settings
-from service.errors import install_error_handlers
+from service.engine.interface import Engine
 from service.metrics import Metrics
-from service.middleware import RequestMiddleware
-from service.registry import ModelRegistry
-from service.routes import build_ops_router, build_v1_router
-from service.schemas import ErrorResponse
-from service.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ Images go in as multipart files (field `images`), JSON base64 (`{"images": [...]
 """
 
 
-def _document_loaded_models(app: FastAPI, state: AppState) -> None:
-    """List the loaded model names as the enum of every `{model}` path parameter once they are known.
+def _document_served_models(app: FastAPI, state: AppState) -> None:
+    """List the served model names as the enum of every `{model}` path parameter once they are known.
 
     The schema then tells callers (and fuzzers) exactly which names exist; any other name is a 404.
     """
@@ -48,35 +49,53 @@ def _document_loaded_models(app: FastAPI, state: AppState) -> None:
 
     def openapi() -> dict[str, Any]:
         schema = default_openapi()  # built once and cached by FastAPI; patched in place
-        if state.registry is not None:
-            names = sorted(state.registry.models)
+        if state.engine.ready:
+            names = sorted(state.engine.models)
+            versions = sorted({v for name in names for v in state.engine.models[name]})
+            enums = {"model": names, "version": versions}
             for operations in schema["paths"].values():
                 for operation in operations.values():
                     for param in operation.get("parameters", []):
-                        if param["in"] == "path" and param["name"] == "model":
-                            param["schema"] = {**param["schema"], "enum": names, "examples": names[:1]}
+                        if param["in"] == "path" and param["name"] in enums:
+                            values = enums[param["name"]]
+                            param["schema"] = {**param["schema"], "enum": values, "examples": values[:1]}
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app with its own metrics registry; models load when its lifespan starts."""
+def _make_engine(settings: Settings, metrics: Metrics, engine_endpoint: str | None) -> Engine:
+    if engine_endpoint is not None:
+        from service.engine.remote import RemoteEngine
+
+        return RemoteEngine(settings, engine_endpoint)
+    from service.engine.local import LocalEngine
+
+    return LocalEngine(settings, metrics)
+
+
+def create_app(settings: Settings | None = None, engine_endpoint: str | None = None) -> FastAPI:
+    """A new app with its own metrics registry.
+
+    engine_endpoint: the inference process to talk to (an HTTP worker); None runs the models in this
+    process (single-process mode and in-process tests).
+    """
     settings = settings or Settings()
-    state = AppState(settings=settings, metrics=Metrics())
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics,
+                     engine=_make_engine(settings, metrics, engine_endpoint))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.draining = False
-        state.registry = await ModelRegistry.open(settings, state.metrics)
-        log.info("ready: %s", ", ".join(sorted(state.registry.models)))
+        await state.engine.start()
+        state.started = True
         try:
             yield
         finally:
             # Uvicorn gets here after in-flight requests finished (or the drain timeout passed).
             state.draining = True
-            registry, state.registry = state.registry, None
-            await registry.close()
+            await state.engine.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -87,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={500: {"model": ErrorResponse, "description": "Internal error"}},
     )
     app.state.service = state
-    _document_loaded_models(app, state)
+    _document_served_models(app, state)
     install_error_handlers(app)
     app.include_router(build_ops_router(state))
     app.include_router(build_v1_router(settings))
@@ -95,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         # Added last, so it is outermost: preflights are answered before auth or draining checks.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "X-Request-Timeout"],
                            expose_headers=["X-Request-ID", "Retry-After", "X-Seed"])
     return app

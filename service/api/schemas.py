@@ -76,6 +76,8 @@ class LimitsInfo(BaseModel):
 class ModelSummary(BaseModel):
     name: str = Field(examples=["mnist-vae"])
     version: str = Field(examples=["1"])
+    versions: list[str] = Field(description="every served version; `version` is the highest (the default)",
+                                examples=[["1", "2"]])
     kind: str = Field(description="vae, cvae or linear", examples=["vae"])
     latent_dim: int = Field(examples=[32])
     input: InputShape

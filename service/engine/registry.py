@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from service.artifacts import GRAPHS, ArtifactError, Manifest, discover, load_manifest
-from service.batching import Arrays, Batcher, DeviceWorker, RunFn
 from service.config import Settings
+from service.engine.batching import Arrays, Batcher, DeviceWorker, RunFn
+from service.engine.interface import GRAPH_OF, ModelInfo, Operation, UnknownModel
+from service.engine.runtime import Runtime, load_runtime
 from service.estimators import chunk_eps
 from service.metrics import Metrics
-from service.runtime import Runtime, load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +42,56 @@ class ServedModel:
         self.chunk = settings.iw_chunk_size
         delay = settings.max_queue_delay_ms / 1000.0
         name = manifest.name
+        label = f"{name}:{manifest.version}"
 
-        def batcher(graph: str, run: RunFn, rows: int, queue: int) -> Batcher:
-            observer = metrics.observer(name, graph)
+        def batcher(graph: str, run: RunFn, rows: int, queue: int, slice_s: float | None = None) -> Batcher:
+            observer = metrics.observer(label, graph)
             observer.limit(queue)
             return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue,
-                           max_delay_s=delay, observer=observer, name=f"{name}/{graph}")
+                           max_delay_s=delay, observer=observer, name=f"{label}/{graph}",
+                           max_batch_seconds=slice_s, admission_share=settings.admission_share)
 
+        # log_weights batches are time-sliced so encode/decode batches never wait behind more than
+        # one slice of log-likelihood work (see batching's module docstring).
+        slice_s = settings.log_weights_slice_ms / 1000.0 if settings.log_weights_slice_ms > 0 else None
         self.batchers = {
             "encoder": batcher("encoder", partial(self._run, "encoder"), settings.max_batch_size,
                                settings.max_queue_size),
             "decoder": batcher("decoder", partial(self._run, "decoder"), settings.max_batch_size,
                                settings.max_queue_size),
             "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
-                                   settings.log_weights_queue_rows),
+                                   settings.log_weights_queue_rows, slice_s),
         }
 
-    def check_capacity(self, graph: str, k: int | None = None) -> None:
-        """Raise QueueFull at once if even the smallest request for `graph` would not fit the queue.
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.manifest, self.runtime.name, self.runtime.device, dict(self.runtime.details),
+                         {g: b.seconds_per_row for g, b in self.batchers.items()})
+
+    def rows_of(self, operation: Operation, rows: int, k: int = 0) -> int:
+        """Batcher rows of a request of `rows` items (log_weights: one row per image and chunk)."""
+        return rows * math.ceil(k / self.chunk) if operation == "log_weights" else rows
+
+    async def infer(self, operation: Operation, inputs: Arrays, deadline: float, k: int = 0,
+                    seed: int = 0) -> Arrays:
+        """The engine interface's operations (see engine/interface.py for shapes)."""
+        y = inputs.get("y")
+        if operation == "encode":
+            mean, log_var = await self.encode(inputs["x"], y, deadline)
+            return {"mean": mean, "log_var": log_var}
+        if operation == "decode":
+            return {"x_mean": await self.decode(inputs["z"], y, deadline)}
+        return {"log_w": await self.log_weights(inputs["x"], y, k, seed, deadline)}
+
+    def check_admission(self, operation: Operation, rows: int, deadline: float) -> None:
+        """Raise QueueFull at once if `rows` batcher rows would overflow the queue or miss the deadline.
 
         Called before the body is read or any image decoded, so under overload the 429 costs almost
         nothing; `submit` checks again with the real row count.
         """
-        rows = 1 if k is None else math.ceil(k / self.chunk)
-        self.batchers[graph].check_capacity(rows)
+        batcher = self.batchers[GRAPH_OF[operation]]
+        batcher.check_capacity(rows)
+        batcher.check_deadline(rows, deadline)
 
     # -- operations ------------------------------------------------------------------------------------------
     async def encode(self, x: np.ndarray, y: np.ndarray | None,
@@ -120,7 +147,9 @@ class ServedModel:
         m = self.manifest
         for graph in GRAPHS:
             batcher = self.batchers[graph]
+            timings = []
             for rows in sorted({1, batcher.max_batch_rows}):
+                started = time.perf_counter()
                 y = np.zeros(rows, dtype=np.int64)
                 if graph == "encoder":
                     out = self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape),
@@ -138,6 +167,41 @@ class ServedModel:
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 if shapes != expected:
                     raise RuntimeError(f"{m.name}: {graph} returned shapes {shapes}, expected {expected}")
+                timings.append((rows, time.perf_counter() - started))
+            # The first run of a graph includes one-off allocations: time the smallest batch again.
+            started = time.perf_counter()
+            self._warm_run(graph, 1)
+            timings[0] = (1, time.perf_counter() - started)
+            batcher.calibrate(timings[0], timings[-1])
+
+    def _warm_run(self, graph: str, rows: int) -> None:
+        m = self.manifest
+        y = np.zeros(rows, dtype=np.int64)
+        if graph == "encoder":
+            self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32)}, y))
+        elif graph == "decoder":
+            self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim), np.float32)}, y))
+        else:
+            self._run_log_weights(self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32),
+                                                     "eps_key": np.zeros((rows, 3), np.int64)}, y))
+
+    def warn_if_limits_exceed_deadline(self, settings: Settings) -> None:
+        """Say at start-up which documented maximum requests cannot finish before the deadline here.
+
+        Such requests are refused at admission (422 too_expensive) rather than admitted and timed out.
+        """
+        batcher = self.batchers["log_weights"]
+        budget = settings.request_timeout_s * settings.admission_share
+        chunks = math.ceil(settings.max_k / self.chunk)
+        largest = math.ceil(settings.max_images * chunks / batcher.batch_rows()) * batcher.batch_seconds()
+        if largest > budget:
+            fits = max(0, int(budget / batcher.batch_seconds()) * batcher.batch_rows() // chunks)
+            log.warning("%s:%s: the largest log-likelihood request (%d images at k=%d) needs about %.0fs of "
+                        "device time here, more than the %.0fs deadline allows; such requests are refused "
+                        "with 422 (at k=%d, up to %d images fit). Raise VAE_REQUEST_TIMEOUT_S or lower "
+                        "VAE_MAX_K / VAE_MAX_IMAGES to match this device.", self.manifest.name,
+                        self.manifest.version, settings.max_images, settings.max_k, largest, budget,
+                        settings.max_k, fits)
 
     def start(self) -> None:
         for b in self.batchers.values():
@@ -148,13 +212,26 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """Every served model by name, and the device workers they share."""
+    """Every served model version by (name, version), and the device workers they share."""
 
-    def __init__(self, models: dict[str, ServedModel], workers: dict[str, DeviceWorker],
+    def __init__(self, models: dict[tuple[str, str], ServedModel], workers: dict[str, DeviceWorker],
                  refused: dict[str, str] | None = None) -> None:
         self.models = models
         self.workers = workers
         self.refused = refused or {}  # version folder -> why it was refused (VAE_ON_BAD_MODEL=skip)
+
+    def get(self, name: str, version: str) -> ServedModel:
+        served = self.models.get((name, version))
+        if served is None:
+            raise UnknownModel(f"model {name!r} version {version!r} is not served")
+        return served
+
+    def infos(self) -> dict[str, dict[str, ModelInfo]]:
+        """name -> version -> ModelInfo of everything served."""
+        out: dict[str, dict[str, ModelInfo]] = {}
+        for (name, version), served in self.models.items():
+            out.setdefault(name, {})[version] = served.info
+        return out
 
     @classmethod
     async def open(cls, settings: Settings, metrics: Metrics) -> ModelRegistry:
@@ -165,10 +242,10 @@ class ModelRegistry:
         skip the other models are served, and start-up fails only when no model is left.
         """
         workers: dict[str, DeviceWorker] = {}
-        models: dict[str, ServedModel] = {}
+        models: dict[tuple[str, str], ServedModel] = {}
         refused: dict[str, str] = {}
         try:
-            for directory in discover(settings.models_dir, settings.models):
+            for directory in discover(settings.models_dir, settings.models, settings.serve_all_versions):
                 try:
                     model = await cls._load_one(directory, settings, metrics, workers, models)
                 except Exception as exc:
@@ -181,7 +258,7 @@ class ModelRegistry:
                                             f"{reason} (VAE_ON_BAD_MODEL=skip serves the other models)"
                                             ) from exc
                     continue
-                models[model.manifest.name] = model
+                models[(model.manifest.name, model.manifest.version)] = model
             if not models:
                 raise ArtifactError(f"no model could be loaded from {settings.models_dir}: "
                                     + "; ".join(f"{d}: {r}" for d, r in refused.items()))
@@ -192,11 +269,12 @@ class ModelRegistry:
 
     @staticmethod
     async def _load_one(directory: Path, settings: Settings, metrics: Metrics,
-                        workers: dict[str, DeviceWorker], models: dict[str, ServedModel]) -> ServedModel:
+                        workers: dict[str, DeviceWorker],
+                        models: dict[tuple[str, str], ServedModel]) -> ServedModel:
         started = time.perf_counter()
         manifest = load_manifest(directory, settings.runtime)
-        if manifest.name in models:
-            raise RuntimeError(f"model {manifest.name} is configured twice")
+        if (manifest.name, manifest.version) in models:
+            raise RuntimeError(f"model {manifest.name} version {manifest.version} is configured twice")
         runtime = load_runtime(manifest, settings.runtime, settings.device, settings.threads)
         worker = workers.setdefault(runtime.device, DeviceWorker(runtime.device))
         model = ServedModel(manifest, runtime, worker, settings, metrics)
@@ -207,6 +285,7 @@ class ModelRegistry:
         metrics.model_ready.labels(*labels).set(1)
         log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
                  runtime.name, runtime.device, time.perf_counter() - started)
+        model.warn_if_limits_exceed_deadline(settings)
         return model
 
     async def stop_batchers(self) -> None:

@@ -1,0 +1,260 @@
+"""Anomaly scores for VAEs beyond -log p(x), and conformal p-values that calibrate their false alarms.
+
+Pure numpy (plus zlib from the standard library): the service and the training code both import it,
+so a score computed at export time (calibration) and at request time (serving) is the same function.
+
+Scores (higher = more anomalous), all in nats, from per-image quantities the service already has:
+
+* ``nll``: -log p(x), the importance-weighted bound (Burda et al. 2016). Known failure: deep generative
+  models give *higher* likelihood to simpler inputs than to their training data (Nalisnick et al.
+  2019, "Do deep generative models know what they don't know?"; blank images, simple shapes).
+* ``typicality``: two-sided distance of -log p(x) from what normal data gives (Nalisnick, Matsukawa,
+  Teh & Lakshminarayanan 2019, "Detecting out-of-distribution inputs to deep generative models using
+  typicality"). Their test uses |NLL - H| with H the entropy estimated on held-out data, for a batch
+  of M inputs; the service scores single inputs (M = 1). Because the NLL of normal data is skewed
+  (long right tail), the two sides are scaled separately: (NLL - c) / s_hi above the centre c and
+  (c - NLL) / s_lo below it, so "too likely" is judged against the spread of the lower tail. With
+  c = mean and s_lo = s_hi = 1 it is exactly Nalisnick et al.'s |NLL - H|.
+* ``complexity``: -log p(x) minus the input's complexity L(x) measured by a lossless compressor, both
+  in nats (Serra et al. 2020, "Input complexity and out-of-distribution detection with
+  likelihood-based generative models", S(x) = -l_M(x) - L(x) in bits). Simple inputs compress well,
+  so their small L(x) no longer makes them look normal. L(x) here: 8 ln 2 nats per byte of the
+  zlib (DEFLATE, PNG's compressor) level-9 stream of the 8-bit image the model scores.
+* ``likelihood_ratio``: -log p(x) + log p_bg(x) = NLL(x) - NLL_bg(x) (Ren et al. 2019, "Likelihood
+  ratios for out-of-distribution detection"): p_bg is a background model trained on perturbed inputs
+  (pixels replaced by noise), which captures the population-level statistics (e.g. the amount of
+  background) that dominate log p(x); the ratio keeps the semantic part.
+
+Calibration (conformal prediction; Vovk, Gammerman & Shafer 2005; Bates et al. 2023, "Testing for
+outliers with conformal p-values"): with scores s_1..s_n of a calibration split of normal data held
+out of training and model selection, a new input with score s gets
+
+    p = (1 + #{i : s_i >= s}) / (n + 1),
+
+and is_anomaly = p <= alpha. When the new input is exchangeable with the calibration inputs (normal
+data), P(p <= alpha) = floor(alpha (n + 1)) / (n + 1) <= alpha: at most alpha false alarms by
+construction, whatever the score function, as long as the score does not depend on the calibration
+split (reference statistics such as typicality's centre come from the validation split instead).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METHODS = ("nll", "typicality", "complexity", "likelihood_ratio")
+PAPERS = {
+    "nll": "Burda, Grosse & Salakhutdinov 2016 (IW bound); Nalisnick et al. 2019 (its failure mode)",
+    "typicality": "Nalisnick, Matsukawa, Teh & Lakshminarayanan 2019, arXiv:1906.02994",
+    "complexity": "Serra et al. 2020, ICLR, arXiv:1909.11480",
+    "likelihood_ratio": "Ren et al. 2019, NeurIPS, arXiv:1906.02845",
+}
+NATS_PER_BYTE = 8.0 * math.log(2.0)
+ZLIB_LEVEL = 9
+_EPS = 1e-9  # alpha (n + 1) is compared with integers; guards 0.05 * 20 = 1.0000000000000002
+
+
+class AnomalyError(ValueError):
+    """A score cannot be computed: unknown method, missing input or calibration."""
+
+
+# -- per-image quantities ------------------------------------------------------------------------------
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) float in [0, 1] -> uint8 0..255 (round half to even, clipped). Same shape."""
+    x = np.asarray(images, dtype=np.float64)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def complexity_nats(images: np.ndarray, level: int = ZLIB_LEVEL) -> np.ndarray:
+    """Serra et al. 2020's input complexity L(x) in nats: (N, C, H, W) in [0, 1] -> (N,) float64.
+
+    Each image is quantized to 8 bits and its C*H*W bytes (C-order) compressed with zlib (DEFLATE, the
+    compressor inside PNG) at `level`; L(x) = 8 ln 2 * (compressed length in bytes). The constant zlib
+    header/checksum (6 bytes) is included: it shifts every score equally and cancels in p-values.
+    """
+    x = to_uint8(images)
+    if x.ndim != 4:
+        raise AnomalyError(f"expected images of shape (N, C, H, W), got {x.shape}")
+    lengths = [len(zlib.compress(np.ascontiguousarray(img).tobytes(), level)) for img in x]
+    return np.asarray(lengths, dtype=np.float64) * NATS_PER_BYTE
+
+
+# -- scores --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TypicalityReference:
+    """Centre and one-sided scales of normal data's -log p(x) (from the validation split)."""
+
+    center: float
+    scale_low: float = 1.0
+    scale_high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.center) and self.scale_low > 0 and self.scale_high > 0):
+            raise AnomalyError(f"bad typicality reference {self}")
+
+    @classmethod
+    def fit(cls, nll: np.ndarray, tail: float = 0.01) -> TypicalityReference:
+        """Median as the centre; distances from it to the `tail` and 1 - `tail` quantiles as scales.
+
+        nll: (M,) -log p(x) of normal held-out data (never the calibration split).
+        """
+        v = np.asarray(nll, dtype=np.float64)
+        lo, med, hi = np.quantile(v, [tail, 0.5, 1.0 - tail])
+        tiny = 1e-6 * max(1.0, abs(float(med)))
+        return cls(float(med), max(float(med - lo), tiny), max(float(hi - med), tiny))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"center": self.center, "scale_low": self.scale_low, "scale_high": self.scale_high}
+
+
+def typicality_score(nll: np.ndarray, ref: TypicalityReference) -> np.ndarray:
+    """Two-sided scaled distance of -log p(x) from the typical value: (N,) -> (N,), >= 0."""
+    v = np.asarray(nll, dtype=np.float64)
+    return np.where(v >= ref.center, (v - ref.center) / ref.scale_high, (ref.center - v) / ref.scale_low)
+
+
+def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = None,
+                   background_nll: np.ndarray | None = None,
+                   typicality: TypicalityReference | None = None) -> np.ndarray:
+    """Scores of one method, (N,) float64; higher = more anomalous.
+
+    nll: (N,) -log p(x) in nats (IW bound) of the images as the model scores them; images: (N, C, H, W)
+    in [0, 1], the model's view (binarized for Bernoulli models), needed by `complexity`;
+    background_nll: (N,) -log p_bg(x) of the background model, needed by `likelihood_ratio`;
+    typicality: the reference of `typicality`.
+    """
+    v = np.asarray(nll, dtype=np.float64)
+    if v.ndim != 1:
+        raise AnomalyError(f"nll must have shape (N,), got {v.shape}")
+    if method == "nll":
+        return v.copy()
+    if method == "typicality":
+        if typicality is None:
+            raise AnomalyError("typicality needs its reference (centre and scales)")
+        return typicality_score(v, typicality)
+    if method == "complexity":
+        if images is None:
+            raise AnomalyError("complexity needs the images")
+        if len(images) != len(v):
+            raise AnomalyError(f"{len(images)} images for {len(v)} scores")
+        return v - complexity_nats(images)
+    if method == "likelihood_ratio":
+        if background_nll is None:
+            raise AnomalyError("likelihood_ratio needs the background model's -log p(x)")
+        bg = np.asarray(background_nll, dtype=np.float64)
+        if bg.shape != v.shape:
+            raise AnomalyError(f"background nll shape {bg.shape} differs from nll shape {v.shape}")
+        return v - bg
+    raise AnomalyError(f"unknown anomaly method {method!r} (known: {', '.join(METHODS)})")
+
+
+# -- conformal calibration -----------------------------------------------------------------------------
+def calibration_counts(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """#{i : calibration_i >= s} for each score s: (N,), (n,) -> (N,) int64.
+
+    A NaN score counts as the most anomalous possible (no calibration score is >= NaN).
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    if cal.ndim != 1 or len(cal) == 0:
+        raise AnomalyError("the calibration needs at least one score")
+    s = np.asarray(scores, dtype=np.float64)
+    return (len(cal) - np.searchsorted(cal, s, side="left")).astype(np.int64)
+
+
+def conformal_p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """p = (1 + #{calibration >= s}) / (n + 1) for each score s: (N,), (n,) -> (N,) in (0, 1]."""
+    n = len(np.asarray(calibration))
+    return (1.0 + calibration_counts(scores, calibration)) / (n + 1.0)
+
+
+def max_count(alpha: float, n: int) -> int:
+    """The largest #{calibration >= s} that still gives p <= alpha: floor(alpha (n + 1)) - 1 (may be -1)."""
+    if not 0.0 < alpha < 1.0:
+        raise AnomalyError(f"alpha must be in (0, 1), got {alpha}")
+    return math.floor(alpha * (n + 1) + _EPS) - 1
+
+
+def is_anomaly(scores: np.ndarray, calibration: np.ndarray, alpha: float) -> np.ndarray:
+    """p <= alpha for each score, decided on the integer count (no float ties): (N,) bool.
+
+    Agrees exactly with conformal_threshold: is_anomaly <=> score > threshold.
+    """
+    return calibration_counts(scores, calibration) <= max_count(alpha, len(np.asarray(calibration)))
+
+
+def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
+    """The score t with: p(s) <= alpha  <=>  s > t. The (m+1)-th largest calibration score, m = max_count.
+
+    +inf when alpha < 1 / (n + 1): with so few calibration scores nothing can be flagged at that level.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))[::-1]  # descending
+    m = max_count(alpha, len(cal))
+    if m < 0:
+        return math.inf
+    return float(cal[m])
+
+
+def false_alarm_bound(alpha: float, n: int) -> float:
+    """P(p <= alpha) for normal data with n calibration scores (no ties): floor(alpha (n+1)) / (n+1)."""
+    return (max_count(alpha, n) + 1) / (n + 1)
+
+
+@dataclass(frozen=True)
+class MethodCalibration:
+    """One method's calibration: its sorted calibration scores and what the score needs."""
+
+    method: str
+    scores: tuple[float, ...]  # sorted ascending, n >= 1
+    typicality: TypicalityReference | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    method: str
+    score: float
+    p_value: float
+    threshold: float  # is_anomaly <=> score > threshold (+inf: cannot flag at this alpha)
+    alpha: float
+    is_anomaly: bool
+
+
+def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nll: np.ndarray, *,
+                   images: np.ndarray | None = None,
+                   background_nll: np.ndarray | None = None) -> list[AnomalyResult]:
+    """What a route returns per image: score, conformal p-value, threshold, decision at alpha.
+
+    nll: (N,) -log p(x) with the calibration's k; images: (N, C, H, W) as the model scored them
+    (complexity); background_nll: (N,) (likelihood_ratio).
+    """
+    if calibration.method != method:
+        raise AnomalyError(f"calibration is for {calibration.method!r}, not {method!r}")
+    scores = anomaly_scores(method, nll, images=images, background_nll=background_nll,
+                            typicality=calibration.typicality)
+    cal = np.asarray(calibration.scores, dtype=np.float64)
+    p = conformal_p_values(scores, cal)
+    flags = is_anomaly(scores, cal, alpha)
+    threshold = conformal_threshold(cal, alpha)
+    return [AnomalyResult(method, float(s), float(pv), threshold, alpha, bool(f))
+            for s, pv, f in zip(scores, p, flags, strict=True)]
+
+
+def calibration_record(method: str, scores: Sequence[float],
+                       typicality: TypicalityReference | None = None, **extra: object) -> dict:
+    """The manifest entry of one method (docs/artifact-format.md, `anomaly.methods.<method>`)."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    if not np.all(np.isfinite(values)):
+        raise AnomalyError(f"{method}: calibration scores must be finite")
+    record: dict = {"n": len(values), "scores": [float(v) for v in values], "paper": PAPERS[method],
+                    **extra}
+    if typicality is not None:
+        record["reference"] = typicality.to_dict()
+    return record

@@ -1,0 +1,368 @@
+"""The /v1 model API: parse the request, call the engine, shape the response. No tensor math here.
+
+Every model route exists twice: `/v1/models/{model}/...` (the model's highest version) and
+`/v1/models/{model}/versions/{version}/...`. Routers are built per app from its settings, so the
+limits in the OpenAPI schema (k, n, number of images) are exactly the limits enforced. Responses are
+serialised with orjson straight from numpy arrays (the response models only document the shape).
+"""
+
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from service.api.auth import auth_dependencies
+from service.api.errors import InferenceFailed, InvalidInput, ModelNotFound, Unavailable
+from service.api.images import encode_png_base64, grid_png
+from service.api.inputs import ImageBatch, read_images, read_latents, resolve_labels
+from service.api.schemas import (
+    AnomalyResponse,
+    DecodeResponse,
+    EncodeResponse,
+    LogLikelihoodResponse,
+    ModelDetail,
+    ModelList,
+    ReconstructResponse,
+    RequestModels,
+    SampleResponse,
+    error_responses,
+)
+from service.api.state import AppState
+from service.artifacts import MODEL_NAME_RE, VERSION_RE, Manifest
+from service.config import Settings
+from service.engine.interface import ModelInfo, Operation, default_version
+from service.estimators import IWEstimate, bits_per_dim, iw_estimate, percentile_of, prior_latents, value_at
+
+MAX_SEED = 2**63 - 1
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.service
+
+
+State = Annotated[AppState, Depends(app_state)]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One served model version, resolved from the path, with the request's deadline."""
+
+    name: str
+    version: str
+    info: ModelInfo
+    state: AppState
+    deadline: float  # time.monotonic() value
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.info.manifest
+
+    def admit(self, operation: Operation, items: int = 1, k: int = 0) -> None:
+        """Refuse at once (before the body is read) work the engine cannot finish in time."""
+        self.state.engine.check_admission(self.name, self.version, operation, deadline=self.deadline,
+                                          items=items, k=k)
+
+    async def run(self, operation: Operation, inputs: dict[str, np.ndarray], k: int = 0,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+        return await self.state.engine.infer(self.name, self.version, operation, inputs,
+                                             deadline=self.deadline, k=k, seed=seed)
+
+
+def request_deadline(request: Request, settings: Settings) -> float:
+    """The server's deadline, or the caller's shorter one from `X-Request-Timeout: <seconds>`."""
+    timeout = settings.request_timeout_s
+    given = request.headers.get(TIMEOUT_HEADER)
+    if given is not None:
+        try:
+            asked = float(given)
+        except ValueError:
+            asked = float("nan")
+        if not 0.0 < asked < float("inf"):
+            raise InvalidInput("header X-Request-Timeout must be a positive number of seconds, "
+                               f"got {given!r}")
+        timeout = min(timeout, asked)
+    return time.monotonic() + timeout
+
+
+def resolve_model(state: AppState, request: Request, model: str, version: str | None) -> ModelRef:
+    """Look the model (and version) up among the served ones; names are never used to build paths."""
+    engine = state.engine
+    if not engine.ready:
+        raise Unavailable("models are not loaded yet, or the inference process is restarting")
+    served = sorted(engine.models)
+    if not MODEL_NAME_RE.fullmatch(model):
+        raise ModelNotFound(f"no such model; names match {MODEL_NAME_RE.pattern} (served: {served})")
+    if model not in engine.models:
+        raise ModelNotFound(f"model {model!r} is not served (served: {served})")
+    versions = engine.models[model]
+    version = version if version is not None else default_version(engine.models, model)
+    if version is None or not VERSION_RE.fullmatch(version) or version not in versions:
+        raise ModelNotFound(f"model {model!r} has no version {version!r} (served: {sorted(versions)})")
+    return ModelRef(model, version, versions[version], state, request_deadline(request, state.settings))
+
+
+ModelPath = Annotated[str, Path(description="model name, as listed by GET /v1/models",
+                                examples=["mnist-vae"])]
+VersionPath = Annotated[str, Path(description="model version, as listed by GET /v1/models/{model}",
+                                  examples=["1"])]
+
+
+def latest_version(request: Request, model: ModelPath, state: State) -> ModelRef:
+    return resolve_model(state, request, model, None)
+
+
+def given_version(request: Request, model: ModelPath, version: VersionPath, state: State) -> ModelRef:
+    return resolve_model(state, request, model, version)
+
+
+def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=headers)
+
+
+def _finite(arr: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise InferenceFailed(f"the model produced non-finite {what}")
+    return arr
+
+
+def _images(x: np.ndarray, fmt: str) -> list[dict[str, Any]]:
+    """(N, C, H, W) -> one {"image": base64 PNG} or {"array": nested lists} per image."""
+    _finite(x, "pixels")
+    if fmt == "array":
+        return [{"array": a} for a in x.astype(np.float64)]
+    return [{"image": encode_png_base64(a)} for a in x]
+
+
+def _summary(name: str, info: ModelInfo, versions: list[str]) -> dict[str, Any]:
+    m = info.manifest
+    return {"name": name, "version": m.version, "versions": versions, "kind": m.kind,
+            "latent_dim": m.latent_dim,
+            "input": {"channels": m.channels, "height": m.height, "width": m.width},
+            "likelihood": m.raw.get("likelihood", {"family": m.likelihood}),
+            "labels": list(m.labels) if m.labels is not None else None}
+
+
+def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
+    m, raw = ref.manifest, ref.manifest.raw
+    cal = raw.get("calibration") or None
+    versions = sorted(ref.state.engine.models[ref.name])
+    return {
+        **_summary(ref.name, ref.info, versions),
+        "created_at": raw.get("created_at"),
+        "architecture": (raw.get("model") or {}).get("architecture"),
+        "preprocessing": raw.get("preprocessing", {}),
+        "calibration": {k: cal.get(k) for k in ("k", "n", "mean", "std", "source")} if cal else None,
+        "metrics": raw.get("metrics") or {},
+        "training": raw.get("training") or {},
+        "runtime": ref.info.runtime,
+        "device": ref.info.device,
+        "runtime_details": ref.info.runtime_details,
+        "batching": {
+            "max_batch_size": settings.max_batch_size, "max_queue_delay_ms": settings.max_queue_delay_ms,
+            "max_queue_size": settings.max_queue_size, "iw_chunk_size": settings.iw_chunk_size,
+            "max_batch_samples": settings.max_batch_samples, "max_queue_samples": settings.max_queue_samples,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "limits": {
+            "default_k": settings.default_k, "max_k": settings.max_k,
+            "anomaly_default_k": m.calibration.k if m.calibration else settings.default_k,
+            "max_n": settings.max_n, "max_images": settings.max_images,
+            "max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
+            "anomaly_threshold_percentile": settings.anomaly_percentile,
+        },
+    }
+
+
+def build_v1_router(settings: Settings) -> APIRouter:
+    """The model API. Options are query parameters, so they work with JSON and multipart bodies alike."""
+    router = APIRouter(prefix="/v1", tags=["models"], dependencies=auth_dependencies(settings))
+
+    @router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
+    async def list_models(state: State) -> Response:
+        """Every served model (its highest version) with its input shape, latent size and versions."""
+        engine = state.engine
+        if not engine.ready:
+            raise Unavailable("models are not loaded yet")
+        models = []
+        for name in sorted(engine.models):
+            versions = engine.models[name]
+            latest = default_version(engine.models, name)
+            assert latest is not None
+            models.append(_summary(name, versions[latest], sorted(versions)))
+        return json_response({"models": models})
+
+    _add_model_routes(router, "/models/{model}", latest_version, settings)
+    _add_model_routes(router, "/models/{model}/versions/{version}", given_version, settings)
+    return router
+
+
+def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., ModelRef], settings: Settings
+                      ) -> None:
+    """The routes of one model version under `base` (the path parameters are `resolve`'s)."""
+    Model = Annotated[ModelRef, Depends(resolve)]
+    models = RequestModels(settings)
+    common = (401, 404, 429, 500, 503, 504)
+    image_errors = error_responses(*common, 400, 413, 415, 422)
+    inputs_body = models.inputs_openapi(settings.max_images)
+    LabelQ = Annotated[str | None, Query(max_length=64, description="class name or index for every item "
+                                                                    "(conditional models)")]
+    SeedQ = Annotated[int | None, Query(ge=0, le=MAX_SEED, description="random if omitted; echoed back")]
+    KQ = Annotated[int, Query(ge=1, le=settings.max_k, description="importance samples per image")]
+    FormatQ = Annotated[Literal["png", "array"],
+                        Query(description="png: base64 PNG; array: C x H x W floats")]
+
+    async def iw(ref: ModelRef, batch: ImageBatch, k: int, seed: int) -> list[IWEstimate]:
+        """IW estimates per image on the likelihood view of x (binarized when the manifest says so)."""
+        threshold = ref.manifest.preprocessing.binarize_threshold
+        x = batch.x if threshold is None else (batch.x >= threshold).astype(np.float32)
+        inputs = {"x": x} if batch.y is None else {"x": x, "y": batch.y}
+        log_w = (await ref.run("log_weights", inputs, k=k, seed=seed))["log_w"]  # (N, k) float64
+        estimates = [iw_estimate(row) for row in log_w]
+        _finite(np.array([e.log_likelihood for e in estimates]), "log-likelihoods")
+        return estimates
+
+    def with_labels(inputs: dict[str, np.ndarray], y: np.ndarray | None) -> dict[str, np.ndarray]:
+        if y is not None:
+            inputs["y"] = y
+        return inputs
+
+    @router.get(base, response_model=ModelDetail, responses=error_responses(401, 404, 503))
+    async def get_model(ref: Model) -> Response:
+        """Manifest metadata, training metrics, versions, and the runtime, device and batching in use."""
+        return json_response(_detail(ref, settings))
+
+    @router.post(f"{base}/encode", response_model=EncodeResponse, responses=image_errors,
+                 openapi_extra=inputs_body)
+    async def encode_images(request: Request, ref: Model, label: LabelQ = None) -> Response:
+        """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
+        ref.admit("encode")
+        batch = await read_images(request, ref.manifest, label, settings, models)
+        out = await ref.run("encode", with_labels({"x": batch.x}, batch.y))
+        mean = _finite(out["mean"].astype(np.float64), "means")
+        log_var = out["log_var"].astype(np.float64)
+        variance = _finite(np.exp(log_var), "variances")  # exp overflows only for absurd log-variances
+        results = [{"mean": m, "variance": v, "log_variance": lv}
+                   for m, v, lv in zip(mean, variance, log_var, strict=True)]
+        return json_response({"model": ref.name, "version": ref.version, "results": results})
+
+    @router.post(f"{base}/decode", response_model=DecodeResponse, response_model_exclude_none=True,
+                 responses=error_responses(*common, 400, 413, 415, 422),
+                 openapi_extra=models.latents_openapi())
+    async def decode_latents(request: Request, ref: Model, label: LabelQ = None,
+                             format: FormatQ = "png") -> Response:
+        """E[x|z] for each latent vector, as base64 PNG or arrays."""
+        ref.admit("decode")
+        z, y = await read_latents(request, ref.manifest, label, models)
+        x = (await ref.run("decode", with_labels({"z": z}, y)))["x_mean"]
+        return json_response({"model": ref.name, "version": ref.version, "results": _images(x, format)})
+
+    @router.get(f"{base}/sample", response_model=SampleResponse, response_model_exclude_none=True,
+                responses={**error_responses(*common, 422),
+                           200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                                 "description": "JSON samples, or one PNG grid with format=grid"}})
+    async def sample_images(
+        ref: Model,
+        n: Annotated[int, Query(ge=1, le=settings.max_n, description="number of samples")] = 16,
+        seed: SeedQ = None,
+        temperature: Annotated[float, Query(ge=0.0, le=100.0, allow_inf_nan=False,
+                                            description="z = temperature * eps")] = 1.0,
+        format: Annotated[Literal["png", "array", "grid"], Query(
+            description="png/array: JSON; grid: one image/png of all samples for a browser")] = "png",
+        label: LabelQ = None,
+    ) -> Response:
+        """Samples from the prior, decoded to E[x|z]; without label a conditional model cycles the classes."""
+        m = ref.manifest
+        ref.admit("decode", items=n)
+        seed = secrets.randbits(63) if seed is None else seed
+        z = prior_latents(seed, n, m.latent_dim, temperature)  # (n, D)
+        if m.labels is not None and label is None:
+            y: np.ndarray | None = np.arange(n, dtype=np.int64) % len(m.labels)
+        else:
+            y = resolve_labels(m, n, label, None)
+        x = (await ref.run("decode", with_labels({"z": z}, y)))["x_mean"]
+        if format == "grid":
+            png = grid_png(_finite(x, "pixels"))
+            return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
+        names = [None] * n if y is None or m.labels is None else [m.labels[int(i)] for i in y]
+        results = []
+        for r, zi, name in zip(_images(x, format), z.astype(np.float64), names, strict=True):
+            r["latent"] = zi
+            if name is not None:
+                r["label"] = name
+            results.append(r)
+        return json_response({"model": ref.name, "version": ref.version, "seed": seed,
+                              "temperature": temperature, "results": results})
+
+    @router.post(f"{base}/reconstruct", response_model=ReconstructResponse, responses=image_errors,
+                 openapi_extra=inputs_body, response_model_exclude_none=True)
+    async def reconstruct_images(request: Request, ref: Model, label: LabelQ = None,
+                                 format: FormatQ = "png") -> Response:
+        """Decode the posterior mean of each image; report squared errors against the (grey) input."""
+        ref.admit("encode")
+        batch = await read_images(request, ref.manifest, label, settings, models)
+        mean = (await ref.run("encode", with_labels({"x": batch.x}, batch.y)))["mean"]
+        x_hat = (await ref.run("decode", with_labels({"z": mean}, batch.y)))["x_mean"]
+        sq = (x_hat.astype(np.float64) - batch.x.astype(np.float64)) ** 2  # (N, C, H, W)
+        sse = _finite(sq.reshape(len(batch), -1).sum(axis=1), "errors")
+        dims = ref.manifest.data_dims
+        results = [{**r, "mse": float(s / dims), "sse": float(s)}
+                   for r, s in zip(_images(x_hat, format), sse, strict=True)]
+        return json_response({"model": ref.name, "version": ref.version, "results": results})
+
+    @router.post(f"{base}/log-likelihood", response_model=LogLikelihoodResponse, responses=image_errors,
+                 openapi_extra=inputs_body)
+    async def estimate_log_likelihood(request: Request, ref: Model, k: KQ = settings.default_k,
+                                      seed: SeedQ = None, label: LabelQ = None) -> Response:
+        """Importance-weighted log p(x) in nats with k samples from q(z|x), the ELBO and a standard error."""
+        m = ref.manifest
+        ref.admit("log_weights", k=k)
+        batch = await read_images(request, m, label, settings, models)
+        seed = secrets.randbits(63) if seed is None else seed
+        estimates = await iw(ref, batch, k, seed)
+        results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
+                    "bits_per_dim": bits_per_dim(e.log_likelihood, m.data_dims),
+                    "standard_error": e.standard_error} for e in estimates]
+        binarized = m.preprocessing.binarize_threshold is not None
+        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
+                              "binarized": binarized, "results": results})
+
+    @router.post(f"{base}/anomaly-score", response_model=AnomalyResponse, responses=image_errors,
+                 openapi_extra=inputs_body)
+    async def score_anomalies(
+        request: Request, ref: Model,
+        k: Annotated[int | None, Query(ge=1, le=settings.max_k,
+                                       description="default: the manifest's calibration k")] = None,
+        seed: SeedQ = None, label: LabelQ = None,
+        threshold_percentile: Annotated[float | None, Query(
+            ge=0.0, le=100.0, allow_inf_nan=False,
+            description=f"calibration percentile of the threshold (default {settings.anomaly_percentile})",
+        )] = None,
+    ) -> Response:
+        """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
+        m = ref.manifest
+        cal = m.calibration
+        if k is None:  # the calibration's k, so scores compare with the calibration percentiles
+            k = min(cal.k if cal else settings.default_k, settings.max_k)
+        ref.admit("log_weights", k=k)
+        batch = await read_images(request, m, label, settings, models)
+        seed = secrets.randbits(63) if seed is None else seed
+        pct = settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
+        threshold = value_at(pct, cal.percentiles, cal.values) if cal else None
+        results = []
+        for e in await iw(ref, batch, k, seed):
+            score = -e.log_likelihood
+            results.append({
+                "score": score, "standard_error": e.standard_error,
+                "percentile": percentile_of(score, cal.percentiles, cal.values) if cal else None,
+                "threshold": threshold, "is_anomaly": None if threshold is None else bool(score > threshold)})
+        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
+                              "threshold_percentile": pct, "calibration_k": cal.k if cal else None,
+                              "results": results})

@@ -1,0 +1,104 @@
+"""The uvicorn server of one HTTP worker (or of the single process with VAE_HTTP_WORKERS=0).
+
+On SIGTERM or Ctrl-C the server first marks itself draining (/readyz 503, new model work refused
+with 503), keeps listening for VAE_DRAIN_DELAY_S so load balancers see it leave, lets in-flight
+requests finish within VAE_DRAIN_TIMEOUT_S, answers what is left 503, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+
+from service.api.app import create_app
+from service.api.state import AppState
+from service.config import Settings
+from service.logs import configure_logging
+from service.metrics import enable_multiprocess
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that flips the app to draining the moment a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self.app_state.settings.drain_delay_s
+        if not self.app_state.draining:
+            self.app_state.draining = True
+            log.info("signal %d: draining (readyz 503, new requests refused); port closes in %.1fs, "
+                     "in-flight requests get up to %.1fs", sig, delay,
+                     self.app_state.settings.drain_timeout_s)
+            if delay > 0 and sig == signal.SIGTERM:
+                # Keep listening (answering 503) so load balancers see readyz fail before the port
+                # closes; a second SIGTERM or a Ctrl-C skips the wait.
+                timer = threading.Timer(delay, self._exit_now, (sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+        self._exit_now(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Uvicorn's shutdown (stop listening, wait for in-flight requests), with a drain deadline.
+
+        At VAE_DRAIN_TIMEOUT_S every request still waiting on the engine is answered 503 (retry
+        elsewhere) instead of being cut off, then uvicorn's own timeout (a little later) cancels
+        anything left and the lifespan shutdown runs.
+        """
+        loop = asyncio.get_running_loop()
+        aborting: list[asyncio.Task[None]] = []
+
+        def abort() -> None:
+            log.warning("drain timeout: answering the remaining requests 503")
+            aborting.append(loop.create_task(self.app_state.engine.abort_pending()))
+
+        handle = loop.call_later(self.app_state.settings.drain_timeout_s, abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            handle.cancel()
+            for task in aborting:
+                await task
+
+    def _exit_now(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # Uvicorn re-raises captured signals after shutdown, so the process would die "killed by
+        # SIGTERM" (status 143). A completed drain is an orderly exit: status 0, as orchestrators expect.
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def uvicorn_config(app: object, settings: Settings, **kwargs: object) -> uvicorn.Config:
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
+                          timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 2,
+                          backlog=2048, **kwargs)  # type: ignore[arg-type]
+
+
+def serve_single_process(settings: Settings) -> int:
+    """Everything in this process: HTTP, the models and the device thread (VAE_HTTP_WORKERS=0)."""
+    app = create_app(settings)
+    server = DrainingServer(uvicorn_config(app, settings, host=settings.host, port=settings.port),
+                            app.state.service)
+    server.run()
+    return 0 if server.started else 3
+
+
+def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str, metrics_dir: str) -> None:
+    """Entry point of an HTTP worker process (a forked child of the supervisor)."""
+    configure_logging(settings.log_level, settings.json_logs)
+    enable_multiprocess(metrics_dir)
+    app = create_app(settings, engine_endpoint)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.service)
+    server.run(sockets=[sock])
+    sys.exit(0 if server.started else 3)

@@ -1,0 +1,131 @@
+"""The one interface between the HTTP side (service/api) and the device side (service/engine).
+
+Every protocol's routes (/v1, /v2) call an `Engine`; they never see batchers, runtimes or processes.
+Two implementations:
+- `LocalEngine` (engine/local.py): models, batchers and the device thread in this process. Used by
+  `VAE_HTTP_WORKERS=0` and by the in-process tests (`TestClient(create_app(settings))`).
+- `RemoteEngine` (engine/remote.py): a client of the inference process (engine/server.py), used by
+  each HTTP worker process, so rows from every worker share the same batches.
+
+Operations (rows first, shapes per row):
+    encode:      {"x": (N, C, H, W) f32 [, "y": (N,) i64]}  -> {"mean", "log_var": (N, D) f32}
+    decode:      {"z": (N, D) f32 [, "y": (N,) i64]}        -> {"x_mean": (N, C, H, W) f32}
+    log_weights: {"x": (N, C, H, W) f32 [, "y": (N,) i64]}, k, seed -> {"log_w": (N, k) f64}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from service.artifacts import Manifest
+
+Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
+Operation = Literal["encode", "decode", "log_weights"]
+OPERATIONS: tuple[Operation, ...] = ("encode", "decode", "log_weights")
+GRAPH_OF: dict[Operation, str] = {"encode": "encoder", "decode": "decoder", "log_weights": "log_weights"}
+
+
+# -- errors: HTTP-agnostic; service/api/errors.py maps each to one status ------------------------------------
+class EngineError(Exception):
+    """Base of the errors an engine raises on purpose."""
+
+
+class QueueFull(EngineError):
+    """Admitting this work would overflow a queue or miss its deadline; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooExpensive(EngineError):
+    """The request alone needs more device time than its deadline allows; retrying cannot help."""
+
+
+class DeadlineExceeded(EngineError):
+    """The work was not finished before its deadline; what was left of it was dropped."""
+
+
+class BatchFailed(EngineError):
+    """The batch holding (some of) these rows raised in the runtime."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down (drain timeout or stop): retry on another replica."""
+
+
+class EngineUnavailable(EngineError):
+    """The inference process is not connected (starting, crashed, restarting): retry shortly."""
+
+
+class UnknownModel(EngineError):
+    """No such model (or version) is served."""
+
+
+ERROR_TYPES: dict[str, type[EngineError]] = {cls.__name__: cls for cls in (
+    QueueFull, TooExpensive, DeadlineExceeded, BatchFailed, EngineClosed, EngineUnavailable, UnknownModel)}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the HTTP side knows of one served model version (no sessions, no batchers)."""
+
+    manifest: Manifest
+    runtime: str  # "onnx" | "torchscript"
+    device: str  # "cpu" | "cuda:0"
+    runtime_details: dict[str, Any] = field(default_factory=dict)
+    # Measured at warm-up and while serving: seconds of device time per row of each graph.
+    seconds_per_row: dict[str, float] = field(default_factory=dict)
+
+
+def version_key(version: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after non-numeric ones, so "10" is newer than "9"."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+class Engine(Protocol):
+    """What the routes need from the device side."""
+
+    @property
+    def ready(self) -> bool:
+        """True when models are loaded, warmed up and reachable."""
+        ...
+
+    @property
+    def models(self) -> Mapping[str, Mapping[str, ModelInfo]]:
+        """name -> version -> info, for every served version."""
+        ...
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """version folder -> why its artifact was refused (VAE_ON_BAD_MODEL=skip)."""
+        ...
+
+    def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
+                        items: int = 1, k: int = 0) -> None:
+        """Cheap early check before the body is read (`items` images or latents, `k` samples each):
+        raise QueueFull / TooExpensive / EngineClosed / EngineUnavailable at once."""
+        ...
+
+    async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
+                    deadline: float, k: int = 0, seed: int = 0) -> Arrays:
+        """Run one operation on rows of one request; `deadline` is a time.monotonic() value."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def abort_pending(self) -> None:
+        """Answer everything still waiting with EngineClosed (the drain deadline passed)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def default_version(models: Mapping[str, Mapping[str, ModelInfo]], name: str) -> str | None:
+    """The highest version of `name`, or None if it is not served."""
+    versions = models.get(name)
+    return max(versions, key=version_key) if versions else None

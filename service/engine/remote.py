@@ -1,0 +1,212 @@
+"""RemoteEngine: the Engine interface of an HTTP worker, as a client of the inference process.
+
+One DEALER socket per worker carries every request (matched to replies by id). zmq's socket monitor
+reports the connection: connected -> the worker asks for the model table and becomes ready;
+disconnected (the inference process crashed or is restarting) -> not ready, and every request in
+flight fails at once with EngineUnavailable (503), never hangs. zmq reconnects by itself when the
+restarted inference process binds again after its warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from service.config import Settings
+from service.engine.interface import (
+    ERROR_TYPES,
+    Arrays,
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    EngineUnavailable,
+    ModelInfo,
+    Operation,
+    QueueFull,
+)
+from service.engine.ipc import pack, unpack
+from service.logs import request_id_var
+
+log = logging.getLogger(__name__)
+REPLY_GRACE_S = 1.0  # the engine enforces deadlines itself; this only covers an engine that stalls
+
+
+class RemoteEngine:
+    """Talks to the inference process at `endpoint` (ipc://...)."""
+
+    def __init__(self, settings: Settings, endpoint: str) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self._ctx: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = False
+        self._infos: dict[str, dict[str, ModelInfo]] = {}
+        self._refused: dict[str, str] = {}
+        self._described = False
+        self._describing: asyncio.Task[None] | None = None
+        # (model, version, op) -> (estimated seconds until that queue drains, when it was estimated)
+        self._load: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+    # -- Engine interface ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._connected and self._described
+
+    @property
+    def models(self) -> Mapping[str, Mapping[str, ModelInfo]]:
+        return self._infos
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        return self._refused
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing while disconnected: refuse at once instead
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self._socket = sock
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch(monitor))]
+
+    def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
+                        items: int = 1, k: int = 0) -> None:
+        """Refuse at once when the engine's last load report says this queue drains after the deadline."""
+        if not self.ready:
+            raise EngineUnavailable("the inference process is not ready (starting or restarting)")
+        reported = self._load.get((model, version, operation))
+        if reported is None:
+            return
+        drain_s, at = reported
+        now = time.monotonic()
+        remaining = drain_s - (now - at)
+        left = (deadline - now) * self.settings.admission_share
+        if remaining > left:
+            raise QueueFull(f"{model}:{version}/{operation}: the queue needs about {remaining:.1f}s "
+                            f"to drain, after this request's deadline ({left:.1f}s left)",
+                            max(1, min(60, math.ceil(remaining - left))))
+
+    async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
+                    deadline: float, k: int = 0, seed: int = 0) -> Arrays:
+        if not self.ready or self._socket is None:
+            raise EngineUnavailable("the inference process is not ready (starting or restarting); "
+                                    "retry shortly")
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            try:
+                await self._socket.send_multipart(pack({
+                    "kind": "infer", "id": request_id, "model": model, "version": version, "op": operation,
+                    "inputs": inputs, "deadline": deadline, "k": k, "seed": seed,
+                    "request_id": request_id_var.get()}), copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                raise EngineUnavailable("the inference process is not connected; retry shortly") from None
+            timeout = max(0.0, deadline - time.monotonic()) + REPLY_GRACE_S
+            try:
+                reply = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                self._cancel(request_id)
+                raise DeadlineExceeded(f"{model}:{version}/{operation}: no answer before the deadline"
+                                       ) from None
+            except asyncio.CancelledError:
+                self._cancel(request_id)  # the client left: the engine drops the queued rows
+                raise
+        finally:
+            self._pending.pop(request_id, None)
+        if "error" in reply:
+            name, message, retry_after = reply["error"]
+            cls = ERROR_TYPES.get(name, EngineError)
+            raise cls(message, retry_after) if cls is QueueFull else cls(message)
+        return reply["outputs"]
+
+    async def abort_pending(self) -> None:
+        self._fail_pending(EngineClosed("the service is shutting down; retry on another replica"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_pending(EngineClosed("the service is shutting down"))
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)  # closes the DEALER and its monitor socket too
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _cancel(self, request_id: int) -> None:
+        if self._socket is not None and self._connected:
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send_multipart(pack({"kind": "cancel", "id": request_id}), flags=zmq.NOBLOCK)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            try:
+                message = unpack(frames)
+            except Exception:
+                log.exception("unreadable reply from the inference process")
+                continue
+            if "load" in message:
+                self._load.update(message["load"])
+            future = self._pending.get(message.get("id", -1))
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+                self._describing = asyncio.create_task(self._describe())
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected:
+                self._connected = self._described = False
+                self._load.clear()
+                log.error("lost the inference process; answering 503 until it is back")
+                self._fail_pending(EngineUnavailable(
+                    "the inference process stopped while handling this request; it is being restarted, "
+                    "retry shortly"))
+
+    async def _describe(self) -> None:
+        """Fetch the model table from the engine; ready once it arrives."""
+        assert self._socket is not None
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._socket.send_multipart(pack({"kind": "describe", "id": request_id}), flags=zmq.NOBLOCK)
+            reply = await asyncio.wait_for(future, 30.0)
+        except (zmq.ZMQError, TimeoutError, EngineError) as exc:
+            log.warning("could not describe the engine (%s); waiting for the next connection", exc)
+            return
+        finally:
+            self._pending.pop(request_id, None)
+        self._infos, self._refused = reply["models"], reply["refused"]
+        self._described = self._connected
+        log.info("connected to the inference process: %s", ", ".join(
+            f"{n}:{v}" for n, versions in self._infos.items() for v in versions))

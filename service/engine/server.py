@@ -1,0 +1,162 @@
+"""The inference process: owns the runtime sessions and the batchers of one device.
+
+It loads and warms up every model (a LocalEngine), then binds its ROUTER socket, so an HTTP worker
+that is connected is talking to a ready engine. Every `infer` message becomes a task on this
+process's event loop that submits rows to the shared batchers, so rows of all HTTP workers share
+batches. Replies carry a small load report (estimated drain time per graph) that the workers use to
+refuse hopeless requests before reading their bodies.
+
+Messages (engine/ipc.py), worker -> engine:
+    {"kind": "describe", "id"}                         -> {"id", "models", "refused"}
+    {"kind": "infer", "id", "model", "version", "op", "inputs", "deadline", "k", "seed", "request_id"}
+                                                       -> {"id", "outputs"} | {"id", "error"}
+    {"kind": "cancel", "id"}                           (the caller left: drop its queued rows)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from service.artifacts import ArtifactError
+from service.config import Settings
+from service.engine.interface import BatchFailed, EngineError
+from service.engine.ipc import error_fields, pack, unpack
+from service.engine.local import LocalEngine
+from service.logs import request_id_var
+from service.metrics import Metrics
+
+log = logging.getLogger("service.engine")
+STARTUP_FAILED = 3  # exit status: a model was refused (VAE_ON_BAD_MODEL=fail) or none could be loaded
+
+
+class EngineServer:
+    """The ROUTER loop in front of a LocalEngine."""
+
+    def __init__(self, engine: LocalEngine, endpoint: str) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+        self._ctx = zmq.asyncio.Context()
+        self._socket = self._ctx.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop replies; admission bounds the work instead
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        self._socket.bind(self.endpoint)
+        receiver = asyncio.create_task(self._receive())
+        try:
+            await stop.wait()
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
+            await self.engine.abort_pending()  # everything still queued is answered 503, not dropped
+            await asyncio.sleep(0)
+            if self._tasks:
+                await asyncio.wait(list(self._tasks.values()), timeout=2.0)
+            self._socket.close(linger=200)
+            self._ctx.destroy(linger=0)
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                message = unpack(frames[1:])
+            except Exception:  # a peer speaking another protocol version: log and go on
+                log.exception("unreadable message from an HTTP worker")
+                continue
+            kind = message.get("kind")
+            key = (identity, message.get("id", -1))
+            if kind == "infer":
+                self._tasks[key] = asyncio.create_task(self._infer(identity, message))
+            elif kind == "cancel":
+                task = self._tasks.pop(key, None)
+                if task is not None:
+                    task.cancel()
+            elif kind == "describe":
+                await self._send(identity, {"id": message["id"], "models": self.engine.refresh_infos(),
+                                            "refused": dict(self.engine.refused)})
+
+    async def _infer(self, identity: bytes, message: dict[str, Any]) -> None:
+        token = request_id_var.set(message.get("request_id", "-"))
+        reply: dict[str, Any] = {"id": message["id"]}
+        try:
+            reply["outputs"] = await self.engine.infer(
+                message["model"], message["version"], message["op"], message["inputs"],
+                deadline=message["deadline"], k=message.get("k", 0), seed=message.get("seed", 0))
+        except asyncio.CancelledError:
+            return  # the caller cancelled: nobody waits for a reply
+        except EngineError as exc:
+            reply["error"] = error_fields(exc)
+        except Exception as exc:  # a bug, not an input problem: this request fails, the engine goes on
+            log.exception("inference failed")
+            reply["error"] = error_fields(BatchFailed(f"inference failed: {type(exc).__name__}"))
+        finally:
+            self._tasks.pop((identity, message["id"]), None)
+            request_id_var.reset(token)
+        reply["load"] = self.load()
+        await self._send(identity, reply)
+
+    def load(self) -> dict[tuple[str, str, str], tuple[float, float]]:
+        """(model, version, operation) -> (estimated seconds until its queue has drained, now)."""
+        registry = self.engine.registry
+        if registry is None:
+            return {}
+        now = time.monotonic()
+        report = {}
+        for (name, version), served in registry.models.items():
+            for op, graph in (("encode", "encoder"), ("decode", "decoder"), ("log_weights", "log_weights")):
+                batcher = served.batchers[graph]
+                report[(name, version, op)] = (batcher.estimate_s(0) if batcher.busy else 0.0, now)
+        return report
+
+    async def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # the worker is gone: nothing to answer
+            await self._socket.send_multipart([identity, *pack(message)], copy=False)
+
+
+async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:
+    metrics = Metrics()
+    engine = LocalEngine(settings, metrics)
+    try:
+        await engine.start()
+    except ArtifactError as exc:
+        log.error("%s", exc)
+        return STARTUP_FAILED
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    server = EngineServer(engine, endpoint)
+    serving = asyncio.create_task(server.serve(stop))
+    await asyncio.sleep(0)  # bound now
+    log.info("inference process ready: %s", ", ".join(
+        f"{name}:{version}" for name, versions in engine.models.items() for version in versions))
+    if ready is not None:
+        ready.set()
+    await serving
+    await engine.close()
+    return 0
+
+
+def run(settings: Settings, endpoint: str, ready: Event | None = None) -> None:
+    """Entry point of the inference process (a child of the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+    try:
+        import uvloop
+
+        status = uvloop.run(_main(settings, endpoint, ready))
+    except ImportError:
+        status = asyncio.run(_main(settings, endpoint, ready))
+    sys.exit(status)

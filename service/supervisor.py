@@ -1,0 +1,195 @@
+"""The process tree of `python -m service`: a supervisor, N HTTP workers, one inference process.
+
+    supervisor (this module): binds the port, starts and watches the children, restarts crashed ones,
+        and orchestrates shutdown. It does no request work.
+    HTTP workers (api/worker.py): accept connections on the shared socket and do everything per
+        request (HTTP, parsing, image decoding, validation, serialisation); they call the engine
+        through a RemoteEngine.
+    inference process (engine/server.py): owns the runtime sessions and the batchers of the device,
+        so rows from every worker share batches.
+
+Failures:
+- an HTTP worker dies: its connections are lost (as with any crashed server), the others keep
+  serving, and a new worker takes its place on the same socket.
+- the inference process dies: every worker notices the disconnect at once, answers its requests in
+  flight 503 and reports not ready (/readyz 503); a new inference process is started, and the
+  workers become ready again when it has loaded and warmed up its models.
+- the inference process fails before it was ever ready (a refused model, VAE_ON_BAD_MODEL=fail):
+  start-up fails with exit status 3.
+Shutdown (SIGTERM or Ctrl-C): the workers drain (see api/worker.py), then the inference process is
+stopped, then the supervisor exits 0.
+
+Children are forked (not spawned): they start in milliseconds with the supervisor's imports, and a
+test harness that patches the runtime before calling main() patches the children too. The supervisor
+itself stays single-threaded so forking is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.context import ForkProcess
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import multiprocess
+
+from service.config import Settings
+from service.metrics import enable_multiprocess
+
+log = logging.getLogger("service.supervisor")
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)  # repeated crashes wait longer, up to 10 s
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("fork")
+        self.workers: dict[int, ForkProcess] = {}
+        self.engine: ForkProcess | None = None
+        self.engine_ready = self.ctx.Event()
+        self.engine_ever_ready = False
+        self.stop_requested = 0  # number of shutdown signals received
+        self._crashes: dict[str, int] = {}  # role -> consecutive crashes, for the restart backoff
+        self._forwarded = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        runtime_dir = Path(tempfile.mkdtemp(prefix="vae-serve-"))  # mode 0700: the IPC socket is private
+        metrics_dir = runtime_dir / "metrics"
+        metrics_dir.mkdir()
+        self.metrics_dir = str(metrics_dir)
+        self.endpoint = f"ipc://{runtime_dir}/engine.sock"
+        enable_multiprocess(self.metrics_dir)
+        try:
+            self.sock = bind_socket(self.settings.host, self.settings.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            return 2
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self._start_engine()
+            for index in range(self.settings.worker_processes):
+                self._start_worker(index)
+            host, port = self.sock.getsockname()[:2]
+            log.info("listening on http://%s:%d: %d HTTP worker(s), one inference process", host, port,
+                     len(self.workers))
+            return self._supervise()
+        finally:
+            self._kill_all()
+            self.sock.close()
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
+        while True:
+            sentinels = [p.sentinel for p in self.workers.values()]
+            if self.engine is not None:
+                sentinels.append(self.engine.sentinel)
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            if self.engine_ready.is_set():
+                self.engine_ever_ready = True
+                self._crashes.pop("engine", None)
+            if self.stop_requested:
+                status = self._drain_step()
+                if status is not None:
+                    return status
+                continue
+            if self.engine is not None and not self.engine.is_alive():
+                if not self.engine_ever_ready:
+                    log.error("the inference process could not start (exit status %s); stopping",
+                              self.engine.exitcode)
+                    return 3
+                self._reap(self.engine, "inference process")
+                self._start_engine(restart=True)
+            for index, proc in list(self.workers.items()):
+                if not proc.is_alive():
+                    self._reap(proc, f"HTTP worker {index}")
+                    self._start_worker(index, restart=True)
+
+    def _drain_step(self) -> int | None:
+        """While stopping: forward signals to the workers; once they are gone stop the engine; 0 when done."""
+        if self._forwarded < self.stop_requested:
+            self._forwarded = self.stop_requested
+            for proc in self.workers.values():
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+            if self._forwarded == 1:
+                self._drain_deadline = time.monotonic() + self.settings.drain_delay_s + \
+                    self.settings.drain_timeout_s + 10.0
+        if any(p.is_alive() for p in self.workers.values()):
+            if time.monotonic() < self._drain_deadline:
+                return None
+            log.error("HTTP workers did not finish draining in time; killing them")
+        if self.engine is not None and self.engine.is_alive() and self.engine.pid is not None:
+            os.kill(self.engine.pid, signal.SIGTERM)
+            self.engine.join(10.0)
+        log.info("stopped")
+        return 0
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_requested += 1
+        if self.stop_requested == 1:
+            log.info("signal %d: draining the HTTP workers, then stopping the inference process", sig)
+
+    # -- children ------------------------------------------------------------------------------------------
+    def _start_engine(self, restart: bool = False) -> None:
+        from service.engine.server import run as run_engine
+
+        if restart:
+            self._backoff("engine")
+        self.engine_ready.clear()
+        self.engine = self.ctx.Process(target=run_engine, name="vae-inference",
+                                       args=(self.settings, self.endpoint, self.engine_ready))
+        self.engine.start()
+        log.info("inference process started (pid %s)", self.engine.pid)
+
+    def _start_worker(self, index: int, restart: bool = False) -> None:
+        from service.api.worker import run_worker
+
+        if restart:
+            self._backoff(f"worker-{index}")
+        proc = self.ctx.Process(target=run_worker, name=f"vae-http-{index}",
+                                args=(self.settings, self.sock, self.endpoint, self.metrics_dir))
+        proc.start()
+        self.workers[index] = proc
+        log.info("HTTP worker %d started (pid %s)", index, proc.pid)
+
+    def _backoff(self, role: str) -> None:
+        crashes = self._crashes.get(role, 0)
+        self._crashes[role] = crashes + 1
+        time.sleep(RESTART_BACKOFF_S[min(crashes, len(RESTART_BACKOFF_S) - 1)])
+
+    def _reap(self, proc: ForkProcess, role: str) -> None:
+        proc.join(0)
+        code = proc.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        log.error("%s (pid %s) died (%s); restarting it", role, proc.pid, how)
+        if proc.pid is not None:
+            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+
+    def _kill_all(self) -> None:
+        procs = [*self.workers.values(), *([self.engine] if self.engine is not None else [])]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(5.0)
