@@ -1,0 +1,144 @@
+"""Typed results of the client: frozen dataclasses holding numpy arrays, one row per input item.
+
+Every model-level result carries `model` and `version` (which artifact answered) and `request_id`
+(the X-Request-ID of the call, to find it in the server logs). Array results compare by identity
+(`eq=False`): `==` on numpy arrays is element-wise, so compare fields with numpy instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vae_client._images import to_pil
+
+
+@dataclass(frozen=True)
+class Health:
+    """GET /healthz: `status` "ok" while the process lives; /readyz adds the loaded `models`."""
+
+    status: str
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One loaded model as listed by GET /v1/models."""
+
+    name: str
+    version: str
+    kind: str  # vae, cvae or linear
+    latent_dim: int
+    input_shape: tuple[int, int, int]  # (channels, height, width) the model expects
+    likelihood: dict[str, Any]
+    labels: tuple[str, ...] | None  # class names of a conditional model
+
+
+@dataclass(frozen=True)
+class ModelDetail(ModelInfo):
+    """GET /v1/models/{name}: metadata, metrics, runtime and the service's limits for this model."""
+
+    created_at: str | None = None
+    architecture: str | None = None
+    runtime: str = ""
+    device: str = ""
+    limits: dict[str, Any] = field(default_factory=dict)  # default_k, max_k, max_n, max_images, ...
+    batching: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)  # the whole JSON answer, for fields added later
+
+
+@dataclass(frozen=True, eq=False)
+class _Result:
+    model: str
+    version: str
+    request_id: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class EncodeResult(_Result):
+    """Posterior q(z|x) = N(mean, diag variance) per image; arrays (N, latent_dim), float64."""
+
+    mean: np.ndarray
+    variance: np.ndarray
+    log_variance: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+
+@dataclass(frozen=True, eq=False)
+class _ImagesResult(_Result):
+    images: np.ndarray  # (N, C, H, W) float32 in [0, 1]
+    png: tuple[bytes, ...] | None  # the PNG files as sent, when requested with format="png"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to_pil(self) -> list[Image.Image]:
+        """The images as PIL images (8 bits per channel; grey models give mode L)."""
+        return to_pil(self.images)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeResult(_ImagesResult):
+    """E[x|z] per latent vector."""
+
+
+@dataclass(frozen=True, eq=False)
+class SampleResult(_ImagesResult):
+    """Samples from the prior: `latents` (N, latent_dim) z = temperature * eps, decoded to `images`."""
+
+    seed: int
+    temperature: float
+    latents: np.ndarray
+    labels: tuple[str | None, ...]  # the class of each sample of a conditional model, else None
+
+
+@dataclass(frozen=True, eq=False)
+class ReconstructResult(_ImagesResult):
+    """Decoded posterior means, with the squared error against the (preprocessed) input, shape (N,)."""
+
+    mse: np.ndarray
+    sse: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class LogLikelihoodResult(_Result):
+    """Importance-weighted log p(x) in nats with `k` samples; arrays (N,) float64.
+
+    `standard_error` is nan where the service gives none (k = 1). Pass `seed` back for the same numbers.
+    """
+
+    k: int
+    seed: int
+    binarized: bool
+    log_likelihood: np.ndarray
+    elbo: np.ndarray
+    bits_per_dim: np.ndarray
+    standard_error: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.log_likelihood)
+
+
+@dataclass(frozen=True, eq=False)
+class AnomalyResult(_Result):
+    """score = -log p(x) per image (N,); percentile (nan) and is_anomaly (None) without calibration."""
+
+    k: int
+    seed: int
+    calibration_k: int | None
+    threshold_percentile: float
+    threshold: float | None  # the score at threshold_percentile of the calibration scores
+    score: np.ndarray
+    percentile: np.ndarray
+    is_anomaly: np.ndarray | None  # bool (N,)
+    standard_error: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.score)
