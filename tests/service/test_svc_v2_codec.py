@@ -289,6 +289,18 @@ def test_response_parameters_and_encoder_misuse() -> None:
         encode_infer_response("m", "1", "i", [("c", np.array([1j]))])
 
 
+def test_non_finite_outputs_are_exact_only_in_binary() -> None:
+    """JSON has no NaN/Inf: orjson writes null, read back as NaN (documented); binary is exact."""
+    array = np.array([1.0, np.nan, -np.inf], dtype=np.float32)
+    body, header_length = encode_infer_response("m", "1", None, [("a", array)])
+    assert orjson.loads(body)["outputs"][0]["data"] == [1.0, None, None]
+    got = th.InferenceServerClient.parse_response_body(body, header_length=header_length).as_numpy("a")
+    np.testing.assert_array_equal(got, [1.0, np.nan, np.nan])
+    body, header_length = encode_infer_response("m", "1", None, [("a", array)], binary=True)
+    got = th.InferenceServerClient.parse_response_body(body, header_length=header_length).as_numpy("a")
+    np.testing.assert_array_equal(got, array)
+
+
 def test_error_body() -> None:
     assert orjson.loads(error_body('bad "x"')) == {"error": 'bad "x"'}
 
