@@ -214,7 +214,7 @@ def parse_header_length(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise V2CodecError(f"{HEADER_LENGTH_HEADER} must be a non-negative integer, got {value!r}")
     return int(text)
 

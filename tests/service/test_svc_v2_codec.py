@@ -227,6 +227,7 @@ def response_outputs() -> list[tuple[str, np.ndarray]]:
     outputs.append(("transposed", np.arange(12, dtype=np.float32).reshape(3, 4).T))  # F-ordered view
     outputs.append(("big_endian", np.array([1.5, -2.0, 3.25], dtype=">f8")))
     outputs.append(("scalar", np.array(7, dtype=np.int64)))
+    outputs.append(("empty", np.zeros((0, 4), dtype=np.float32)))
     return outputs
 
 
@@ -503,7 +504,7 @@ def test_value_count_ignores_commas_inside_strings() -> None:
 def test_parse_header_length() -> None:
     assert parse_header_length(None) is None
     assert parse_header_length(" 120 ") == 120
-    for bad in ("", "-1", "1e3", "abc", "9" * 30):
+    for bad in ("", "-1", "1e3", "abc", "\u00b2", "9" * 30):
         with pytest.raises(V2CodecError, match="Inference-Header-Content-Length"):
             parse_header_length(bad)
 
