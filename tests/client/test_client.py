@@ -267,6 +267,14 @@ def test_errors_from_the_real_service(client: VAEClient, server_url: str, arrays
     assert result.request_id == "client-test-ok"
 
 
+def test_versioned_routes(client: VAEClient, arrays: np.ndarray) -> None:
+    """version= selects /v1/models/{name}/versions/{v}/...: the same artifact gives the same numbers."""
+    assert client.model(version="1").version == "1"
+    np.testing.assert_array_equal(client.encode(arrays, version="1").mean, client.encode(arrays).mean)
+    with pytest.raises(ModelNotFound):
+        client.encode(arrays, version="999")
+
+
 # -- the request the client builds ---------------------------------------------------------------------------
 def test_paths_versions_and_query() -> None:
     opts = calls.Options()
@@ -337,7 +345,7 @@ def test_429_waits_for_retry_after_then_succeeds() -> None:
         (info,) = c.models(request_id="rid-7")
     assert info.name == MODEL and len(script.requests) == 2
     waited = script.times[1] - script.times[0]
-    assert 1.0 <= waited < 1.5, waited  # the server's Retry-After, not the 10 ms backoff
+    assert 1.0 <= waited < 2.0, waited  # the server's Retry-After (+ at most 10%), not the 10 ms backoff
     for request in script.requests:  # the retry is the same request: key and request id kept
         assert request.headers["authorization"] == "Bearer " + "k" * 20
         assert request.headers["x-request-id"] == "rid-7"
@@ -350,7 +358,8 @@ def test_503_exhausts_the_retries_with_backoff() -> None:
         c.encode(arrays)
     assert len(script.requests) == 3 and failed.value.status == 503 and failed.value.request_id == "inj"
     waits = np.diff(script.times)
-    assert 0.025 <= waits[0] < 0.3 and 0.05 <= waits[1] < 0.4, waits  # [0.5, 1] x 0.05 s, then x 0.1 s
+    # [0.5, 1] x 0.05 s, then [0.5, 1] x 0.1 s (upper bounds loose: the machine may be busy)
+    assert 0.025 <= waits[0] < 1.0 and 0.05 <= waits[1] < 1.0, waits
     assert all(r.content == script.requests[0].content for r in script.requests)  # the body is re-sent
 
 
