@@ -36,6 +36,14 @@ TRAIN_HELP = {
     "select_on": "validation score for early stopping and best.pt: elbo or iwae",
     "val_iw_samples": "k for the validation IWAE bound",
     "val_fraction": "fraction of the training images held out for validation",
+    "calibration_fraction": "fraction of the training images held out of training and model selection "
+                            "for the conformal calibration of anomaly scores",
+    "augment_prob": "probability of a small random affine transform of each training image",
+    "augment_rotation": "augmentation: maximum rotation in degrees",
+    "augment_translation": "augmentation: maximum shift in pixels",
+    "augment_scale": "augmentation: maximum relative scale change",
+    "perturb_rate": "background model (Ren et al. 2019): replace pixels with uniform noise at this rate",
+    "init_from": "start from this checkpoint's (EMA) weights (e.g. IWAE fine-tuning)",
     "subset": "train on only this many images (quick runs)",
     "image_height": "folder:DIR data: resize images to this height",
     "image_width": "folder:DIR data: resize images to this width",
@@ -121,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation output to include (default: RUN/report if present)")
     ex.add_argument("--calibration-k", type=int, default=256, help="k for the anomaly-score calibration")
     ex.add_argument("--force", action="store_true", help="replace an existing version")
+    ex.add_argument("--background", type=Path, help="checkpoint of a likelihood-ratio background model "
+                                                    "(exported as background_log_weights)")
+    ex.add_argument("--anomaly-method", default="nll", help="default anomaly score recorded in the manifest")
+
+    from training.ood import add_parser as add_ood_parser
+
+    add_ood_parser(sub)
 
     tri = sub.add_parser("triton-repo", help="write an NVIDIA Triton model repository from exported models "
                                              "(docs/triton-and-kserve.md)")
@@ -181,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_checkpoint(args.checkpoint, args.models_dir, args.name, args.version,
                                     report_dir=args.report_dir, calibration_k=args.calibration_k,
-                                    force=args.force))
+                                    force=args.force, background=args.background,
+                                    anomaly_method=args.anomaly_method))
+        elif args.command == "ood-eval":
+            from training.ood import main_from_args
+
+            main_from_args(args)
         elif args.command == "triton-repo":
             from training.triton_repo import TritonOptions, export_triton_repo
 

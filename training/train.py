@@ -50,6 +50,20 @@ class TrainConfig:
     select_on: Literal["elbo", "iwae"] = "elbo"  # validation score for early stopping
     val_iw_samples: int = 64  # k for the validation IWAE bound
     val_fraction: float = 0.1
+    # Fraction of the training images held out of training AND model selection for the conformal
+    # calibration of anomaly scores (0: none, the split of mnist-vae/1).
+    calibration_fraction: float = 0.0
+    # Small random affine augmentation of training images (applied to each image with augment_prob):
+    # rotation up to +-augment_rotation degrees, shift up to +-augment_translation pixels, scale
+    # 1 +- augment_scale. 0 everywhere: off.
+    augment_prob: float = 0.0
+    augment_rotation: float = 0.0
+    augment_translation: float = 0.0
+    augment_scale: float = 0.0
+    # Background model for likelihood-ratio anomaly scores (Ren et al. 2019): replace each pixel of a
+    # training image with probability perturb_rate by a uniform random value.
+    perturb_rate: float = 0.0
+    init_from: str | None = None  # start from this checkpoint's (EMA) weights, e.g. IWAE fine-tuning
     subset: int | None = None  # keep only this many training images (quick runs, tests)
     image_height: int = 28  # folder:DIR data only: images are resized to this size ...
     image_width: int = 28
@@ -68,6 +82,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
+        for name in ("augment_prob", "perturb_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if isinstance(self.model, dict):
@@ -106,7 +125,7 @@ def load_dataset_for(config: dict) -> DataSplits:
     return load_dataset(
         config["data"], height=config.get("image_height", 28), width=config.get("image_width", 28),
         color_mode=config.get("color_mode", "L"), val_fraction=config["val_fraction"], seed=config["seed"],
-        subset=config["subset"],
+        subset=config["subset"], calibration_fraction=config.get("calibration_fraction", 0.0),
     )
 
 
@@ -164,6 +183,33 @@ def validation_scores(vae: VAE, images: torch.Tensor, labels: torch.Tensor | Non
     }
 
 
+def augment_affine(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Random small rotation / shift / scale of each image with probability config.augment_prob.
+
+    x: (B, C, H, W) grey levels in [0, 1] -> same shape; bilinear resampling, zeros outside.
+    Uses torch's global generator (seeded per epoch by train()).
+    """
+    b, _, h, w = x.shape
+    apply = torch.rand(b, device=x.device) < config.augment_prob  # (B,)
+    angle = torch.deg2rad((2 * torch.rand(b, device=x.device) - 1) * config.augment_rotation)
+    scale = 1 + (2 * torch.rand(b, device=x.device) - 1) * config.augment_scale
+    shift = (2 * torch.rand(b, 2, device=x.device) - 1) * config.augment_translation  # pixels
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] * 2 / w], -1),
+                         torch.stack([sin, cos, shift[:, 1] * 2 / h], -1)], 1)  # (B, 2, 3)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False).clamp(0.0, 1.0)
+    return torch.where(apply[:, None, None, None], moved, x)  # untouched images stay bit-identical
+
+
+def perturb(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Ren et al. 2019's input perturbation for the background model: each pixel is replaced, with
+    probability `rate`, by a uniform random value in [0, 1]. x: (B, C, H, W) -> same shape."""
+    mask = torch.rand_like(x) < rate
+    return torch.where(mask, torch.rand_like(x), x)
+
+
 def prepare_eval_images(images: torch.Tensor, likelihood: str, seed: int) -> torch.Tensor:
     """Bernoulli models are scored on binary images: binarize once, stochastically, with a fixed seed."""
     if likelihood != "bernoulli":
@@ -209,6 +255,9 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
     vae = VAE(mc).to(device)
     if mc.likelihood == "bernoulli" and mc.architecture != "linear":
         _init_output_bias(vae, splits.train_images)
+    if config.init_from and not (resume and (Path(config.out_dir) / "last.pt").exists()):
+        init = load_checkpoint(config.init_from, device)
+        vae.load_state_dict(init["ema_state"] or init["model_state"])  # strict: the same architecture
     objective: nn.Module = Objective(vae, config)
     if world > 1:
         # DDP broadcasts rank 0's initial weights and averages gradients in backward().
@@ -230,7 +279,7 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
     elif rank == 0:
         # A fresh run in an old directory must not append to the old metrics (the training-curve
         # figure would mix runs) nor leave the old best.pt if this run's first epoch is worse.
-        for stale in ("metrics.jsonl", "best.pt", "last.pt"):
+        for stale in ("metrics.jsonl", "best.pt", "last.pt", "finished.json"):
             (out / stale).unlink(missing_ok=True)
     # Made after a resume so that, when the old run kept no average, it starts from the trained weights.
     ema = copy.deepcopy(vae).eval() if config.ema_decay > 0 else None
@@ -261,6 +310,10 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
         for start in range(0, len(perm), config.batch_size):
             idx = perm[start:start + config.batch_size]
             x = splits.train_images[idx].to(device)
+            if config.augment_prob > 0:
+                x = augment_affine(x, config)
+            if config.perturb_rate > 0:
+                x = perturb(x, config.perturb_rate)
             if config.binarize == "dynamic" and mc.likelihood == "bernoulli":
                 x = torch.bernoulli(x)
             x_in = x + config.input_noise * torch.randn_like(x) if config.input_noise > 0 else x
@@ -303,6 +356,11 @@ def train(config: TrainConfig, resume: bool = False, splits: DataSplits | None =
             stop = bool(flag.item())
         if stop:
             break
+    if rank == 0:  # tells scripts (and people) that this run ended by itself, not by a kill
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        reason = "early_stopping" if last["epoch"] + 1 < config.epochs else "max_epochs"
+        (out / "finished.json").write_text(json.dumps({"reason": reason, "last_epoch": last["epoch"],
+                                                       "best_score": last["best_score"]}) + "\n")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,98 @@
+"""Anomaly scores of an exported artifact, computed the way the service computes them.
+
+The exported ONNX graphs run in ONNX Runtime, noise comes from the service's own seeded generator
+(service.estimators.chunk_eps: rows of `chunk` samples per (seed, image, chunk)), inputs get the
+manifest's likelihood view (binarized for Bernoulli models) and the scores come from service.anomaly.
+So the calibration written at export and the numbers of `python -m training ood-eval` are what a
+served model gives, up to the per-request seed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from service.anomaly import TypicalityReference, anomaly_scores
+from service.artifacts import GRAPH_IO, Preprocessing
+from service.estimators import chunk_eps
+
+DEFAULT_CHUNK = 128  # the service's default VAE_IW_CHUNK_SIZE
+
+
+class GraphScorer:
+    """-log p(x) (IW bound) of the log_weights graphs of an artifact folder, in ONNX Runtime on CPU.
+
+    directory: a version folder (or an export's temporary folder) holding log_weights.onnx and, when
+    present, background_log_weights.onnx.
+    """
+
+    def __init__(self, directory: Path, latent_dim: int, preprocessing: Preprocessing, threads: int = 1,
+                 chunk: int = DEFAULT_CHUNK) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.sessions = {}
+        for graph in ("log_weights", "background_log_weights"):
+            path = Path(directory) / f"{graph}.onnx"
+            if path.is_file():
+                self.sessions[graph] = ort.InferenceSession(str(path), sess_options=options,
+                                                            providers=["CPUExecutionProvider"])
+        self.latent_dim = latent_dim
+        self.preprocessing = preprocessing
+        self.chunk = chunk
+
+    @classmethod
+    def from_artifact(cls, directory: Path, threads: int = 1) -> GraphScorer:
+        """From a version folder, verified by the service's own reader."""
+        from service.artifacts import load_manifest
+
+        m = load_manifest(Path(directory), "onnx")
+        return cls(m.directory, m.latent_dim, m.preprocessing, threads=threads)
+
+    @property
+    def has_background(self) -> bool:
+        return "background_log_weights" in self.sessions
+
+    def nll(self, images: np.ndarray, k: int, seed: int, graph: str = "log_weights",
+            batch_rows: int = 64) -> np.ndarray:
+        """-log p(x) in nats by the IW bound with k samples. images: (N, C, H, W) in [0, 1] -> (N,) float64.
+
+        The images are put in the likelihood view first; image i gets the noise rows
+        chunk_eps(seed, i, c, chunk, D), c = 0..ceil(k / chunk) - 1, of which the first k are used,
+        exactly as the service draws them for image i of a request.
+        """
+        x = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        session = self.sessions[graph]
+        names = GRAPH_IO[graph][0]
+        chunks = math.ceil(k / self.chunk)
+        out = np.empty(len(x))
+        per_batch = max(1, batch_rows // chunks)
+        for start in range(0, len(x), per_batch):
+            xb = x[start:start + per_batch]  # (b, C, H, W)
+            rows_x = np.repeat(xb, chunks, axis=0)  # (b * chunks, C, H, W)
+            eps = np.stack([chunk_eps(seed, start + i, c, self.chunk, self.latent_dim)
+                            for i in range(len(xb)) for c in range(chunks)])  # (b * chunks, chunk, D)
+            log_w = session.run(None, {names[0]: rows_x, names[1]: eps})[0]  # (b * chunks, chunk)
+            log_w = log_w.reshape(len(xb), chunks * self.chunk)[:, :k].astype(np.float64)  # (b, k)
+            top = log_w.max(axis=1, keepdims=True)
+            out[start:start + len(xb)] = -(top[:, 0] + np.log(np.exp(log_w - top).mean(axis=1)))
+        return out
+
+    def all_scores(self, images: np.ndarray, k: int, seed: int, typicality: TypicalityReference | None,
+                   methods: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """{method: (N,) scores} for the methods this artifact supports, from one pass over the graphs."""
+        nll = self.nll(images, k, seed)
+        bg = self.nll(images, k, seed, "background_log_weights") if self.has_background else None
+        view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        out = {}
+        for method in methods:
+            missing = bg is None if method == "likelihood_ratio" else typicality is None
+            if method in ("likelihood_ratio", "typicality") and missing:
+                continue
+            out[method] = anomaly_scores(method, nll, images=view, background_nll=bg, typicality=typicality)
+        return out
