@@ -179,7 +179,11 @@ def read_artifact(directory: Path) -> VerifiedArtifact:
     files = manifest.get("files", {})
     onnx_bytes = {}
     for graph in GRAPHS:
-        relative = manifest["graphs"][graph]["onnx"]
+        try:
+            relative = str(manifest["graphs"][graph]["onnx"])
+        except (KeyError, TypeError) as exc:
+            raise TritonRepoError(f"{directory}: manifest.json names no ONNX file for the {graph} "
+                                  "graph") from exc
         path = (directory / relative).resolve()
         if Path(relative).is_absolute() or not path.is_relative_to(directory.resolve()):
             raise TritonRepoError(f"{directory}: manifest.json lists a file outside the artifact: "

@@ -236,6 +236,13 @@ def test_refusals_name_the_problem(tmp_path: Path) -> None:
         export_triton_repo(models, tmp_path / "repo", ["mnist-vae:v2"])
     with pytest.raises(TritonRepoError, match="not found"):
         export_triton_repo(models, tmp_path / "repo", ["nope"])
+    broken = _copy_artifact(DEFAULT_MODEL, models / "mnist-vae" / "4", "4")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["graphs"]["decoder"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TritonRepoError, match="no ONNX file for the decoder graph"):
+        export_triton_repo(models, tmp_path / "repo", ["mnist-vae:4"])
+    shutil.rmtree(broken)
     _copy_artifact(DEFAULT_MODEL, models / "mnist-vae" / "3", "3")
     for out in (models, tmp_path, models / "mnist-vae"):  # --force would delete the artifacts
         with pytest.raises(TritonRepoError, match="overlaps the models directory"):
