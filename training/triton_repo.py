@@ -1,13 +1,17 @@
 """Export artifacts as an NVIDIA Triton Inference Server model repository (`python -m training triton-repo`).
 
-For every artifact `models/<name>/<version>/` the repository gets four Triton models, each a
-`config.pbtxt` plus `<version>/model.onnx` run by Triton's ONNX Runtime backend:
+For every artifact `models/<name>/<version>/` the repository gets four Triton models (six with the
+optional background graph), each a `config.pbtxt` plus `<version>/model.onnx` run by Triton's ONNX
+Runtime backend:
 
     <name>_encoder, <name>_decoder, <name>_log_weights   the artifact's ONNX files, copied byte for byte
                                                          after their sha256 is checked against manifest.json
     <name>_log_likelihood                                log_weights.onnx plus a reduction over the
                                                          sample axis: log (1/K) sum_k exp(log_w_k) and
                                                          mean_k log_w_k (the ELBO)
+    <name>_background_log_weights, <name>_background_log_likelihood
+                                                         the same for the likelihood-ratio background
+                                                         model, when the artifact has one
 
 The configs are `inference.ModelConfig` protobuf messages serialised with `text_format`, so they are
 valid by construction; their inputs and outputs are read from the ONNX graphs themselves. Triton's
@@ -34,11 +38,12 @@ import onnx
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
-GRAPHS = ("encoder", "decoder", "log_weights")
-LOG_LIKELIHOOD = "log_likelihood"
-FORMAT_VERSION = 1  # docs/artifact-format.md: a reader refuses versions it does not know
+# The artifact contract (format version, graph names, name rules) is defined once, in the service.
+from service.artifacts import FORMAT_VERSION, GRAPHS, MODEL_NAME_RE, OPTIONAL_GRAPHS
+
+# log_weights-like graph (x, eps [, y] -> log_w) -> the Triton model that reduces it over the samples
+REDUCTIONS = {"log_weights": "log_likelihood", "background_log_weights": "background_log_likelihood"}
 MIN_OPSET = 18  # Reduce* ops take their axes as an input from opset 18 on
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # Triton ignores version folders that are not a number or start with 0, so only these can be exported.
 TRITON_VERSION_RE = re.compile(r"[1-9][0-9]*")
 SCHEMA_MODULE = "triton_model_config_pb2"
@@ -138,7 +143,8 @@ def select_artifacts(models_dir: Path, refs: list[str]) -> list[Path]:
     if not models_dir.is_dir():
         raise TritonRepoError(f"models directory {models_dir} does not exist")
     found: dict[str, list[str]] = {}
-    for model_dir in sorted(p for p in models_dir.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name)):
+    model_dirs = sorted(p for p in models_dir.iterdir() if p.is_dir() and MODEL_NAME_RE.fullmatch(p.name))
+    for model_dir in model_dirs:
         versions = [v.name for v in model_dir.iterdir()
                     if v.is_dir() and not v.name.startswith(".") and (v / "manifest.json").is_file()]
         if versions:
@@ -178,7 +184,9 @@ def read_artifact(directory: Path) -> VerifiedArtifact:
                               f"leading zeros; re-export this model with such a --version (not {version!r})")
     files = manifest.get("files", {})
     onnx_bytes = {}
-    for graph in GRAPHS:
+    graphs = manifest.get("graphs")
+    optional = [g for g in OPTIONAL_GRAPHS if isinstance(graphs, dict) and g in graphs]
+    for graph in (*GRAPHS, *optional):
         try:
             relative = str(manifest["graphs"][graph]["onnx"])
         except (KeyError, TypeError) as exc:
@@ -311,12 +319,14 @@ def model_config(pb2: ModuleType, name: str, model: onnx.ModelProto, versions: l
 def _triton_models(artifact: VerifiedArtifact) -> dict[str, bytes]:
     """Triton model name -> model.onnx bytes for one artifact."""
     models = {f"{artifact.name}_{graph}": data for graph, data in artifact.onnx_bytes.items()}
-    log_weights = onnx.load_from_string(artifact.onnx_bytes["log_weights"])
-    reduction = log_likelihood_graph(log_weights)
-    digest = hashlib.sha256(artifact.onnx_bytes["log_weights"]).hexdigest()
-    source = f"{artifact.name}/{artifact.version}/log_weights.onnx"
-    helper.set_model_props(reduction, {"vae_serve.source": source, "vae_serve.source_sha256": digest})
-    models[f"{artifact.name}_{LOG_LIKELIHOOD}"] = reduction.SerializeToString()
+    for graph, reduced in REDUCTIONS.items():
+        if graph not in artifact.onnx_bytes:  # background_log_weights is optional
+            continue
+        reduction = log_likelihood_graph(onnx.load_from_string(artifact.onnx_bytes[graph]))
+        digest = hashlib.sha256(artifact.onnx_bytes[graph]).hexdigest()
+        source = f"{artifact.name}/{artifact.version}/{artifact.manifest['graphs'][graph]['onnx']}"
+        helper.set_model_props(reduction, {"vae_serve.source": source, "vae_serve.source_sha256": digest})
+        models[f"{artifact.name}_{reduced}"] = reduction.SerializeToString()
     return models
 
 

@@ -31,6 +31,8 @@ from training.triton_repo import TritonOptions, TritonRepoError, export_triton_r
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "mnist-vae" / "1"
 GRAPHS = ("encoder", "decoder", "log_weights", "log_likelihood")
+# reduction model -> the log_weights-like graph it is built from
+SOURCES = {"log_likelihood": "log_weights", "background_log_likelihood": "background_log_weights"}
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
 
 
@@ -102,12 +104,15 @@ def _check_repo(pb2: ModuleType, repo: Path, artifact: Path, kind: str, max_batc
                 delay_us: int, queue_size: int, timeout_us: int) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     name, version = manifest["name"], manifest["version"]
-    assert sorted(p.name for p in repo.iterdir()) == sorted(f"{name}_{g}" for g in GRAPHS)
-    for graph in GRAPHS:
+    graphs = [*GRAPHS]
+    if "background_log_weights" in manifest["graphs"]:
+        graphs += ["background_log_weights", "background_log_likelihood"]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(f"{name}_{g}" for g in graphs)
+    for graph in graphs:
         model_dir = repo / f"{name}_{graph}"
         assert sorted(p.name for p in model_dir.iterdir()) == [version, "config.pbtxt"]
         onnx_path = model_dir / version / "model.onnx"
-        if graph != "log_likelihood":  # copied byte for byte, the checksum the manifest promises
+        if graph not in SOURCES:  # copied byte for byte, the checksum the manifest promises
             digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
             assert digest == manifest["files"][manifest["graphs"][graph]["onnx"]]
         model = onnx.load(onnx_path)
@@ -120,7 +125,7 @@ def _check_repo(pb2: ModuleType, repo: Path, artifact: Path, kind: str, max_batc
         assert list(config.version_policy.specific.versions) == [int(version)]
         assert _actual_io(pb2, config.input) == _expected_io(list(model.graph.input))
         assert _actual_io(pb2, config.output) == _expected_io(list(model.graph.output))
-        source = "log_weights" if graph == "log_likelihood" else graph
+        source = SOURCES.get(graph, graph)
         assert [t.name for t in config.input] == manifest["graphs"][source]["inputs"]
         batching = config.dynamic_batching
         assert batching.max_queue_delay_microseconds == delay_us
@@ -200,6 +205,24 @@ def test_conditional_log_likelihood_graph_feeds_the_labels(conditional_repo: Pat
     np.testing.assert_allclose(elbo, expected_elbo, rtol=1e-6, atol=1e-5)
     other = reduction.run(None, {"x": x, "eps": eps, "y": (y + 1) % 10})[0]
     assert not np.allclose(other, log_likelihood)  # the label really reaches the graph
+
+
+def test_background_graph_is_exported_with_its_own_reduction(pb2: ModuleType, tmp_path: Path) -> None:
+    """An artifact with the optional likelihood-ratio background graph (here: a copy of log_weights)."""
+    artifact = _copy_artifact(DEFAULT_MODEL, tmp_path / "models" / "mnist-vae" / "1")
+    shutil.copyfile(artifact / "log_weights.onnx", artifact / "background_log_weights.onnx")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["graphs"]["background_log_weights"] = {**manifest["graphs"]["log_weights"],
+                                                    "onnx": "background_log_weights.onnx"}
+    manifest["files"]["background_log_weights.onnx"] = manifest["files"]["log_weights.onnx"]
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "repo"
+    names = export_triton_repo(tmp_path / "models", out)
+    assert "mnist-vae_background_log_weights" in names and "mnist-vae_background_log_likelihood" in names
+    _check_repo(pb2, out, artifact, "KIND_GPU", 64, 2000, 1024, 30_000_000)
+    reduction = onnx.load(out / "mnist-vae_background_log_likelihood" / "1" / "model.onnx")
+    props = {p.key: p.value for p in reduction.metadata_props}
+    assert props["vae_serve.source"] == "mnist-vae/1/background_log_weights.onnx"
 
 
 def test_tampered_onnx_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
