@@ -256,6 +256,8 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         raise ValueError(f"name {name!r} does not match {MODEL_NAME_RE.pattern}")
     if name != directory.parent.name:
         raise ValueError(f"name {name!r} differs from its folder {directory.parent.name!r}")
+    if str(raw["version"]) != directory.name:
+        raise ValueError(f"version {raw['version']!r} differs from its folder {directory.name!r}")
     inp, prep, model = raw["input"], raw["preprocessing"], raw["model"]
     channels, height, width = int(inp["channels"]), int(inp["height"]), int(inp["width"])
     if min(channels, height, width) < 1 or channels not in (1, 3):

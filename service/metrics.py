@@ -55,22 +55,22 @@ class Metrics:
                                          registry=r)
         self.queue_wait = Histogram("vae_queue_duration_seconds",
                                     "Time a submission waited in the batch queue before its first rows ran",
-                                    ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
+                                    ["model", "version", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
         self.compute = Histogram("vae_compute_duration_seconds", "Execution time of one batch on the device",
-                                 ["model", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 ["model", "version", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("vae_batch_size_rows", "Rows per executed batch",
-                                    ["model", "graph"], buckets=_BATCH_BUCKETS, registry=r)
+                                    ["model", "version", "graph"], buckets=_BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth_rows", "Rows waiting in the batch queue",
-                                 ["model", "graph"], registry=r, multiprocess_mode="livesum")
+                                 ["model", "version", "graph"], registry=r, multiprocess_mode="livesum")
         self.batch_failures = Counter("vae_batch_failures", "Batches that raised in the runtime",
-                                      ["model", "graph"], registry=r)
+                                      ["model", "version", "graph"], registry=r)
         self.rejections = Counter("vae_rejections",
                                   "Submissions refused (queue_full) or timed out (deadline)",
-                                  ["model", "graph", "reason"], registry=r)
+                                  ["model", "version", "graph", "reason"], registry=r)
         self.queue_peak = Gauge("vae_queue_depth_peak_rows", "Most rows ever waiting in the batch queue",
-                                ["model", "graph"], registry=r, multiprocess_mode="max")
+                                ["model", "version", "graph"], registry=r, multiprocess_mode="max")
         self.queue_limit = Gauge("vae_queue_limit_rows", "Queue bound in rows; admission refuses beyond it",
-                                 ["model", "graph"], registry=r, multiprocess_mode="max")
+                                 ["model", "version", "graph"], registry=r, multiprocess_mode="max")
         self.inflight = Gauge("vae_inflight_requests", "Model requests being handled now (all HTTP workers)",
                               registry=r, multiprocess_mode="livesum")
         # The sum of each worker's peak: an upper bound of the true peak across workers.
@@ -82,8 +82,8 @@ class Metrics:
                                  ["model", "version", "runtime", "device"], registry=r,
                                  multiprocess_mode="livemax")
 
-    def observer(self, model: str, graph: str) -> BatcherMetrics:
-        return BatcherMetrics(self, model, graph)
+    def observer(self, model: str, version: str, graph: str) -> BatcherMetrics:
+        return BatcherMetrics(self, model, version, graph)
 
     def render(self) -> bytes:
         directory = os.environ.get(MULTIPROC_ENV)
@@ -97,8 +97,8 @@ class Metrics:
 class BatcherMetrics:
     """The batching.BatchObserver of one (model, graph)."""
 
-    def __init__(self, metrics: Metrics, model: str, graph: str) -> None:
-        labels = {"model": model, "graph": graph}
+    def __init__(self, metrics: Metrics, model: str, version: str, graph: str) -> None:
+        labels = {"model": model, "version": version, "graph": graph}
         self._queue_wait = metrics.queue_wait.labels(**labels)
         self._compute = metrics.compute.labels(**labels)
         self._rows = metrics.batch_rows.labels(**labels)

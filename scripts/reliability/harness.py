@@ -281,7 +281,7 @@ def burst_scenario(server: Server, capacity_s: float = 3.0, burst_s: float = 1.5
 
     burst = asyncio.run(open_loop(server.url, path, body, rate=rate, count=count, sampler=sample))
     metrics = scrape(server.url)
-    labels = '{graph="encoder",model="tiny"}'
+    labels = '{graph="encoder",model="tiny",version="1"}'
     ok, rejected = burst.latencies(200), burst.latencies(429)
     return {
         "capacity_rps": round(capacity, 1),

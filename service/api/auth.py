@@ -1,6 +1,5 @@
 """Bearer API keys (VAE_API_KEYS): one dependency, applied to every model router."""
 
-from __future__ import annotations
 
 import hmac
 from typing import Annotated, Any

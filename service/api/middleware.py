@@ -78,7 +78,7 @@ class RequestMiddleware:
                 message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
                 await error_response(413, "payload_too_large", message)(scope, receive, send_with_id)
             elif is_work and self.inflight >= settings.max_inflight_requests:
-                self.state.metrics.rejections.labels("-", "-", "inflight_limit").inc()
+                self.state.metrics.rejections.labels("-", "-", "-", "inflight_limit").inc()
                 message = (f"the service is at capacity ({self.inflight} requests in flight, limit "
                            f"{settings.max_inflight_requests}); retry after the Retry-After seconds")
                 await error_response(429, "overloaded", message, {"Retry-After": "1"})(

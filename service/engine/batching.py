@@ -213,6 +213,10 @@ class Batcher:
 
     def check_deadline(self, rows: int, deadline: float) -> None:
         """Refuse at once work that could not finish before `deadline` (see the module docstring)."""
+        if not self.busy and rows <= self.batch_rows():
+            # One batch on an idle device is always tried: it is also the measurement that corrects a
+            # cost estimate inflated by a slow batch (else a bad estimate could refuse work forever).
+            return
         left = (deadline - time.monotonic()) * self.admission_share
         alone = math.ceil(rows / self.batch_rows()) * self.batch_seconds()
         if alone > left:

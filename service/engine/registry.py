@@ -45,7 +45,7 @@ class ServedModel:
         label = f"{name}:{manifest.version}"
 
         def batcher(graph: str, run: RunFn, rows: int, queue: int, slice_s: float | None = None) -> Batcher:
-            observer = metrics.observer(label, graph)
+            observer = metrics.observer(name, manifest.version, graph)
             observer.limit(queue)
             return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue,
                            max_delay_s=delay, observer=observer, name=f"{label}/{graph}",

@@ -68,7 +68,7 @@ def test_bad_artifact_is_refused_with_a_clear_log_line(problem: str, repo: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     damage, fragment = PROBLEMS[problem]
     damage(repo / "tiny" / "1")
-    caplog.set_level(logging.ERROR, logger="service.registry")
+    caplog.set_level(logging.ERROR, logger="service.engine.registry")
     with pytest.raises(ArtifactError, match="refusing model tiny/1") as info, \
             TestClient(create_app(Settings(models_dir=repo, threads=1))):
         pass

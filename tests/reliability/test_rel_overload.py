@@ -31,7 +31,7 @@ def _burst(models_dir: Path, tmp_path: Path, burst_s: float) -> dict:
         metrics = harness.scrape(server.url)
         assert "unhandled error" not in server.log()
     print("\nburst figures:", json.dumps(figures))
-    assert metrics['vae_queue_depth_rows{graph="encoder",model="tiny"}'] == 0
+    assert metrics['vae_queue_depth_rows{graph="encoder",model="tiny",version="1"}'] == 0
     return figures
 
 
@@ -88,12 +88,12 @@ def test_clients_leaving_mid_request_leak_no_queue_slots_or_work(models_dir: Pat
         deadline = time.monotonic() + 15
         while True:  # every slot comes back: queue empty, nothing in flight
             m = harness.scrape(server.url)
-            if (m['vae_queue_depth_rows{graph="encoder",model="tiny"}'] == 0
+            if (m['vae_queue_depth_rows{graph="encoder",model="tiny",version="1"}'] == 0
                     and m["vae_inflight_requests"] == 0):
                 break
             assert time.monotonic() < deadline, m
             time.sleep(0.2)
-        batches = m['vae_batch_size_rows_count{graph="encoder",model="tiny"}']
+        batches = m['vae_batch_size_rows_count{graph="encoder",model="tiny",version="1"}']
         # Work of departed clients is dropped: far fewer than the 20 x 4 / 4 batches they asked for
         # (at most what was already on the device or taken into a batch when they left).
         assert batches < 20 + 4, m

@@ -57,7 +57,7 @@ def test_metrics_are_prometheus_text(client: TestClient) -> None:
     for name in ("vae_request_duration_seconds_bucket", "vae_queue_duration_seconds_bucket",
                  "vae_compute_duration_seconds_bucket", "vae_batch_size_rows_bucket", "vae_queue_depth_rows"):
         assert f'{name}{{' in text, name
-    assert 'graph="encoder",model="tiny"' in text
+    assert 'graph="encoder",model="tiny",version="1"' in text
 
 
 def test_openapi_documents_every_route_with_examples(client: TestClient) -> None:

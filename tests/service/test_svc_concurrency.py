@@ -68,14 +68,14 @@ def serve(app: FastAPI, scenario: Scenario) -> None:
 
 
 def wrap_runtime(app: FastAPI, model: str = "tiny", delay: float = 0.0) -> FaultyRuntime:
-    served = app.state.service.registry.models[model]
+    served = app.state.service.engine.registry.models[(model, "1")]
     served.runtime = FaultyRuntime(served.runtime, delay)
     return served.runtime
 
 
 def batch_histogram(text: str, model: str, graph: str) -> tuple[float, float]:
     """(number of batches, total rows) from the Prometheus text."""
-    labels = f'graph="{graph}",model="{model}"'
+    labels = f'graph="{graph}",model="{model}",version="1"'
     count = float(re.search(rf"vae_batch_size_rows_count{{{labels}}} (\S+)", text).group(1))
     total = float(re.search(rf"vae_batch_size_rows_sum{{{labels}}} (\S+)", text).group(1))
     return count, total
@@ -177,7 +177,7 @@ def test_failed_batch_fails_only_its_requests(make_app: Callable[..., FastAPI]) 
         other_model = await client.post("/v1/models/lin/encode", json={"inputs": grey_arrays(1)})
         assert other_model.status_code == 200
         metrics = (await client.get("/metrics")).text
-        assert 'vae_batch_failures_total{graph="encoder",model="tiny"} 1.0' in metrics
+        assert 'vae_batch_failures_total{graph="encoder",model="tiny",version="1"} 1.0' in metrics
 
     serve(make_app(max_queue_delay_ms=30.0), scenario)
 
@@ -211,7 +211,7 @@ def test_client_disconnect_cancels_queued_work(make_app: Callable[..., FastAPI])
                  "headers": [(b"content-type", b"application/json"),
                              (b"content-length", str(len(body)).encode())]}
         call = asyncio.ensure_future(app(scope, receive, send))
-        encoder = app.state.service.registry.models["tiny"].batchers["encoder"]
+        encoder = app.state.service.engine.registry.models[("tiny", "1")].batchers["encoder"]
         await until(lambda: encoder.queued_rows == 5)
         disconnected.set()
         await asyncio.wait_for(call, 2)

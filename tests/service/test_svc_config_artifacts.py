@@ -51,6 +51,8 @@ def repo(tmp_path: Path, models_dir: Path) -> Path:
     """A private copy of the tiny model as versions 1, 2 and 10 (to corrupt freely)."""
     for version in ("1", "2", "10"):
         shutil.copytree(models_dir / "tiny" / "1", tmp_path / "tiny" / version)
+        manifest = tmp_path / "tiny" / version / "manifest.json"  # not in its own checksum list
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": version}))
     (tmp_path / "tiny" / ".11.partial").mkdir()  # an export in progress is never picked up
     (tmp_path / "Not A Model").mkdir()
     return tmp_path

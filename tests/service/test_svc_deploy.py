@@ -128,7 +128,7 @@ def test_shutdown_refuses_new_work_and_finishes_in_flight_requests(make_app: Cal
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.05)
-    served = app.state.service.registry.models["tiny"]
+    served = app.state.service.engine.registry.models[("tiny", "1")]
     served.runtime = FaultyRuntime(served.runtime, delay=1.0)
 
     async def scenario() -> None:
@@ -144,4 +144,4 @@ def test_shutdown_refuses_new_work_and_finishes_in_flight_requests(make_app: Cal
     asyncio.run(scenario())
     thread.join(timeout=20)
     assert not thread.is_alive()
-    assert app.state.service.registry is None  # lifespan shutdown ran after the request finished
+    assert app.state.service.engine.registry is None  # lifespan shutdown ran after the request finished
