@@ -68,7 +68,8 @@ class Supervisor:
         self.engine_ever_ready = False
         self.stop_requested = 0  # number of shutdown signals received
         self._crashes: dict[str, int] = {}  # role -> consecutive crashes, for the restart backoff
-        self._forwarded = 0
+        self._forwarded = 0  # shutdown signals forwarded to the workers
+        self._drain_deadline: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -127,14 +128,8 @@ class Supervisor:
 
     def _drain_step(self) -> int | None:
         """While stopping: forward signals to the workers; once they are gone stop the engine; 0 when done."""
-        if self._forwarded < self.stop_requested:
-            self._forwarded = self.stop_requested
-            for proc in self.workers.values():
-                if proc.is_alive() and proc.pid is not None:
-                    os.kill(proc.pid, signal.SIGTERM)
-            if self._forwarded == 1:
-                self._drain_deadline = time.monotonic() + self.settings.drain_delay_s + \
-                    self.settings.drain_timeout_s + 10.0
+        self._forward_stop()
+        assert self._drain_deadline is not None
         if any(p.is_alive() for p in self.workers.values()):
             if time.monotonic() < self._drain_deadline:
                 return None
@@ -149,6 +144,19 @@ class Supervisor:
         self.stop_requested += 1
         if self.stop_requested == 1:
             log.info("signal %d: draining the HTTP workers, then stopping the inference process", sig)
+        self._forward_stop()  # at once, so /readyz turns 503 within milliseconds
+
+    def _forward_stop(self) -> None:
+        """Send SIGTERM to every live worker once per shutdown signal received (a second one hurries)."""
+        if self._forwarded >= self.stop_requested:
+            return
+        self._forwarded = self.stop_requested
+        for proc in self.workers.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.settings.drain_delay_s + \
+                self.settings.drain_timeout_s + 10.0
 
     # -- children ------------------------------------------------------------------------------------------
     def _start_engine(self, restart: bool = False) -> None:

@@ -32,7 +32,8 @@ from service.config import Settings
 LIMITS = dict(threads=1, max_batch_size=16, max_batch_samples=2048, max_k=300, default_k=64, max_n=16,
               max_images=4, max_queue_size=64, log_level="WARNING")
 MODELS = ["lin", "tiny", "tinyc"]  # the session's artifacts (conftest)
-EXAMPLES = 75  # per operation; 11 operations (~1200 requests), a few exhaust their small input spaces
+VERSIONS = ["1"]
+EXAMPLES = 60  # per operation; 18 operations (~1100 requests), a few exhaust their small input spaces
 MIN_REQUESTS = 1000
 SENT: list[int] = []  # status of every fuzzed request
 
@@ -43,8 +44,9 @@ def _expected_schema() -> dict:
     for operations in spec["paths"].values():
         for operation in operations.values():
             for param in operation.get("parameters", []):
-                if param["in"] == "path" and param["name"] == "model":
-                    param["schema"] = {**param["schema"], "enum": MODELS, "examples": MODELS[:1]}
+                if param["in"] == "path" and param["name"] in ("model", "version"):
+                    values = MODELS if param["name"] == "model" else VERSIONS
+                    param["schema"] = {**param["schema"], "enum": values, "examples": values[:1]}
     return spec
 
 

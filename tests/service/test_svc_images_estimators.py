@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from svc_helpers import image_bytes
 
+from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
 from service.artifacts import Preprocessing
 from service.estimators import (
     bits_per_dim,
@@ -20,7 +21,6 @@ from service.estimators import (
     prior_latents,
     value_at,
 )
-from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
 
 NOISE_PNG = image_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
 GREY = Preprocessing("L", 8, 8, "bilinear", None)
