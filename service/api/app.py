@@ -20,6 +20,7 @@ from service.api.ops import build_ops_router
 from service.api.schemas import ErrorResponse
 from service.api.state import AppState
 from service.api.v1 import build_v1_router
+from service.api.v2 import build_v2_health_router, build_v2_router
 from service.config import Settings
 from service.engine.interface import Engine
 from service.metrics import Metrics
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None, engine_endpoint: str | None = N
     install_error_handlers(app)
     app.include_router(build_ops_router(state))
     app.include_router(build_v1_router(settings))
+    app.include_router(build_v2_health_router(state))
+    app.include_router(build_v2_router(settings))
     app.add_middleware(RequestMiddleware, state=state)
     if settings.cors_origins:
         # Added last, so it is outermost: preflights are answered before auth or draining checks.

@@ -1,7 +1,9 @@
 """Typed errors and the one place where each becomes an HTTP status and a JSON body.
 
-Body of every error response: {"error": {"code": "...", "message": "...", "request_id": "..."}}.
-Codes are stable strings callers can branch on; messages say what to change.
+Body of every error response: {"error": {"code": "...", "message": "...", "request_id": "..."}},
+except on the Open Inference Protocol paths (/v2...), whose specification fixes the body as
+{"error": "<message>"} (the request id is still in the X-Request-ID header). Codes are stable strings
+callers can branch on; messages say what to change.
 """
 
 from __future__ import annotations
@@ -100,8 +102,16 @@ def error_body(status: int, code: str, message: str, details: Any = None) -> dic
     return {"error": error}
 
 
+def is_v2_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   details: Any = None) -> JSONResponse:
+                   details: Any = None, *, path: str = "") -> JSONResponse:
+    """The error body of the protocol that `path` belongs to."""
+    if is_v2_path(path):
+        # Triton and KServe answer every invalid request 400; the V2 body is {"error": message}.
+        return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
     return JSONResponse(error_body(status, code, message, details), status_code=status, headers=headers)
 
 
@@ -113,18 +123,18 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, list[dict[s
     return "invalid request: " + "; ".join(parts) + more, details
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details, path=request.url.path)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, details = _describe_validation(list(exc.errors()))
-    return error_response(422, "invalid_input", message, details=details)
+    return error_response(422, "invalid_input", message, details=details, path=request.url.path)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     code = _HTTP_CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
@@ -133,7 +143,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         message = "no such route; see /docs for the API"
     elif status == 405:
         message = "method not allowed on this route; see /docs for the allowed methods"
-    return error_response(status, code, message, dict(exc.headers or {}))
+    return error_response(status, code, message, dict(exc.headers or {}), path=request.url.path)
 
 
 def from_engine_error(exc: engine.EngineError) -> ServiceError:
@@ -159,9 +169,20 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     return await _service_error(request, from_engine_error(exc))
 
 
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+async def _v2_codec_error(request: Request, exc: Exception) -> JSONResponse:
+    return await _service_error(request, BadRequest(str(exc)))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's default handlers so every error has the same JSON shape."""
+    from service.api.v2_codec import V2CodecError
+
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(V2CodecError, _v2_codec_error)
     app.add_exception_handler(engine.EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

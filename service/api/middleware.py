@@ -66,22 +66,24 @@ class RequestMiddleware:
             await send(message)
 
         settings = self.state.settings
+        path = scope["path"]
         counted = False
         try:
             limit = settings.max_upload_bytes
             declared = headers.get(b"content-length", b"").decode("latin-1")
-            is_work = scope["path"] not in OPS_PATHS
+            is_work = path not in OPS_PATHS
             if self.state.draining and is_work:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
-                                     "replica", {"Retry-After": "1"})(scope, receive, send_with_id)
+                                     "replica", {"Retry-After": "1"}, path=path)(scope, receive, send_with_id)
             elif declared and (not declared.isdigit() or int(declared) > limit):
                 message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
-                await error_response(413, "payload_too_large", message)(scope, receive, send_with_id)
+                await error_response(413, "payload_too_large", message, path=path)(
+                    scope, receive, send_with_id)
             elif is_work and self.inflight >= settings.max_inflight_requests:
                 self.state.metrics.rejections.labels("-", "-", "-", "inflight_limit").inc()
                 message = (f"the service is at capacity ({self.inflight} requests in flight, limit "
                            f"{settings.max_inflight_requests}); retry after the Retry-After seconds")
-                await error_response(429, "overloaded", message, {"Retry-After": "1"})(
+                await error_response(429, "overloaded", message, {"Retry-After": "1"}, path=path)(
                     scope, receive, send_with_id)
             else:
                 if is_work:
@@ -94,8 +96,8 @@ class RequestMiddleware:
         except Exception:
             log.exception("unhandled error")
             if not response["started"]:
-                await error_response(500, "internal_error", "internal error; the request id is in the logs")(
-                    scope, receive, send_with_id)
+                await error_response(500, "internal_error", "internal error; the request id is in the logs",
+                                     path=path)(scope, receive, send_with_id)
         finally:
             if counted:
                 self._leave()

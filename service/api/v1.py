@@ -8,9 +8,7 @@ serialised with orjson straight from numpy arrays (the response models only docu
 
 
 import secrets
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -18,9 +16,10 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from service.api.auth import auth_dependencies
-from service.api.errors import InferenceFailed, InvalidInput, ModelNotFound, Unavailable
+from service.api.errors import InferenceFailed, Unavailable
 from service.api.images import encode_png_base64, grid_png
-from service.api.inputs import ImageBatch, read_images, read_latents, resolve_labels
+from service.api.inputs import read_images, read_latents, resolve_labels
+from service.api.models import ModelRef, resolve_model
 from service.api.schemas import (
     AnomalyResponse,
     DecodeResponse,
@@ -33,14 +32,13 @@ from service.api.schemas import (
     SampleResponse,
     error_responses,
 )
+from service.api.scoring import anomaly_k, anomaly_results, iw_estimates
 from service.api.state import AppState
-from service.artifacts import MODEL_NAME_RE, VERSION_RE, Manifest
 from service.config import Settings
-from service.engine.interface import ModelInfo, Operation, default_version
-from service.estimators import IWEstimate, bits_per_dim, iw_estimate, percentile_of, prior_latents, value_at
+from service.engine.interface import ModelInfo, default_version
+from service.estimators import bits_per_dim, prior_latents
 
 MAX_SEED = 2**63 - 1
-TIMEOUT_HEADER = "x-request-timeout"
 
 
 def app_state(request: Request) -> AppState:
@@ -48,64 +46,6 @@ def app_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(app_state)]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """One served model version, resolved from the path, with the request's deadline."""
-
-    name: str
-    version: str
-    info: ModelInfo
-    state: AppState
-    deadline: float  # time.monotonic() value
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.info.manifest
-
-    def admit(self, operation: Operation, items: int = 1, k: int = 0) -> None:
-        """Refuse at once (before the body is read) work the engine cannot finish in time."""
-        self.state.engine.check_admission(self.name, self.version, operation, deadline=self.deadline,
-                                          items=items, k=k)
-
-    async def run(self, operation: Operation, inputs: dict[str, np.ndarray], k: int = 0,
-                  seed: int = 0) -> dict[str, np.ndarray]:
-        return await self.state.engine.infer(self.name, self.version, operation, inputs,
-                                             deadline=self.deadline, k=k, seed=seed)
-
-
-def request_deadline(request: Request, settings: Settings) -> float:
-    """The server's deadline, or the caller's shorter one from `X-Request-Timeout: <seconds>`."""
-    timeout = settings.request_timeout_s
-    given = request.headers.get(TIMEOUT_HEADER)
-    if given is not None:
-        try:
-            asked = float(given)
-        except ValueError:
-            asked = float("nan")
-        if not 0.0 < asked < float("inf"):
-            raise InvalidInput("header X-Request-Timeout must be a positive number of seconds, "
-                               f"got {given!r}")
-        timeout = min(timeout, asked)
-    return time.monotonic() + timeout
-
-
-def resolve_model(state: AppState, request: Request, model: str, version: str | None) -> ModelRef:
-    """Look the model (and version) up among the served ones; names are never used to build paths."""
-    engine = state.engine
-    if not engine.ready:
-        raise Unavailable("models are not loaded yet, or the inference process is restarting")
-    served = sorted(engine.models)
-    if not MODEL_NAME_RE.fullmatch(model):
-        raise ModelNotFound(f"no such model; names match {MODEL_NAME_RE.pattern} (served: {served})")
-    if model not in engine.models:
-        raise ModelNotFound(f"model {model!r} is not served (served: {served})")
-    versions = engine.models[model]
-    version = version if version is not None else default_version(engine.models, model)
-    if version is None or not VERSION_RE.fullmatch(version) or version not in versions:
-        raise ModelNotFound(f"model {model!r} has no version {version!r} (served: {sorted(versions)})")
-    return ModelRef(model, version, versions[version], state, request_deadline(request, state.settings))
 
 
 ModelPath = Annotated[str, Path(description="model name, as listed by GET /v1/models",
@@ -120,6 +60,7 @@ def latest_version(request: Request, model: ModelPath, state: State) -> ModelRef
 
 def given_version(request: Request, model: ModelPath, version: VersionPath, state: State) -> ModelRef:
     return resolve_model(state, request, model, version)
+
 
 
 def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -219,16 +160,6 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     FormatQ = Annotated[Literal["png", "array"],
                         Query(description="png: base64 PNG; array: C x H x W floats")]
 
-    async def iw(ref: ModelRef, batch: ImageBatch, k: int, seed: int) -> list[IWEstimate]:
-        """IW estimates per image on the likelihood view of x (binarized when the manifest says so)."""
-        threshold = ref.manifest.preprocessing.binarize_threshold
-        x = batch.x if threshold is None else (batch.x >= threshold).astype(np.float32)
-        inputs = {"x": x} if batch.y is None else {"x": x, "y": batch.y}
-        log_w = (await ref.run("log_weights", inputs, k=k, seed=seed))["log_w"]  # (N, k) float64
-        estimates = [iw_estimate(row) for row in log_w]
-        _finite(np.array([e.log_likelihood for e in estimates]), "log-likelihoods")
-        return estimates
-
     def with_labels(inputs: dict[str, np.ndarray], y: np.ndarray | None) -> dict[str, np.ndarray]:
         if y is not None:
             inputs["y"] = y
@@ -326,7 +257,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         ref.admit("log_weights", k=k)
         batch = await read_images(request, m, label, settings, models)
         seed = secrets.randbits(63) if seed is None else seed
-        estimates = await iw(ref, batch, k, seed)
+        estimates = await iw_estimates(ref, batch.x, batch.y, k, seed)
         results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
                     "bits_per_dim": bits_per_dim(e.log_likelihood, m.data_dims),
                     "standard_error": e.standard_error} for e in estimates]
@@ -348,21 +279,13 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     ) -> Response:
         """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
         m = ref.manifest
-        cal = m.calibration
-        if k is None:  # the calibration's k, so scores compare with the calibration percentiles
-            k = min(cal.k if cal else settings.default_k, settings.max_k)
+        k = anomaly_k(m, settings, k)
         ref.admit("log_weights", k=k)
         batch = await read_images(request, m, label, settings, models)
         seed = secrets.randbits(63) if seed is None else seed
         pct = settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
-        threshold = value_at(pct, cal.percentiles, cal.values) if cal else None
-        results = []
-        for e in await iw(ref, batch, k, seed):
-            score = -e.log_likelihood
-            results.append({
-                "score": score, "standard_error": e.standard_error,
-                "percentile": percentile_of(score, cal.percentiles, cal.values) if cal else None,
-                "threshold": threshold, "is_anomaly": None if threshold is None else bool(score > threshold)})
+        results = anomaly_results(m, await iw_estimates(ref, batch.x, batch.y, k, seed), pct)
+        cal = m.calibration
         return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
                               "threshold_percentile": pct, "calibration_k": cal.k if cal else None,
                               "results": results})

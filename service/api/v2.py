@@ -1,0 +1,311 @@
+"""Open Inference Protocol (KServe V2) REST routes, with Triton's binary tensor data extension.
+
+Each served VAE appears as four V2 models (the operation after the last dot):
+
+    {model}.encode          images FP32 [N, C, H, W] in [0, 1] (or png BYTES [N])
+                            -> mean, variance, log_variance FP32 [N, D]
+    {model}.decode          latents FP32 [N, D]  -> images FP32 [N, C, H, W]
+    {model}.log_likelihood  images (or png)      -> log_likelihood, elbo, standard_error FP64 [N]
+                            parameters: k, seed
+    {model}.anomaly_score   images (or png)      -> score, percentile FP64 [N], is_anomaly BOOL [N]
+                            parameters: k, seed, threshold_percentile
+Conditional models take `labels` INT64 [N] as well. The routes parse with service/api/v2_codec.py and
+call the same engine, scoring and limits as /v1, so a seeded log-likelihood is the same number on
+both. Errors answer {"error": "<message>"} (errors.py picks the shape by path).
+"""
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from service.api import v2_codec as codec
+from service.api.auth import auth_dependencies
+from service.api.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
+from service.api.images import ImageError, ImageTooLarge, decode_image
+from service.api.inputs import resolve_labels
+from service.api.models import ModelRef, resolve_model
+from service.api.scoring import anomaly_k, anomaly_results, iw_estimates
+from service.api.state import AppState
+from service.config import Settings
+from service.engine.interface import ModelInfo, Operation
+
+OPERATIONS = ("encode", "decode", "log_likelihood", "anomaly_score")
+ENGINE_OPERATION: dict[str, Operation] = {"encode": "encode", "decode": "decode",
+                                          "log_likelihood": "log_weights", "anomaly_score": "log_weights"}
+SERVER_NAME = "vae-serve"
+SERVER_VERSION = "1"
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread, not on the event loop
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.service
+
+
+State = Annotated[AppState, Depends(app_state)]
+NamePath = Annotated[str, Path(description="'{model}.{operation}', operation one of " + ", ".join(OPERATIONS),
+                               examples=["mnist-vae.encode"])]
+VersionPath = Annotated[str, Path(description="model version", examples=["1"])]
+
+
+@dataclass(frozen=True)
+class V2Model:
+    """A V2 model name resolved to a served version and one of the four operations."""
+
+    ref: ModelRef
+    operation: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.ref.name}.{self.operation}"
+
+
+def _split(name: str) -> tuple[str, str]:
+    model, dot, operation = name.rpartition(".")
+    if not dot or operation not in OPERATIONS:
+        raise ModelNotFound(f"no V2 model {name!r}: V2 model names are '<model>.<operation>' with operation "
+                            f"one of {list(OPERATIONS)}")
+    return model, operation
+
+
+def latest(request: Request, name: NamePath, state: State) -> V2Model:
+    model, operation = _split(name)
+    return V2Model(resolve_model(state, request, model, None), operation)
+
+
+def given(request: Request, name: NamePath, version: VersionPath, state: State) -> V2Model:
+    model, operation = _split(name)
+    return V2Model(resolve_model(state, request, model, version), operation)
+
+
+# -- tensor specs ------------------------------------------------------------------------------------------
+def _specs(info: ModelInfo, operation: str) -> tuple[list[codec.TensorSpec], list[codec.TensorSpec]]:
+    """(inputs, outputs) of one V2 model; -1 is the batch dimension. `png` is an optional alternative."""
+    m = info.manifest
+    images = codec.TensorSpec("images", "FP32", (-1, *m.input_shape))
+    labels = [codec.TensorSpec("labels", "INT64", (-1,))] if m.conditional else []
+    d = m.latent_dim
+    if operation == "encode":
+        outputs = [codec.TensorSpec(n, "FP32", (-1, d)) for n in ("mean", "variance", "log_variance")]
+        return [images, *labels], outputs
+    if operation == "decode":
+        return [codec.TensorSpec("latents", "FP32", (-1, d)), *labels], [images]
+    if operation == "log_likelihood":
+        return [images, *labels], [codec.TensorSpec(n, "FP64", (-1,))
+                                   for n in ("log_likelihood", "elbo", "standard_error")]
+    return [images, *labels], [codec.TensorSpec("score", "FP64", (-1,)),
+                               codec.TensorSpec("percentile", "FP64", (-1,)),
+                               codec.TensorSpec("is_anomaly", "BOOL", (-1,))]
+
+
+def _metadata(v2: V2Model) -> dict[str, Any]:
+    inputs, outputs = _specs(v2.ref.info, v2.operation)
+    versions = sorted(v2.ref.state.engine.models[v2.ref.name])
+    return codec.model_metadata(v2.name, versions, "vae-serve_" + v2.ref.info.runtime, inputs, outputs)
+
+
+def _config(v2: V2Model, settings: Settings) -> dict[str, Any]:
+    inputs, outputs = _specs(v2.ref.info, v2.operation)
+    return codec.triton_model_config(
+        v2.name, settings.max_images, inputs, outputs,
+        {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000),
+         "preferred_batch_size": [settings.max_batch_size],
+         "default_queue_policy": {"timeout_action": "REJECT",
+                                  "default_timeout_microseconds": int(settings.request_timeout_s * 1e6),
+                                  "allow_timeout_override": True,
+                                  "max_queue_size": settings.max_queue_size}},
+        platform="vae-serve_" + v2.ref.info.runtime, backend="vae-serve")
+
+
+# -- request tensors -> engine inputs ----------------------------------------------------------------------
+def _parameter(request: codec.InferRequest, name: str, kind: type, default: Any,
+               low: float | None = None, high: float | None = None) -> Any:
+    value = request.parameters.get(name, default)
+    if value is None:
+        return None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidInput(f"parameter '{name}' must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise InvalidInput(f"parameter '{name}' must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidInput(f"parameter '{name}' must be in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) -> tuple[np.ndarray, int]:
+    """The `images` tensor (checked: finite, in [0, 1]) or the `png` BYTES tensor decoded: (N, C, H, W)."""
+    m = v2.ref.manifest
+    given = {i.name for i in request.inputs} - {"labels"}
+    if given == {"png"}:
+        png = request.input("png")
+        assert png is not None
+        if png.datatype != "BYTES" or png.array.ndim != 1:
+            raise InvalidInput("input 'png' must be BYTES of shape [N]: one encoded image file per item")
+        arrays = []
+        for i, data in enumerate(png.array):
+            try:
+                arrays.append(decode_image(bytes(data), m.preprocessing, settings.max_image_pixels))
+            except ImageTooLarge as exc:
+                raise PayloadTooLarge(f"png[{i}]: {exc}") from None
+            except ImageError as exc:
+                raise InvalidInput(f"png[{i}]: {exc}") from None
+        x = np.stack(arrays) if arrays else np.zeros((0, *m.input_shape), np.float32)
+    else:
+        inputs, _ = _specs(v2.ref.info, v2.operation)
+        x = codec.match_inputs(request, inputs)["images"]
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
+            raise InvalidInput("input 'images' must hold pixel values in [0, 1]")
+    return x.astype(np.float32, copy=False), len(x)
+
+
+def _labels(request: codec.InferRequest, v2: V2Model, n: int) -> np.ndarray | None:
+    m = v2.ref.manifest
+    labels = request.input("labels")
+    if labels is not None and labels.datatype != "INT64":
+        raise InvalidInput("input 'labels' must be INT64 of shape [N]")
+    values = None if labels is None else [int(v) for v in labels.array.reshape(-1)]
+    return resolve_labels(m, n, None, values)
+
+
+def _check_count(n: int, settings: Settings) -> None:
+    if n < 1:
+        raise InvalidInput("the request holds no items; send a batch of at least one")
+    if n > settings.max_images:
+        raise InvalidInput(f"{n} items in one request; the limit is {settings.max_images}")
+
+
+async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> list[tuple[str, np.ndarray]]:
+    """One V2 inference: the named outputs of the operation, in spec order."""
+    ref = v2.ref
+    if v2.operation == "decode":
+        inputs, _ = _specs(ref.info, "decode")
+        z = codec.match_inputs(request, inputs)["latents"]
+        _check_count(len(z), settings)
+        y = _labels(request, v2, len(z))
+        out = await ref.run("decode", {"z": z} if y is None else {"z": z, "y": y})
+        return [("images", out["x_mean"])]
+    x, n = _images(request, v2, settings)
+    _check_count(n, settings)
+    y = _labels(request, v2, n)
+    if v2.operation == "encode":
+        out = await ref.run("encode", {"x": x} if y is None else {"x": x, "y": y})
+        log_var = out["log_var"]
+        return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)]
+    seed = _parameter(request, "seed", int, None, 0, 2**63 - 1)
+    seed = secrets.randbits(63) if seed is None else seed
+    if v2.operation == "log_likelihood":
+        k = _parameter(request, "k", int, settings.default_k, 1, settings.max_k)
+        estimates = await iw_estimates(ref, x, y, k, seed)
+        return [("log_likelihood", np.array([e.log_likelihood for e in estimates])),
+                ("elbo", np.array([e.elbo for e in estimates])),
+                ("standard_error", np.array([np.nan if e.standard_error is None else e.standard_error
+                                             for e in estimates]))]
+    if ref.manifest.calibration is None:
+        raise InvalidInput(f"model {ref.name} version {ref.version} has no anomaly calibration")
+    k = anomaly_k(ref.manifest, settings, _parameter(request, "k", int, None, 1, settings.max_k))
+    pct = _parameter(request, "threshold_percentile", float, settings.anomaly_percentile, 0.0, 100.0)
+    results = anomaly_results(ref.manifest, await iw_estimates(ref, x, y, k, seed), pct)
+    return [("score", np.array([r["score"] for r in results])),
+            ("percentile", np.array([r["percentile"] for r in results], dtype=np.float64)),
+            ("is_anomaly", np.array([r["is_anomaly"] for r in results], dtype=bool))]
+
+
+def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: Settings
+                 ) -> codec.InferRequest:
+    m = v2.ref.manifest
+    per_item = max(m.data_dims, m.latent_dim) + 1  # one image or latent, plus a label
+    return codec.decode_infer_request(body, header_length, max_elements=settings.max_images * per_item)
+
+
+# -- router ------------------------------------------------------------------------------------------------
+def build_v2_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],
+                       dependencies=auth_dependencies(settings))
+
+    @router.get("", summary="Server metadata")
+    async def get_server_metadata() -> Response:
+        """Name, version and the protocol extensions this server supports."""
+        return _json(codec.server_metadata(SERVER_NAME, SERVER_VERSION, EXTENSIONS))
+
+    _add_model_routes(router, "/models/{name}", latest, settings)
+    _add_model_routes(router, "/models/{name}/versions/{version}", given, settings)
+    return router
+
+
+def build_v2_health_router(state: AppState) -> APIRouter:
+    """/v2/health/live and /v2/health/ready: operations paths (no auth unless VAE_AUTH_OPS)."""
+    protect = state.settings.auth_ops and bool(state.settings.api_keys)
+    router = APIRouter(prefix="/v2/health", tags=["open inference protocol (v2)"],
+                       dependencies=auth_dependencies(state.settings) if protect else [])
+
+    @router.get("/live", summary="Server liveness (V2)")
+    async def get_v2_live() -> Response:
+        """200 while the process is alive."""
+        return _json({"live": True})
+
+    @router.get("/ready", summary="Server readiness (V2)")
+    async def get_v2_ready() -> Response:
+        """200 when the models are loaded and reachable; 503 otherwise (as /readyz)."""
+        if not state.ready:
+            raise Unavailable("not ready: loading, restarting or shutting down")
+        return _json({"ready": True})
+
+    return router
+
+
+def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Model],
+                      settings: Settings) -> None:
+    Model = Annotated[V2Model, Depends(resolve)]
+
+    @router.get(base, summary="Model metadata (V2)")
+    async def get_v2_model(v2: Model) -> Response:
+        """Name, versions, platform, and the input and output tensors with their datatypes and shapes."""
+        return _json(_metadata(v2))
+
+    @router.get(f"{base}/ready", summary="Model readiness (V2)")
+    async def get_v2_model_ready(v2: Model) -> Response:
+        """200 when this model version is loaded and reachable."""
+        return _json({"name": v2.name, "ready": True})
+
+    @router.get(f"{base}/config", summary="Model configuration (Triton)")
+    async def get_v2_model_config(v2: Model) -> Response:
+        """Triton's model configuration (JSON): max_batch_size, inputs, outputs, dynamic batching."""
+        return _json(_config(v2, settings))
+
+    @router.post(f"{base}/infer", summary="Inference (V2)",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": {"type": "object"}},
+                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def post_v2_infer(request: Request, v2: Model) -> Response:
+        """Run the model on JSON tensors or the binary tensor data extension (both directions)."""
+        ref = v2.ref
+        # Before the body is read, admit as the cheapest request of this operation (k arrives in the
+        # body); the engine checks the real cost again when the work is submitted.
+        ref.admit(ENGINE_OPERATION[v2.operation], k=1)
+        header_length = codec.parse_header_length(request.headers.get(codec.HEADER_LENGTH_HEADER))
+        body = await request.body()
+        if len(body) > OFF_LOOP_BYTES:
+            parsed = await asyncio.to_thread(_decode_body, body, header_length, v2, settings)
+        else:
+            parsed = _decode_body(body, header_length, v2, settings)
+        outputs = await _run(v2, parsed, settings)
+        names = parsed.output_names([name for name, _ in outputs])
+        selected = [(name, array) for name, array in outputs if name in names]
+        selected.sort(key=lambda item: names.index(item[0]))
+        payload, json_length = codec.encode_infer_response(
+            v2.name, ref.version, parsed.id, selected, binary=parsed.binary_outputs(names))
+        if json_length is None:
+            return Response(payload, media_type=codec.JSON_CONTENT_TYPE)
+        return Response(payload, media_type=codec.BINARY_CONTENT_TYPE,
+                        headers={codec.HEADER_LENGTH_HEADER: str(json_length)})
+
+
+def _json(payload: Any) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
