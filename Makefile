@@ -3,7 +3,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint default-model bench reliability
+.PHONY: serve test lint default-model bench reliability bench-peers bench-serving
 
 serve:
 	scripts/bootstrap.sh
@@ -32,3 +32,13 @@ reliability:
 	$(PY) -m pytest tests/reliability -q --run-slow
 	$(PY) scripts/reliability/burst.py
 	$(PY) scripts/reliability/soak.py
+
+# The peers of the serving benchmark (BentoML, LitServe) in their own venv, .bench-peers-venv.
+bench-peers:
+	benchmarks/peers/setup.sh
+
+# Serving benchmark: hey against this service, plain FastAPI, BentoML and LitServe, one at a time.
+bench-serving: bench-peers
+	scripts/bootstrap.sh train,test,torchscript
+	benchmarks/setup.sh
+	$(PY) benchmarks/serving_benchmark.py

@@ -1,6 +1,7 @@
 """Baseline for the load benchmark: the plain FastAPI endpoint a reasonable engineer would write first.
 
     .venv/bin/python benchmarks/plain_server.py --models-dir models --model mnist-vae --port 8001
+    .venv/bin/python benchmarks/plain_server.py --threads 1 --workers 2   # uvicorn's multi-process mode
 
 It serves the same encoder.onnx with ONNX Runtime, one `session.run` per request, no batching:
 - `def` endpoints, so FastAPI runs each request in its thread pool (40 threads by default) and the
@@ -47,6 +48,7 @@ def create_app(version_dir: Path, threads: int, device: str) -> FastAPI:
     session = ort.InferenceSession(str(version_dir / manifest["graphs"]["encoder"]["onnx"]),
                                    sess_options=options, providers=providers)
     app = FastAPI(title="plain encoder baseline")
+    app.state.providers = session.get_providers()
 
     def preprocess(data: bytes) -> np.ndarray:
         im = Image.open(io.BytesIO(data)).convert(prep["color_mode"])
@@ -79,6 +81,16 @@ def create_app(version_dir: Path, threads: int, device: str) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The app of `--workers N` (N > 1): uvicorn imports it in each worker process, settings from env."""
+    import os
+
+    app = create_app(Path(os.environ["PLAIN_VERSION_DIR"]), int(os.environ["PLAIN_THREADS"]),
+                     os.environ["PLAIN_DEVICE"])
+    print(f"BENCH_PROVIDERS={','.join(app.state.providers)}", flush=True)
+    return app
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,10 +102,22 @@ def main() -> None:
                         help="CUDA when a GPU and the CUDA provider exist (auto), as the service does")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="uvicorn worker processes (> 1: uvicorn's multi-process mode, one session each)")
     args = parser.parse_args()
     model_dir = args.models_dir / args.model
     version = args.version or max((p.name for p in model_dir.iterdir() if p.name.isdigit()), key=int)
-    uvicorn.run(create_app(model_dir / version, args.threads, args.device), host=args.host, port=args.port)
+    if args.workers > 1:
+        import os
+
+        os.environ.update(PLAIN_VERSION_DIR=str((model_dir / version).resolve()),
+                          PLAIN_THREADS=str(args.threads), PLAIN_DEVICE=args.device)
+        uvicorn.run("plain_server:app_from_env", factory=True, workers=args.workers, host=args.host,
+                    port=args.port, app_dir=str(Path(__file__).resolve().parent))
+        return
+    app = create_app(model_dir / version, args.threads, args.device)
+    print(f"BENCH_PROVIDERS={','.join(app.state.providers)}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

