@@ -172,6 +172,19 @@ def check_answer(server: RunningServer, body: bytes, expected_mean: np.ndarray) 
     }
 
 
+def mean_batch_rows(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """Mean rows per batch during a level, per graph, from two readings of the batch counters."""
+    if before is None or after is None:
+        return {}
+    out = {}
+    for key, value in after.items():
+        if key.endswith("_count") and value - before.get(key, 0.0) > 0:
+            graph = key[: -len("_count")]
+            rows = after.get(f"{graph}_sum", 0.0) - before.get(f"{graph}_sum", 0.0)
+            out[graph] = round(rows / (value - before.get(key, 0.0)), 2)
+    return out
+
+
 def measure_raw(raw: raw_baselines.RawRunner, rows: int, seconds: float) -> dict[str, Any]:
     return {**raw.log_weights_throughput(rows, seconds), "load_average_before": load_average()}
 
@@ -214,10 +227,12 @@ def run_server(
             assert path is not None
             for c in scenario.quick_levels if args.quick else scenario.levels:
                 load = load_average()
+                batches0 = server.batch_counters()
                 cpu0, t0 = server.cpu_seconds(), time.monotonic()
                 result = run_hey(server.base_url + path, bodies[scenario.images], c, args.seconds)
                 cpu = server.cpu_seconds() - cpu0
                 wall = time.monotonic() - t0
+                result["mean_batch_rows"] = mean_batch_rows(batches0, server.batch_counters())
                 level = {
                     "scenario": scenario.name,
                     "concurrency": c,
@@ -288,8 +303,14 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str
             "server_cpu_cores": med("server_cpu_cores"),
             "hey_cpu_cores": med("hey_cpu_cores"),
             "load_average_before": [lv["load_average_before"][0] for lv in levels],
+            "mean_batch_rows": _median_dicts([lv.get("mean_batch_rows") or {} for lv in levels]),
         }
     return out
+
+
+def _median_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in dicts for k in d}
+    return {k: round(statistics.median([d[k] for d in dicts if k in d]), 2) for k in sorted(keys)}
 
 
 def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:
@@ -405,8 +426,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"## {scenario}",
             "",
             f"| server | connections | load avg before | req/s (2xx) | {unit} | p50 ms | p90 ms | p99 ms | "
-            "non-2xx | errors | server CPU (cores) | hey CPU (cores) |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "non-2xx | errors | server CPU (cores) | hey CPU (cores) | rows per batch |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in rows:
             amount = r["samples_per_s"] if scenario.startswith("loglik") else r["images_per_s"]
@@ -414,7 +435,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['server']} | {r['concurrency']} | {', '.join(map(str, r['load_average_before']))} | "
                 f"{_fmt(r['ok_per_s'])} | {_fmt(amount, 0)} | {_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | "
                 f"{_fmt(r['p99_ms'])} | {r['non_2xx']} | {r['errors']} | {_fmt(r['server_cpu_cores'], 2)} | "
-                f"{_fmt(r['hey_cpu_cores'], 2)} |"
+                f"{_fmt(r['hey_cpu_cores'], 2)} | "
+                + (", ".join(f"{g} {v}" for g, v in r["mean_batch_rows"].items()) or "-")
+                + " |"
             )
     if result["raw_log_weights"]:
         lines += [
@@ -441,7 +464,10 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Latency percentiles are hey's: over every request that got an HTTP answer (any status).",
+        "Latency percentiles are hey's: over every request that got an HTTP answer (any status); hey prints "
+        "no p99 for a level with fewer than 100 answers (shown as -). Rows per batch: the service's "
+        "vae_batch_size_rows and BentoML's adaptive_batch_size metrics over the level (none for plain and "
+        "LitServe). Server CPU: the server's whole process tree.",
         "Example hey command: `" + (result["example_hey_command"] or "-") + "`",
         "",
     ]

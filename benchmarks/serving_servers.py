@@ -212,6 +212,12 @@ def still_alive(procs: dict[int, tuple[int, int, float]]) -> list[int]:
     return [pid for pid, row in procs.items() if pid in table and table[pid][1] == row[1]]
 
 
+_BATCH_RE = re.compile(
+    r"^(?:vae_batch_size_rows|bentoml_service_adaptive_batch_size)_(?P<kind>sum|count)"
+    r"\{(?P<labels>[^}]*)\} (?P<value>\S+)$"
+)
+
+
 @dataclass
 class RunningServer:
     spec: ServerSpec
@@ -294,6 +300,28 @@ class RunningServer:
                 return None
         found = re.findall(r"BENCH_PROVIDERS=(\S+)", self.log_path.read_text(errors="replace"))
         return sorted(set(found[-1].split(","))) if found else None
+
+    def batch_counters(self) -> dict[str, float] | None:
+        """{graph: (rows, batches)} so far from the server's Prometheus metrics: the service's batcher
+        (vae_batch_size_rows) or BentoML's dispatcher (bentoml_service_adaptive_batch_size); None where
+        there are none (plain, LitServe)."""
+        if self.spec.family not in ("vae-serve", "bentoml"):
+            return None
+        try:
+            status, body = self.get("/metrics", timeout=10.0)
+        except (OSError, urllib.error.URLError):
+            return None
+        if status != 200:
+            return None
+        out: dict[str, float] = {}
+        for line in body.decode(errors="replace").splitlines():
+            match = _BATCH_RE.match(line)
+            if match:
+                labels = match["labels"]
+                graph = re.search(r'graph="([^"]*)"', labels)
+                key = f"{graph.group(1) if graph else 'encode'}_{match['kind']}"
+                out[key] = out.get(key, 0.0) + float(match["value"])
+        return out
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the leader; then SIGTERM and, 5 s later, SIGKILL to what is left of its tree."""

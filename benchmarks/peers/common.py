@@ -2,7 +2,8 @@
 
 Run by the peers' own venv (.bench-peers-venv), so it imports nothing from the project. Settings come
 from the environment (the benchmark sets them): BENCH_MODEL_DIR (a version folder with manifest.json),
-BENCH_THREADS (ONNX Runtime intra-op threads, default 1), BENCH_DEVICE (auto | cpu | cuda).
+BENCH_THREADS (ONNX Runtime intra-op threads, default 1), BENCH_DEVICE (auto | cpu | cuda);
+BENCH_LOG_BATCHES=1 writes one stderr line per batch with its rows (to check that batching happens).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
+LOG_BATCHES = os.environ.get("BENCH_LOG_BATCHES") == "1"  # one stderr line per batch (for checks only)
 
 
 class Encoder:
@@ -56,6 +60,8 @@ class Encoder:
 
     def run(self, x: np.ndarray) -> list[dict[str, Any]]:
         """One session.run on an (N, C, H, W) batch; the service's answer per image."""
+        if LOG_BATCHES:
+            print(f"BENCH_BATCH rows={len(x)} t={time.monotonic():.4f}", file=sys.stderr, flush=True)
         x = np.ascontiguousarray(x, dtype=np.float32)
         mean, log_var = self.session.run(["mean", "log_var"], {"x": x})
         mean, log_var = mean.astype(np.float64), log_var.astype(np.float64)
