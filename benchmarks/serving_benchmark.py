@@ -1,7 +1,7 @@
 """Serving benchmark: this service against the servers a user would pick instead, driven by `hey`.
 
 Run from the repository root (`make bench-serving` runs the setup steps, then the first line; the full
-run takes about 25 minutes on 2 CPU cores, `--quick` about 5):
+run takes about 15 minutes on 2 CPU cores, `--quick` about 4):
 
     .venv/bin/python benchmarks/serving_benchmark.py
     .venv/bin/python benchmarks/serving_benchmark.py --quick
@@ -33,6 +33,10 @@ vae-serve-nobatch (VAE_MAX_BATCH_SIZE=1), vae-serve-1proc (VAE_HTTP_WORKERS=0), 
 Scenarios (`--scenarios`): encode-1 (1 image per request; 1, 8, 64, 256 connections), encode-64
 (64 images per request; 8 connections), loglik-k1000 (`/log-likelihood?k=1000&seed=1`, 1 image; 8 and
 64 connections; vae-serve only). `--quick`: 2 s levels, encode-1 at 8 and 64, loglik at 8 only.
+The service runs with its defaults plus VAE_THREADS=1 and VAE_MODELS=<model>:<version>; its default
+VAE_MAX_INFLIGHT_REQUESTS (256) and queue sizes admit every level here (add `--service-env` to change
+them). A level's throughput is 2xx answers over hey's total time, which includes the drain of the requests
+still in flight when `-z` ends (seconds for log-likelihood at 64 connections).
 Output: a table on stdout, <output-dir>/serving_benchmark-<machine tag>[-quick].json (everything:
 hey command lines, summaries, versions, machine) and .md (the tables).
 """
