@@ -39,6 +39,7 @@ from service.logs import request_id_var
 
 log = logging.getLogger(__name__)
 REPLY_GRACE_S = 1.0  # the engine enforces deadlines itself; this only covers an engine that stalls
+START_WAIT_S = 2.0  # how long a starting worker waits for the engine before it takes connections
 
 
 class RemoteEngine:
@@ -86,6 +87,12 @@ class RemoteEngine:
         sock.connect(self.endpoint)
         self._socket = sock
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch(monitor))]
+        # The workers share one listening socket, so a (re)started worker that accepted connections
+        # before reaching the engine would answer 503 to work its healthy peers could serve. Wait for
+        # the engine first, bounded: while the engine is still loading, /healthz must answer.
+        deadline = time.monotonic() + START_WAIT_S
+        while not self.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
                         items: int = 1, k: int = 0) -> None:
