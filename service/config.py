@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     max_images: int = Field(64, ge=1)  # images (or latents) per request
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # request body, checked while streaming
     max_image_pixels: int = Field(16_000_000, ge=1)  # declared width*height, checked before decoding
+    # Declared pixels of all images of one request, checked from the headers before decoding: bounds
+    # the decode time one request can cost (about 1 s per 20M pixels of PNG on one core here).
+    max_request_pixels: int = Field(16_000_000, ge=1)
+    decode_threads: int = Field(1, ge=1, le=64)  # per HTTP worker: the pool that decodes large images
     anomaly_percentile: float = Field(99.0, ge=0.0, le=100.0)  # threshold of is_anomaly
 
     # -- security and operations -------------------------------------------------------------------

@@ -26,6 +26,8 @@ itself stays single-threaded so forking is safe.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -35,6 +37,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.context import ForkProcess
 from pathlib import Path
 from types import FrameType
@@ -42,10 +45,12 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from service.config import Settings
+from service.engine.interface import WorkerSlot
 from service.metrics import enable_multiprocess
 
 log = logging.getLogger("service.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)  # repeated crashes wait longer, up to 10 s
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -58,11 +63,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _child(target: Callable[..., None], supervisor_pid: int, *args: object) -> None:
+    """Entry point of every forked child: it dies with the supervisor, however the supervisor dies.
+
+    Without this a supervisor killed with SIGKILL (or by the OOM killer) leaves its workers holding
+    the port and its inference process holding the models, with nobody to stop them (Linux only).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os._exit(1)
+    target(*args)
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ctx = multiprocessing.get_context("fork")
         self.workers: dict[int, ForkProcess] = {}
+        # One byte per worker: 1 when that worker is connected to the engine (readiness of the whole).
+        self.ready_flags = self.ctx.Array("b", max(1, settings.worker_processes), lock=False)
         self.engine: ForkProcess | None = None
         self.engine_ready = self.ctx.Event()
         self.engine_ever_ready = False
@@ -123,6 +143,7 @@ class Supervisor:
                 self._start_engine(restart=True)
             for index, proc in list(self.workers.items()):
                 if not proc.is_alive():
+                    self.ready_flags[index] = 0
                     self._reap(proc, f"HTTP worker {index}")
                     self._start_worker(index, restart=True)
 
@@ -165,8 +186,9 @@ class Supervisor:
         if restart:
             self._backoff("engine")
         self.engine_ready.clear()
-        self.engine = self.ctx.Process(target=run_engine, name="vae-inference",
-                                       args=(self.settings, self.endpoint, self.engine_ready))
+        self.engine = self.ctx.Process(target=_child, name="vae-inference",
+                                       args=(run_engine, os.getpid(), self.settings, self.endpoint,
+                                             self.engine_ready))
         self.engine.start()
         log.info("inference process started (pid %s)", self.engine.pid)
 
@@ -175,8 +197,10 @@ class Supervisor:
 
         if restart:
             self._backoff(f"worker-{index}")
-        proc = self.ctx.Process(target=run_worker, name=f"vae-http-{index}",
-                                args=(self.settings, self.sock, self.endpoint, self.metrics_dir))
+        self.ready_flags[index] = 0
+        proc = self.ctx.Process(target=_child, name=f"vae-http-{index}",
+                                args=(run_worker, os.getpid(), self.settings, self.sock, self.endpoint,
+                                      self.metrics_dir, WorkerSlot(index, self.ready_flags)))
         proc.start()
         self.workers[index] = proc
         log.info("HTTP worker %d started (pid %s)", index, proc.pid)

@@ -20,9 +20,10 @@ from service.api.ops import build_ops_router
 from service.api.schemas import ErrorResponse
 from service.api.state import AppState
 from service.api.v1 import build_v1_router
+from service.api.v2 import OPERATIONS as V2_OPERATIONS
 from service.api.v2 import build_v2_health_router, build_v2_router
 from service.config import Settings
-from service.engine.interface import Engine
+from service.engine.interface import Engine, WorkerSlot
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ def _document_served_models(app: FastAPI, state: AppState) -> None:
         if state.engine.ready:
             names = sorted(state.engine.models)
             versions = sorted({v for name in names for v in state.engine.models[name]})
-            enums = {"model": names, "version": versions}
+            v2_names = [f"{name}.{op}" for name in names for op in V2_OPERATIONS]
+            enums = {"model": names, "version": versions, "name": v2_names}
             for operations in schema["paths"].values():
                 for operation in operations.values():
                     for param in operation.get("parameters", []):
@@ -75,16 +77,21 @@ def _make_engine(settings: Settings, metrics: Metrics, engine_endpoint: str | No
     return LocalEngine(settings, metrics)
 
 
-def create_app(settings: Settings | None = None, engine_endpoint: str | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_endpoint: str | None = None,
+               worker: WorkerSlot | None = None) -> FastAPI:
     """A new app with its own metrics registry.
 
     engine_endpoint: the inference process to talk to (an HTTP worker); None runs the models in this
-    process (single-process mode and in-process tests).
+    process (single-process mode and in-process tests). worker: this HTTP worker's readiness slot
+    among its peers.
     """
     settings = settings or Settings()
     metrics = Metrics()
-    state = AppState(settings=settings, metrics=metrics,
-                     engine=_make_engine(settings, metrics, engine_endpoint))
+    engine = _make_engine(settings, metrics, engine_endpoint)
+    state = AppState(settings=settings, metrics=metrics, engine=engine)
+    if worker is not None:
+        state.peers_ready = worker.all_ready
+        engine.on_ready_change = worker.set_ready  # type: ignore[attr-defined]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -53,6 +53,19 @@ def decode_base64(text: str) -> bytes:
         raise ImageError(f"not valid base64 ({exc})") from None
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image header alone (no pixel decoded); 0 if the header is unreadable.
+
+    Used to budget decoding before any of it happens; unreadable files are refused by decode_image.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            width, height = im.size
+    except Exception:  # any header Pillow cannot read: decode_image says why
+        return 0
+    return width * height
+
+
 def decode_image(data: bytes, prep: Preprocessing, max_pixels: int) -> np.ndarray:
     """Image file bytes -> (C, H, W) float32 in [0, 1] as the manifest's preprocessing says."""
     if not data:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +21,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image
+from service.api.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.api.images import ImageError, ImageTooLarge, declared_pixels, decode_base64, decode_image
 from service.api.schemas import RequestModels
 from service.artifacts import Manifest
 from service.config import Settings
 
 _INDEX_RE = re.compile(r"[0-9]{1,7}")
+INLINE_BODY_BYTES = 64 * 1024  # JSON bodies up to this size are parsed on the event loop (~1 ms at most)
+INLINE_DECODE_PIXELS = 128 * 1024  # images up to this many pixels in all are decoded on the event loop
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,13 @@ def _validate(body: bytes, model: type[BaseModel]) -> Any:
 
 
 async def read_images(request: Request, manifest: Manifest, label: str | None, settings: Settings,
-                      models: RequestModels) -> ImageBatch:
+                      models: RequestModels, deadline: float) -> ImageBatch:
     """Parse whichever input form the request uses into a checked (N, C, H, W) batch."""
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
-        arrays, labels = await _read_multipart(request, manifest, settings)
+        arrays, labels = await _read_multipart(request, manifest, settings, deadline)
     elif _is_json(media_type):
-        arrays, labels = await _read_json_images(request, manifest, settings, models)
+        arrays, labels = await _read_json_images(request, manifest, settings, models, deadline)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {media_type or '(none)'} is not supported: send multipart/form-data with files in "
@@ -75,8 +79,8 @@ async def read_images(request: Request, manifest: Manifest, label: str | None, s
     return ImageBatch(x, resolve_labels(manifest, len(arrays), label, labels))
 
 
-async def _read_multipart(request: Request, manifest: Manifest,
-                          settings: Settings) -> tuple[list[np.ndarray], list[str] | None]:
+async def _read_multipart(request: Request, manifest: Manifest, settings: Settings,
+                          deadline: float) -> tuple[list[np.ndarray], list[str] | None]:
     form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
     try:
         parts = form.getlist("images")
@@ -92,26 +96,36 @@ async def _read_multipart(request: Request, manifest: Manifest,
         labels = [v for v in form.getlist("labels") if isinstance(v, str)] or None
     finally:
         await form.close()  # removes spooled temporary files at once
-    # Decoding is CPU work (up to max_image_pixels per image): off the event loop, which keeps serving.
-    arrays = await asyncio.to_thread(lambda: [_decode(f, i, manifest, settings) for i, f in enumerate(files)])
-    return arrays, labels
+    return await decode_files(files, manifest, settings, deadline), labels
 
 
-async def _read_json_images(request: Request, manifest: Manifest, settings: Settings,
-                            models: RequestModels) -> tuple[list[np.ndarray], list[Any] | None]:
+async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, models: RequestModels,
+                            deadline: float) -> tuple[list[np.ndarray], list[Any] | None]:
     body = await request.body()
-    # Parsing up to max_upload_bytes of JSON and decoding images is CPU work: off the event loop.
-    return await asyncio.to_thread(_parse_json_images, body, manifest, settings, models)
+    if len(body) <= INLINE_BODY_BYTES:
+        parsed = _parse_json_images(body, manifest, models)
+    else:  # parsing up to max_upload_bytes of JSON is CPU work: off the event loop
+        parsed = await asyncio.to_thread(_parse_json_images, body, manifest, models)
+    if isinstance(parsed, _Files):
+        return await decode_files(parsed.files, manifest, settings, deadline), parsed.labels
+    return parsed
 
 
-def _parse_json_images(body: bytes, manifest: Manifest, settings: Settings,
-                       models: RequestModels) -> tuple[list[np.ndarray], list[Any] | None]:
+@dataclass(frozen=True)
+class _Files:
+    """Encoded image files still to decode, with their labels."""
+
+    files: list[bytes]
+    labels: list[Any] | None
+
+
+def _parse_json_images(body: bytes, manifest: Manifest,
+                       models: RequestModels) -> _Files | tuple[list[np.ndarray], list[Any] | None]:
     # Pick the form from the keys first, so a mistake gets the message of the form the caller meant.
     keys = _top_level_keys(body)
     if "images" in keys and "inputs" not in keys:
         req = _validate(body, models.images)
-        arrays = [_decode(decode_or_422(s, i), i, manifest, settings) for i, s in enumerate(req.images)]
-        return arrays, req.labels
+        return _Files([decode_or_422(s, i) for i, s in enumerate(req.images)], req.labels)
     if "inputs" in keys and "images" not in keys:
         req = _validate(body, models.arrays)
         return [_check_array(a, i, manifest) for i, a in enumerate(req.inputs)], req.labels
@@ -134,6 +148,44 @@ def decode_or_422(text: str, index: int) -> bytes:
         return decode_base64(text)
     except ImageError as exc:
         raise InvalidInput(f"images[{index}]: {exc}") from None
+
+
+async def decode_files(files: list[bytes], manifest: Manifest, settings: Settings,
+                       deadline: float) -> list[np.ndarray]:
+    """Decode image files within the request's pixel budget, small ones inline, large ones in the pool.
+
+    The pixel count comes from the headers before any pixel is decoded, so an expensive request (say
+    eight 4000x4000 PNGs of a few KB each) is refused (413) or sent to the bounded decode pool, and
+    never holds the event loop. A request whose decoding ran past its deadline is answered 504.
+    """
+    sizes = [declared_pixels(f) for f in files]
+    for i, (data, size) in enumerate(zip(files, sizes, strict=True)):
+        if size > settings.max_image_pixels:
+            _decode(data, i, manifest, settings)  # refuses it with the per-image message, decoding nothing
+    total = sum(sizes)
+    if total > settings.max_request_pixels:
+        raise PayloadTooLarge(f"the images of this request have {total} pixels in all, over the limit of "
+                              f"{settings.max_request_pixels} per request (VAE_MAX_REQUEST_PIXELS); send "
+                              "smaller images or fewer per request")
+    if total <= INLINE_DECODE_PIXELS:  # a few small images: a thread hop would cost more than decoding
+        return [_decode(f, i, manifest, settings) for i, f in enumerate(files)]
+    arrays = await asyncio.get_running_loop().run_in_executor(
+        decode_pool(settings), lambda: [_decode(f, i, manifest, settings) for i, f in enumerate(files)])
+    if time.monotonic() > deadline:
+        raise DeadlineExceeded("decoding the images took longer than the request deadline; send smaller "
+                               "images")
+    return arrays
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def decode_pool(settings: Settings) -> ThreadPoolExecutor:
+    """This process's bounded pool for decoding large images (VAE_DECODE_THREADS threads)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="vae-decode")
+    return _POOL
 
 
 def _decode(data: bytes, index: int, manifest: Manifest, settings: Settings) -> np.ndarray:

@@ -20,13 +20,13 @@ handler in the same task, so contextvars (the request id) reach the handlers and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
-import anyio
 from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,42 +130,53 @@ class RequestMiddleware:
         return limited_receive
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app; once the body has been read, a disconnect of the client cancels it."""
-        body_read = anyio.Event()
-        if scope.get("method") in ("GET", "HEAD"):
-            body_read.set()  # these routes never read a body; any that was sent is skipped below
+        """Run the app; once the body has been read, a disconnect of the client cancels it.
+
+        Plain asyncio (one watcher task per request, started only once the body is in) rather than an
+        anyio task group: this runs for every request, and the task group cost more than the route.
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+        watcher: asyncio.Task[None] | None = None
+        state = {"disconnected": False, "responded": False}
+
+        async def watch_disconnect() -> None:
+            # The app has the whole body and will not call receive again, so the next message is
+            # http.disconnect: the connection dropped, or (harmlessly) the response is complete.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["responded"]:
+                state["disconnected"] = True
+                handler.cancel()
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if watcher is None:
+                watcher = asyncio.get_running_loop().create_task(watch_disconnect())
 
         async def tracking_receive() -> Message:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
+                start_watching()
             return message
 
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["responded"] = True
+            await send(message)
+
+        if scope.get("method") in ("GET", "HEAD"):
+            start_watching()  # these routes never read a body; any that was sent is skipped
         try:
-            await self._run_watched(scope, receive, send, body_read, tracking_receive)
-        except BaseExceptionGroup as group:  # the task group wraps what the app raised
-            _, rest = group.split(ClientDisconnect)
-            if rest is None:
-                raise ClientDisconnect() from None
-            raise
-
-    async def _run_watched(self, scope: Scope, receive: Receive, send: Send, body_read: anyio.Event,
-                           tracking_receive: Receive) -> None:
-        async with anyio.create_task_group() as group:
-
-            async def watch_disconnect() -> None:
-                await body_read.wait()
-                # The app has the whole body and will not call receive again, so the next message
-                # is http.disconnect, sent by the server when the connection drops.
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
-
-            group.start_soon(watch_disconnect)
-            try:
-                await self.app(scope, tracking_receive, send)
-            finally:
-                group.cancel_scope.cancel()
+            await self.app(scope, tracking_receive, tracking_send)
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise  # the server is cancelling us (shutdown): not ours to swallow
+            handler.uncancel()
+            raise ClientDisconnect() from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")

@@ -21,6 +21,8 @@ def not_ready_reason(state: AppState) -> str | None:
         return "shutting down"
     if not state.engine.ready:
         return "models are still loading, or the inference process is restarting"
+    if not state.ready:
+        return "an HTTP worker is not connected to the inference process yet"
     return None
 
 

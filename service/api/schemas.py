@@ -31,6 +31,23 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class V2ErrorResponse(BaseModel):
+    """The Open Inference Protocol's error object."""
+
+    error: str = Field(description="what went wrong and what to change", examples=["unknown input 'x'"])
+
+
+V2_ERROR_TEXT = {400: "Malformed request, tensor or parameter", 401: "Missing or invalid API key",
+                 404: "Unknown model, operation or version", 413: "Request body or image too large",
+                 429: "Overloaded; see Retry-After", 500: "Inference failed",
+                 503: "Not ready or shutting down", 504: "Request deadline exceeded"}
+
+
+def v2_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries of a /v2 route: the V2 error body for each status."""
+    return {s: {"model": V2ErrorResponse, "description": V2_ERROR_TEXT[s]} for s in statuses}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses a route can answer."""
     text = {400: "Malformed request body", 401: "Missing or invalid API key", 404: "Unknown model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.config import Settings
@@ -16,7 +17,11 @@ class AppState:
     engine: Engine
     started: bool = False  # the lifespan has started the engine (its models may still be loading)
     draining: bool = False  # set on SIGTERM / shutdown: /readyz 503, new model work refused
+    # With several HTTP workers on one port: whether every worker is connected to the engine (a load
+    # balancer cannot tell the workers apart, so the service is ready only when all of them are).
+    peers_ready: Callable[[], bool] | None = None
 
     @property
     def ready(self) -> bool:
-        return self.started and self.engine.ready and not self.draining
+        peers = self.peers_ready is None or self.peers_ready()
+        return self.started and self.engine.ready and not self.draining and peers

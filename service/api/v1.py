@@ -41,7 +41,7 @@ from service.estimators import bits_per_dim, prior_latents
 MAX_SEED = 2**63 - 1
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
     return request.app.state.service
 
 
@@ -54,11 +54,11 @@ VersionPath = Annotated[str, Path(description="model version, as listed by GET /
                                   examples=["1"])]
 
 
-def latest_version(request: Request, model: ModelPath, state: State) -> ModelRef:
+async def latest_version(request: Request, model: ModelPath, state: State) -> ModelRef:
     return resolve_model(state, request, model, None)
 
 
-def given_version(request: Request, model: ModelPath, version: VersionPath, state: State) -> ModelRef:
+async def given_version(request: Request, model: ModelPath, version: VersionPath, state: State) -> ModelRef:
     return resolve_model(state, request, model, version)
 
 
@@ -175,7 +175,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     async def encode_images(request: Request, ref: Model, label: LabelQ = None) -> Response:
         """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
         ref.admit("encode")
-        batch = await read_images(request, ref.manifest, label, settings, models)
+        batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
         out = await ref.run("encode", with_labels({"x": batch.x}, batch.y))
         mean = _finite(out["mean"].astype(np.float64), "means")
         log_var = out["log_var"].astype(np.float64)
@@ -238,7 +238,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                                  format: FormatQ = "png") -> Response:
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
         ref.admit("encode")
-        batch = await read_images(request, ref.manifest, label, settings, models)
+        batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
         mean = (await ref.run("encode", with_labels({"x": batch.x}, batch.y)))["mean"]
         x_hat = (await ref.run("decode", with_labels({"z": mean}, batch.y)))["x_mean"]
         sq = (x_hat.astype(np.float64) - batch.x.astype(np.float64)) ** 2  # (N, C, H, W)
@@ -255,7 +255,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         """Importance-weighted log p(x) in nats with k samples from q(z|x), the ELBO and a standard error."""
         m = ref.manifest
         ref.admit("log_weights", k=k)
-        batch = await read_images(request, m, label, settings, models)
+        batch = await read_images(request, m, label, settings, models, ref.deadline)
         seed = secrets.randbits(63) if seed is None else seed
         estimates = await iw_estimates(ref, batch.x, batch.y, k, seed)
         results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
@@ -281,7 +281,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         m = ref.manifest
         k = anomaly_k(m, settings, k)
         ref.admit("log_weights", k=k)
-        batch = await read_images(request, m, label, settings, models)
+        batch = await read_images(request, m, label, settings, models, ref.deadline)
         seed = secrets.randbits(63) if seed is None else seed
         pct = settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
         results = anomaly_results(m, await iw_estimates(ref, batch.x, batch.y, k, seed), pct)

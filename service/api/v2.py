@@ -30,6 +30,7 @@ from service.api.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Una
 from service.api.images import ImageError, ImageTooLarge, decode_image
 from service.api.inputs import resolve_labels
 from service.api.models import ModelRef, resolve_model
+from service.api.schemas import v2_error_responses
 from service.api.scoring import anomaly_k, anomaly_results, iw_estimates
 from service.api.state import AppState
 from service.config import Settings
@@ -44,7 +45,7 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration")
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread, not on the event loop
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
     return request.app.state.service
 
 
@@ -74,12 +75,12 @@ def _split(name: str) -> tuple[str, str]:
     return model, operation
 
 
-def latest(request: Request, name: NamePath, state: State) -> V2Model:
+async def latest(request: Request, name: NamePath, state: State) -> V2Model:
     model, operation = _split(name)
     return V2Model(resolve_model(state, request, model, None), operation)
 
 
-def given(request: Request, name: NamePath, version: VersionPath, state: State) -> V2Model:
+async def given(request: Request, name: NamePath, version: VersionPath, state: State) -> V2Model:
     model, operation = _split(name)
     return V2Model(resolve_model(state, request, model, version), operation)
 
@@ -226,7 +227,7 @@ def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: 
 # -- router ------------------------------------------------------------------------------------------------
 def build_v2_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],
-                       dependencies=auth_dependencies(settings))
+                       dependencies=auth_dependencies(settings), responses=v2_error_responses(400, 401, 503))
 
     @router.get("", summary="Server metadata")
     async def get_server_metadata() -> Response:
@@ -242,7 +243,8 @@ def build_v2_health_router(state: AppState) -> APIRouter:
     """/v2/health/live and /v2/health/ready: operations paths (no auth unless VAE_AUTH_OPS)."""
     protect = state.settings.auth_ops and bool(state.settings.api_keys)
     router = APIRouter(prefix="/v2/health", tags=["open inference protocol (v2)"],
-                       dependencies=auth_dependencies(state.settings) if protect else [])
+                       dependencies=auth_dependencies(state.settings) if protect else [],
+                       responses=v2_error_responses(401, 503) if protect else v2_error_responses(503))
 
     @router.get("/live", summary="Server liveness (V2)")
     async def get_v2_live() -> Response:
@@ -263,22 +265,25 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Mod
                       settings: Settings) -> None:
     Model = Annotated[V2Model, Depends(resolve)]
 
-    @router.get(base, summary="Model metadata (V2)")
+    found = v2_error_responses(404)
+    work = v2_error_responses(404, 413, 429, 500, 504)
+
+    @router.get(base, summary="Model metadata (V2)", responses=found)
     async def get_v2_model(v2: Model) -> Response:
         """Name, versions, platform, and the input and output tensors with their datatypes and shapes."""
         return _json(_metadata(v2))
 
-    @router.get(f"{base}/ready", summary="Model readiness (V2)")
+    @router.get(f"{base}/ready", summary="Model readiness (V2)", responses=found)
     async def get_v2_model_ready(v2: Model) -> Response:
         """200 when this model version is loaded and reachable."""
         return _json({"name": v2.name, "ready": True})
 
-    @router.get(f"{base}/config", summary="Model configuration (Triton)")
+    @router.get(f"{base}/config", summary="Model configuration (Triton)", responses=found)
     async def get_v2_model_config(v2: Model) -> Response:
         """Triton's model configuration (JSON): max_batch_size, inputs, outputs, dynamic batching."""
         return _json(_config(v2, settings))
 
-    @router.post(f"{base}/infer", summary="Inference (V2)",
+    @router.post(f"{base}/infer", summary="Inference (V2)", responses=work,
                  openapi_extra={"requestBody": {"required": True, "content": {
                      "application/json": {"schema": {"type": "object"}},
                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})

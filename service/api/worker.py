@@ -21,6 +21,7 @@ import uvicorn
 from service.api.app import create_app
 from service.api.state import AppState
 from service.config import Settings
+from service.engine.interface import WorkerSlot
 from service.logs import configure_logging
 from service.metrics import enable_multiprocess
 
@@ -94,11 +95,13 @@ def serve_single_process(settings: Settings) -> int:
     return 0 if server.started else 3
 
 
-def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str, metrics_dir: str) -> None:
+def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str, metrics_dir: str,
+               slot: WorkerSlot) -> None:
     """Entry point of an HTTP worker process (a forked child of the supervisor)."""
     configure_logging(settings.log_level, settings.json_logs)
     enable_multiprocess(metrics_dir)
-    app = create_app(settings, engine_endpoint)
+    slot.set_ready(False)
+    app = create_app(settings, engine_endpoint, slot)
     server = DrainingServer(uvicorn_config(app, settings), app.state.service)
     server.run(sockets=[sock])
     sys.exit(0 if server.started else 3)

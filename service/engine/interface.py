@@ -125,6 +125,20 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass
+class WorkerSlot:
+    """One HTTP worker's flag in a table shared by all workers (a multiprocessing Array of bytes)."""
+
+    index: int
+    flags: Any  # multiprocessing.Array("b", workers): 1 = that worker is connected to the engine
+
+    def set_ready(self, ready: bool) -> None:
+        self.flags[self.index] = 1 if ready else 0
+
+    def all_ready(self) -> bool:
+        return all(self.flags[:])
+
+
 def default_version(models: Mapping[str, Mapping[str, ModelInfo]], name: str) -> str | None:
     """The highest version of `name`, or None if it is not served."""
     versions = models.get(name)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
@@ -58,6 +58,7 @@ class RemoteEngine:
         self._refused: dict[str, str] = {}
         self._described = False
         self._describing: asyncio.Task[None] | None = None
+        self.on_ready_change: Callable[[bool], None] = lambda ready: None
         # (model, version, op) -> (estimated seconds until that queue drains, when it was estimated)
         self._load: dict[tuple[str, str, str], tuple[float, float]] = {}
 
@@ -193,6 +194,7 @@ class RemoteEngine:
                 self._describing = asyncio.create_task(self._describe())
             elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = self._described = False
+                self.on_ready_change(False)
                 self._load.clear()
                 log.error("lost the inference process; answering 503 until it is back")
                 self._fail_pending(EngineUnavailable(
@@ -215,5 +217,6 @@ class RemoteEngine:
             self._pending.pop(request_id, None)
         self._infos, self._refused = reply["models"], reply["refused"]
         self._described = self._connected
+        self.on_ready_change(self.ready)
         log.info("connected to the inference process: %s", ", ".join(
             f"{n}:{v}" for n, versions in self._infos.items() for v in versions))

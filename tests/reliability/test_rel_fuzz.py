@@ -33,7 +33,8 @@ LIMITS = dict(threads=1, max_batch_size=16, max_batch_samples=2048, max_k=300, d
               max_images=4, max_queue_size=64, log_level="WARNING")
 MODELS = ["lin", "tiny", "tinyc"]  # the session's artifacts (conftest)
 VERSIONS = ["1"]
-EXAMPLES = 60  # per operation; 18 operations (~1100 requests), a few exhaust their small input spaces
+V2_NAMES = [f"{m}.{op}" for m in MODELS for op in ("encode", "decode", "log_likelihood", "anomaly_score")]
+EXAMPLES = 40  # per operation; 27 operations (~1100 requests), a few exhaust their small input spaces
 MIN_REQUESTS = 1000
 SENT: list[int] = []  # status of every fuzzed request
 
@@ -44,8 +45,9 @@ def _expected_schema() -> dict:
     for operations in spec["paths"].values():
         for operation in operations.values():
             for param in operation.get("parameters", []):
-                if param["in"] == "path" and param["name"] in ("model", "version"):
-                    values = MODELS if param["name"] == "model" else VERSIONS
+                enums = {"model": MODELS, "version": VERSIONS, "name": V2_NAMES}
+                if param["in"] == "path" and param["name"] in enums:
+                    values = enums[param["name"]]
                     param["schema"] = {**param["schema"], "enum": values, "examples": values[:1]}
     return spec
 

@@ -133,8 +133,10 @@ def test_overload_answers_429_with_retry_after(make_app: Callable[..., FastAPI])
         runtime = wrap_runtime(app)
         runtime.gate = threading.Event()  # the device is busy until released
         body = {"inputs": grey_arrays(2)}
-        calls = [asyncio.ensure_future(client.post("/v1/models/tiny/encode", json=body)) for _ in range(8)]
-        # One request's 2 rows are on the device, two more fill the queue of 4 rows, five are refused.
+        calls = [asyncio.ensure_future(client.post("/v1/models/tiny/encode", json=body))]
+        await until(lambda: runtime.calls == 1)  # its 2 rows are on the (held) device
+        calls += [asyncio.ensure_future(client.post("/v1/models/tiny/encode", json=body)) for _ in range(7)]
+        # Two more fill the queue of 4 rows, five are refused.
         await until(lambda: sum(c.done() for c in calls) == 5)
         runtime.gate.set()
         responses = await asyncio.gather(*calls)
