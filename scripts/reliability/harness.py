@@ -7,6 +7,7 @@ and every loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -127,18 +128,25 @@ def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = 
                 "RELIABILITY_BATCH_DELAY_S": str(batch_delay_s), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
+        # Its own process group: the forked children (HTTP workers, inference process) share it, so
+        # the cleanup below can kill the whole tree (killing only the supervisor orphans them).
         proc = subprocess.Popen([sys.executable, str(FAULTY_SERVICE), "--host", HOST, "--port", str(port),
                                  "--models-dir", str(models_dir)], cwd=ROOT, env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(proc, port, log_path)
     try:
         if wait:
             server.wait_ready(ready_timeout)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the server's whole process group (supervisor and children), whether or not it still runs."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 # -- load generation --------------------------------------------------------------------------------------

@@ -273,6 +273,22 @@ def test_corrupt_model_stops_start_up_with_status_3_and_no_children_left(models_
     assert port_is_free(server.port)
 
 
+def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) on the supervisor: its workers and inference process exit too, so no
+    orphan keeps the port or the models (the next start can bind)."""
+    with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
+        wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
+        children = all_child_pids(server.log())
+        assert len(children) == 3 and all(alive(pid) for pid in children), children
+        os.kill(server.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        killed = time.monotonic()
+        wait_until(lambda: not any(alive(pid) for pid in children), 5.0, f"children {children} to exit",
+                   server)
+        print(f"\nchildren gone {time.monotonic() - killed:.2f}s after the supervisor was killed")
+        assert port_is_free(server.port)
+
+
 # -- 4. metrics across processes (and a clean drain of the whole tree) ---------------------------------------
 def _per_worker_counts(pids: list[int]) -> dict[int, float]:
     """Successful encodes counted in each worker's own multiprocess file (where the tree keeps them)."""
