@@ -24,6 +24,10 @@ Scores (higher = more anomalous), all in nats, from per-image quantities the ser
   ratios for out-of-distribution detection"): p_bg is a background model trained on perturbed inputs
   (pixels replaced by noise), which captures the population-level statistics (e.g. the amount of
   background) that dominate log p(x); the ratio keeps the semantic part.
+* ``combined``: max(typicality(x), (S(x) - c_S) / s_S) with S the complexity score and c_S, s_S its
+  median and median-to-99%-quantile distance on validation data: flags inputs that are either
+  atypically likely/unlikely (Nalisnick et al.) or too likely for their complexity (Serra et al.).
+  It is one more score, calibrated conformally like the others, so the false-alarm guarantee holds.
 
 Calibration (conformal prediction; Vovk, Gammerman & Shafer 2005; Bates et al. 2023, "Testing for
 outliers with conformal p-values"): with scores s_1..s_n of a calibration split of normal data held
@@ -46,12 +50,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("nll", "typicality", "complexity", "likelihood_ratio")
+METHODS = ("nll", "typicality", "complexity", "likelihood_ratio", "combined")
 PAPERS = {
     "nll": "Burda, Grosse & Salakhutdinov 2016 (IW bound); Nalisnick et al. 2019 (its failure mode)",
     "typicality": "Nalisnick, Matsukawa, Teh & Lakshminarayanan 2019, arXiv:1906.02994",
     "complexity": "Serra et al. 2020, ICLR, arXiv:1909.11480",
     "likelihood_ratio": "Ren et al. 2019, NeurIPS, arXiv:1906.02845",
+    "combined": "max of typicality (Nalisnick et al. 2019) and standardized complexity (Serra et al. 2020)",
 }
 NATS_PER_BYTE = 8.0 * math.log(2.0)
 ZLIB_LEVEL = 9
@@ -119,13 +124,15 @@ def typicality_score(nll: np.ndarray, ref: TypicalityReference) -> np.ndarray:
 
 def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = None,
                    background_nll: np.ndarray | None = None,
-                   typicality: TypicalityReference | None = None) -> np.ndarray:
+                   typicality: TypicalityReference | None = None,
+                   complexity_reference: TypicalityReference | None = None) -> np.ndarray:
     """Scores of one method, (N,) float64; higher = more anomalous.
 
     nll: (N,) -log p(x) in nats (IW bound) of the images as the model scores them; images: (N, C, H, W)
     in [0, 1], the model's view (binarized for Bernoulli models), needed by `complexity`;
     background_nll: (N,) -log p_bg(x) of the background model, needed by `likelihood_ratio`;
-    typicality: the reference of `typicality`.
+    typicality: the reference of `typicality` (and `combined`); complexity_reference: centre and upper
+    scale of the complexity score on validation data (`combined`).
     """
     v = np.asarray(nll, dtype=np.float64)
     if v.ndim != 1:
@@ -136,12 +143,18 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
         if typicality is None:
             raise AnomalyError("typicality needs its reference (centre and scales)")
         return typicality_score(v, typicality)
-    if method == "complexity":
+    if method in ("complexity", "combined"):
         if images is None:
-            raise AnomalyError("complexity needs the images")
+            raise AnomalyError(f"{method} needs the images")
         if len(images) != len(v):
             raise AnomalyError(f"{len(images)} images for {len(v)} scores")
-        return v - complexity_nats(images)
+        complexity = v - complexity_nats(images)
+        if method == "complexity":
+            return complexity
+        if typicality is None or complexity_reference is None:
+            raise AnomalyError("combined needs the typicality and complexity references")
+        upper = (complexity - complexity_reference.center) / complexity_reference.scale_high
+        return np.maximum(typicality_score(v, typicality), upper)
     if method == "likelihood_ratio":
         if background_nll is None:
             raise AnomalyError("likelihood_ratio needs the background model's -log p(x)")
@@ -209,7 +222,8 @@ class MethodCalibration:
 
     method: str
     scores: tuple[float, ...]  # sorted ascending, n >= 1
-    typicality: TypicalityReference | None = None
+    typicality: TypicalityReference | None = None  # typicality and combined
+    complexity_reference: TypicalityReference | None = None  # combined
     extra: dict = field(default_factory=dict)
 
     @property
@@ -238,7 +252,8 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
     if calibration.method != method:
         raise AnomalyError(f"calibration is for {calibration.method!r}, not {method!r}")
     scores = anomaly_scores(method, nll, images=images, background_nll=background_nll,
-                            typicality=calibration.typicality)
+                            typicality=calibration.typicality,
+                            complexity_reference=calibration.complexity_reference)
     cal = np.asarray(calibration.scores, dtype=np.float64)
     p = conformal_p_values(scores, cal)
     flags = is_anomaly(scores, cal, alpha)
@@ -248,7 +263,8 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
 
 
 def calibration_record(method: str, scores: Sequence[float],
-                       typicality: TypicalityReference | None = None, **extra: object) -> dict:
+                       typicality: TypicalityReference | None = None,
+                       complexity_reference: TypicalityReference | None = None, **extra: object) -> dict:
     """The manifest entry of one method (docs/artifact-format.md, `anomaly.methods.<method>`)."""
     values = np.sort(np.asarray(scores, dtype=np.float64))
     if not np.all(np.isfinite(values)):
@@ -257,4 +273,6 @@ def calibration_record(method: str, scores: Sequence[float],
                     **extra}
     if typicality is not None:
         record["reference"] = typicality.to_dict()
+    if complexity_reference is not None:
+        record["complexity_reference"] = complexity_reference.to_dict()
     return record

@@ -320,13 +320,16 @@ def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec]) -> Anomaly
             raise ValueError(f"anomaly.methods.{method}.scores must be non-empty, increasing numbers")
         if int(rec.get("n", len(scores))) != len(scores):
             raise ValueError(f"anomaly.methods.{method}: n differs from the number of scores")
-        ref = None
-        if method == "typicality":
+        ref = cref = None
+        if method in ("typicality", "combined"):
             r = rec["reference"]
             ref = TypicalityReference(float(r["center"]), float(r["scale_low"]), float(r["scale_high"]))
+        if method == "combined":
+            r = rec["complexity_reference"]
+            cref = TypicalityReference(float(r["center"]), float(r["scale_low"]), float(r["scale_high"]))
         if method == "likelihood_ratio" and "background_log_weights" not in graphs:
             raise ValueError("anomaly method likelihood_ratio needs the background_log_weights graph")
-        methods[method] = MethodCalibration(method, scores, ref)
+        methods[method] = MethodCalibration(method, scores, ref, cref)
     default = str(raw.get("default_method", "nll"))
     if default not in methods:
         raise ValueError(f"anomaly.default_method {default!r} has no calibration (have: {sorted(methods)})")

@@ -192,9 +192,12 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
         cal_images, split = splits.calibration_images, "calibration"
     else:
         cal_images, split = splits.val_images, "validation"
-    val_nll = scorer.nll(splits.val_images.numpy(), k, seed + 1)  # (M,)
+    val = splits.val_images.numpy()
+    val_nll = scorer.nll(val, k, seed + 1)  # (M,)
     reference = anomaly.TypicalityReference.fit(val_nll)
-    scores = scorer.all_scores(cal_images.numpy(), k, seed, reference, anomaly.METHODS)
+    val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=prep.likelihood_view(val))
+    complexity_reference = anomaly.TypicalityReference.fit(val_complexity)
+    scores = scorer.all_scores(cal_images.numpy(), k, seed, reference, anomaly.METHODS, complexity_reference)
     if default_method not in scores:
         raise ExportError(f"default anomaly method {default_method!r} is not available "
                           f"(have: {sorted(scores)}; likelihood_ratio needs --background)")
@@ -207,7 +210,8 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
         if method == "likelihood_ratio":
             extra["background_graph"] = "background_log_weights"
         methods[method] = anomaly.calibration_record(
-            method, values, reference if method == "typicality" else None, **extra)
+            method, values, reference if method in ("typicality", "combined") else None,
+            complexity_reference if method == "combined" else None, **extra)
     index = splits.extra.get(f"{split}_index" if split == "calibration" else "val_index")
     return {
         "k": k,

@@ -21,22 +21,26 @@ from service.artifacts import GRAPH_IO, GRAPHS
 from training.models import VAE
 
 
+# The encoder and decoder graphs hold only their own half of the VAE: a traced TorchScript module keeps
+# every parameter of the modules it holds, used or not, so holding the whole VAE doubled their files.
 class EncoderGraph(nn.Module):
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.vae = vae
+        self.encoder = vae.encoder
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vae.encode(x, y)
+        return self.encoder(x, y)  # VAE.encode
 
 
 class DecoderGraph(nn.Module):
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.vae = vae
+        self.decoder = vae.decoder
+        self.linear = vae.config.architecture == "linear"
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.vae.decode_mean(z, y)
+        out = self.decoder(z, y)  # VAE.decode_mean: E[x|z], a sigmoid except for the linear model
+        return out if self.linear else torch.sigmoid(out)
 
 
 class LogWeightsGraph(nn.Module):

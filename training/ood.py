@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -297,13 +298,14 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
     suite = build_suite(digits, per_shift, seed, shifts)
     scorer = GraphScorer(m.directory, m.latent_dim, m.preprocessing, threads=threads)
     typ = cal.methods["typicality"].typicality if cal and "typicality" in cal.methods else None
+    cref = cal.methods["combined"].complexity_reference if cal and "combined" in cal.methods else None
     methods = tuple(cal.methods) if cal else ("nll",)
     started = time.perf_counter()
     # A seed different from the calibration's, as a fresh request would have.
-    normal_scores = scorer.all_scores(digits, k, seed + 1000, typ, methods)
+    normal_scores = scorer.all_scores(digits, k, seed + 1000, typ, methods, cref)
     shift_scores = {}
     for i, (name, images) in enumerate(suite.items()):
-        shift_scores[name] = scorer.all_scores(images, k, seed + 2000 + i, typ, methods)
+        shift_scores[name] = scorer.all_scores(images, k, seed + 2000 + i, typ, methods, cref)
         log.info("ood-eval: %s done (%.0f s)", name, time.perf_counter() - started)
     calibration = {name: np.asarray(c.scores) for name, c in cal.methods.items()} if cal else {}
     result = evaluate_suite(normal_scores, shift_scores, calibration, alpha)
@@ -344,6 +346,22 @@ def markdown_table(result: dict) -> str:
             f"{result['methods'][m]['false_alarm_rate']:.3f}" for m in methods) + " |")
     lines += ["", f"Best worst-case AUROC: **{result['best_method']}**.", ""]
     return "\n".join(lines)
+
+
+REPORT_MARKER = "<!-- ood-eval -->"
+
+
+def add_to_report(report_md: Path, result: dict, figures_rel: str = "ood/figures") -> None:
+    """Put the OOD table (and figures) into a model report, replacing an earlier ood-eval section."""
+    text = report_md.read_text() if report_md.exists() else ""
+    if REPORT_MARKER in text:
+        text = text[:text.index(REPORT_MARKER)].rstrip() + "\n"
+    table = markdown_table(result).split("\n", 2)[2]  # without the "# OOD evaluation" title
+    section = (f"\n{REPORT_MARKER}\n## Out-of-distribution detection\n\n{table}\n"
+               f"![AUROC per shift and method]({figures_rel}/ood_auroc.png)\n\n"
+               f"Examples of each shift (one row per shift, in table order):\n\n"
+               f"![shift examples]({figures_rel}/ood_examples.png)\n")
+    report_md.write_text(text + section)
 
 
 def _figure(result: dict, path: Path) -> None:
@@ -399,6 +417,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     p.add_argument("--max-normal", type=int, help="use only the first N normal digits (quick runs)")
     p.add_argument("--shifts", default="", help=f"comma-separated subset of: {', '.join(SHIFTS)}")
+    p.add_argument("--report-md", type=Path,
+                   help="also put the table into this report.md (e.g. RUN/report/report.md, with --out "
+                        "RUN/report/ood), replacing an earlier ood-eval section")
 
 
 def main_from_args(args: argparse.Namespace) -> None:
@@ -409,4 +430,7 @@ def main_from_args(args: argparse.Namespace) -> None:
     result = run_ood_eval(args.artifact, args.out, split=args.split, per_shift=args.per_shift, k=args.k,
                           seed=args.seed, alpha=args.alpha, threads=args.threads, max_normal=args.max_normal,
                           shifts=shifts)
+    if args.report_md:
+        relative = Path(os.path.relpath(args.out, args.report_md.parent)).as_posix()
+        add_to_report(args.report_md, result, relative + "/figures")
     print(markdown_table(result))

@@ -84,15 +84,18 @@ class GraphScorer:
         return out
 
     def all_scores(self, images: np.ndarray, k: int, seed: int, typicality: TypicalityReference | None,
-                   methods: tuple[str, ...]) -> dict[str, np.ndarray]:
+                   methods: tuple[str, ...],
+                   complexity_reference: TypicalityReference | None = None) -> dict[str, np.ndarray]:
         """{method: (N,) scores} for the methods this artifact supports, from one pass over the graphs."""
         nll = self.nll(images, k, seed)
         bg = self.nll(images, k, seed, "background_log_weights") if self.has_background else None
         view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
         out = {}
         for method in methods:
-            missing = bg is None if method == "likelihood_ratio" else typicality is None
-            if method in ("likelihood_ratio", "typicality") and missing:
+            missing = {"likelihood_ratio": bg is None, "typicality": typicality is None,
+                       "combined": typicality is None or complexity_reference is None}.get(method, False)
+            if missing:
                 continue
-            out[method] = anomaly_scores(method, nll, images=view, background_nll=bg, typicality=typicality)
+            out[method] = anomaly_scores(method, nll, images=view, background_nll=bg, typicality=typicality,
+                                         complexity_reference=complexity_reference)
         return out

@@ -151,6 +151,18 @@ def test_likelihood_ratio_and_nll() -> None:
     np.testing.assert_allclose(anomaly_scores("nll", nll), nll)
 
 
+def test_combined_is_max_of_typicality_and_standardized_complexity() -> None:
+    images = np.zeros((3, 1, 4, 4))  # all blank: the same complexity L for every image
+    length = complexity_nats(images[:1])[0]
+    nll = np.array([80.0, 50.0, 130.0])
+    typ = TypicalityReference(80.0, 10.0, 40.0)  # typicality: 0, 3, 1.25
+    cref = TypicalityReference(80.0 - length, 1.0, 20.0)  # complexity z: (nll - 80) / 20 = 0, -1.5, 2.5
+    got = anomaly_scores("combined", nll, images=images, typicality=typ, complexity_reference=cref)
+    np.testing.assert_allclose(got, [0.0, 3.0, 2.5])
+    with pytest.raises(AnomalyError):
+        anomaly_scores("combined", nll, images=images, typicality=typ)
+
+
 @pytest.mark.parametrize("method, kwargs", [
     ("complexity", {}), ("likelihood_ratio", {}), ("typicality", {}), ("nope", {}),
     ("likelihood_ratio", {"background_nll": np.ones(3)}),
@@ -195,6 +207,7 @@ def _with_anomaly(models: Path, record: dict) -> Path:
     raw["files"] = {"log_weights.onnx": raw["files"]["log_weights.onnx"]}
     raw["graphs"] = {g: {**spec, "onnx": "log_weights.onnx"} for g, spec in raw["graphs"].items()}
     raw["anomaly"] = record
+    raw["version"] = directory.name  # the manifest's version must match its folder
     (directory / "manifest.json").write_text(json.dumps(raw))
     return directory
 
@@ -203,6 +216,8 @@ def _record(**over: object) -> dict:
     rec = {"k": 256, "alpha": 0.01, "default_method": "typicality", "methods": {
         "nll": calibration_record("nll", [1.0, 2.0, 3.0]),
         "typicality": calibration_record("typicality", [0.1, 0.2], TypicalityReference(80.0, 10.0, 40.0)),
+        "combined": calibration_record("combined", [0.5], TypicalityReference(80.0, 10.0, 40.0),
+                                       TypicalityReference(-300.0, 5.0, 30.0)),
         "regret": {"scores": [1.0]},  # a method this service does not know: skipped, not an error
     }}
     rec.update(over)
@@ -212,7 +227,8 @@ def _record(**over: object) -> dict:
 def test_manifest_anomaly_record_is_parsed(tmp_path: Path) -> None:
     m = load_manifest(_with_anomaly(tmp_path, _record()), "onnx")
     assert m.anomaly is not None and m.anomaly.default_method == "typicality" and m.anomaly.k == 256
-    assert set(m.anomaly.methods) == {"nll", "typicality"}
+    assert set(m.anomaly.methods) == {"nll", "typicality", "combined"}
+    assert m.anomaly.methods["combined"].complexity_reference == TypicalityReference(-300.0, 5.0, 30.0)
     assert m.anomaly.methods["typicality"].typicality == TypicalityReference(80.0, 10.0, 40.0)
     assert m.anomaly.methods["nll"].scores == (1.0, 2.0, 3.0)
 
