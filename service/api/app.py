@@ -15,11 +15,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import install_error_handlers
+from service.api.fastpath import FastPath
 from service.api.middleware import RequestMiddleware
 from service.api.ops import build_ops_router
 from service.api.schemas import ErrorResponse
 from service.api.state import AppState
-from service.api.v1 import build_v1_router
+from service.api.v1 import ImageOperations, build_v1_router
 from service.api.v2 import OPERATIONS as V2_OPERATIONS
 from service.api.v2 import build_v2_health_router, build_v2_router
 from service.config import Settings
@@ -117,9 +118,12 @@ def create_app(settings: Settings | None = None, engine_endpoint: str | None = N
     _document_served_models(app, state)
     install_error_handlers(app)
     app.include_router(build_ops_router(state))
-    app.include_router(build_v1_router(settings))
+    operations = ImageOperations(settings)
+    app.include_router(build_v1_router(settings, operations))
     app.include_router(build_v2_health_router(state))
     app.include_router(build_v2_router(settings))
+    # Inside RequestMiddleware (request ids, drain, admission, body limits, metrics apply to both).
+    app.add_middleware(FastPath, state=state, operations=operations)
     app.add_middleware(RequestMiddleware, state=state)
     if settings.cors_origins:
         # Added last, so it is outermost: preflights are answered before auth or draining checks.

@@ -136,6 +136,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    return http_error_response(exc, request.url.path)
+
+
+def http_error_response(exc: StarletteHTTPException, path: str) -> JSONResponse:
+    """The framework's own HTTP errors (routing, method, form parsing) in the error shape."""
     status = exc.status_code
     code = _HTTP_CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
@@ -143,7 +148,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = "no such route; see /docs for the API"
     elif status == 405:
         message = "method not allowed on this route; see /docs for the allowed methods"
-    return error_response(status, code, message, dict(exc.headers or {}), path=request.url.path)
+    return error_response(status, code, message, dict(exc.headers or {}), path=path)
 
 
 def from_engine_error(exc: engine.EngineError) -> ServiceError:

@@ -122,7 +122,61 @@ def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_v1_router(settings: Settings) -> APIRouter:
+def _with_labels(inputs: dict[str, np.ndarray], y: np.ndarray | None) -> dict[str, np.ndarray]:
+    if y is not None:
+        inputs["y"] = y
+    return inputs
+
+
+class ImageOperations:
+    """The bodies of the hot image routes: called by FastAPI's routes and by the fast path alike
+    (api/fastpath.py), so both give the same answers and errors."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models = RequestModels(settings)
+
+    async def encode(self, request: Request, ref: ModelRef, label: str | None) -> Response:
+        ref.admit("encode")
+        batch = await read_images(request, ref.manifest, label, self.settings, self.models, ref.deadline)
+        out = await ref.run("encode", _with_labels({"x": batch.x}, batch.y))
+        mean = _finite(out["mean"].astype(np.float64), "means")
+        log_var = out["log_var"].astype(np.float64)
+        variance = _finite(np.exp(log_var), "variances")  # exp overflows only for absurd log-variances
+        results = [{"mean": m, "variance": v, "log_variance": lv}
+                   for m, v, lv in zip(mean, variance, log_var, strict=True)]
+        return json_response({"model": ref.name, "version": ref.version, "results": results})
+
+    async def log_likelihood(self, request: Request, ref: ModelRef, k: int, seed: int | None,
+                             label: str | None) -> Response:
+        m = ref.manifest
+        ref.admit("log_weights", k=k)
+        batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
+        seed = secrets.randbits(63) if seed is None else seed
+        estimates = await iw_estimates(ref, batch.x, batch.y, k, seed)
+        results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
+                    "bits_per_dim": bits_per_dim(e.log_likelihood, m.data_dims),
+                    "standard_error": e.standard_error} for e in estimates]
+        binarized = m.preprocessing.binarize_threshold is not None
+        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
+                              "binarized": binarized, "results": results})
+
+    async def anomaly_score(self, request: Request, ref: ModelRef, k: int | None, seed: int | None,
+                            label: str | None, threshold_percentile: float | None) -> Response:
+        m = ref.manifest
+        k = anomaly_k(m, self.settings, k)
+        ref.admit("log_weights", k=k)
+        batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
+        seed = secrets.randbits(63) if seed is None else seed
+        pct = self.settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
+        results = anomaly_results(m, await iw_estimates(ref, batch.x, batch.y, k, seed), pct)
+        cal = m.calibration
+        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
+                              "threshold_percentile": pct, "calibration_k": cal.k if cal else None,
+                              "results": results})
+
+
+def build_v1_router(settings: Settings, operations: ImageOperations | None = None) -> APIRouter:
     """The model API. Options are query parameters, so they work with JSON and multipart bodies alike."""
     router = APIRouter(prefix="/v1", tags=["models"], dependencies=auth_dependencies(settings))
 
@@ -140,13 +194,14 @@ def build_v1_router(settings: Settings) -> APIRouter:
             models.append(_summary(name, versions[latest], sorted(versions)))
         return json_response({"models": models})
 
-    _add_model_routes(router, "/models/{model}", latest_version, settings)
-    _add_model_routes(router, "/models/{model}/versions/{version}", given_version, settings)
+    operations = operations or ImageOperations(settings)
+    _add_model_routes(router, "/models/{model}", latest_version, settings, operations)
+    _add_model_routes(router, "/models/{model}/versions/{version}", given_version, settings, operations)
     return router
 
 
-def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., ModelRef], settings: Settings
-                      ) -> None:
+def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., ModelRef], settings: Settings,
+                      operations: ImageOperations) -> None:
     """The routes of one model version under `base` (the path parameters are `resolve`'s)."""
     Model = Annotated[ModelRef, Depends(resolve)]
     models = RequestModels(settings)
@@ -160,10 +215,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     FormatQ = Annotated[Literal["png", "array"],
                         Query(description="png: base64 PNG; array: C x H x W floats")]
 
-    def with_labels(inputs: dict[str, np.ndarray], y: np.ndarray | None) -> dict[str, np.ndarray]:
-        if y is not None:
-            inputs["y"] = y
-        return inputs
+    with_labels = _with_labels
 
     @router.get(base, response_model=ModelDetail, responses=error_responses(401, 404, 503))
     async def get_model(ref: Model) -> Response:
@@ -174,15 +226,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                  openapi_extra=inputs_body)
     async def encode_images(request: Request, ref: Model, label: LabelQ = None) -> Response:
         """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
-        ref.admit("encode")
-        batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
-        out = await ref.run("encode", with_labels({"x": batch.x}, batch.y))
-        mean = _finite(out["mean"].astype(np.float64), "means")
-        log_var = out["log_var"].astype(np.float64)
-        variance = _finite(np.exp(log_var), "variances")  # exp overflows only for absurd log-variances
-        results = [{"mean": m, "variance": v, "log_variance": lv}
-                   for m, v, lv in zip(mean, variance, log_var, strict=True)]
-        return json_response({"model": ref.name, "version": ref.version, "results": results})
+        return await operations.encode(request, ref, label)
 
     @router.post(f"{base}/decode", response_model=DecodeResponse, response_model_exclude_none=True,
                  responses=error_responses(*common, 400, 413, 415, 422),
@@ -253,17 +297,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     async def estimate_log_likelihood(request: Request, ref: Model, k: KQ = settings.default_k,
                                       seed: SeedQ = None, label: LabelQ = None) -> Response:
         """Importance-weighted log p(x) in nats with k samples from q(z|x), the ELBO and a standard error."""
-        m = ref.manifest
-        ref.admit("log_weights", k=k)
-        batch = await read_images(request, m, label, settings, models, ref.deadline)
-        seed = secrets.randbits(63) if seed is None else seed
-        estimates = await iw_estimates(ref, batch.x, batch.y, k, seed)
-        results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
-                    "bits_per_dim": bits_per_dim(e.log_likelihood, m.data_dims),
-                    "standard_error": e.standard_error} for e in estimates]
-        binarized = m.preprocessing.binarize_threshold is not None
-        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
-                              "binarized": binarized, "results": results})
+        return await operations.log_likelihood(request, ref, k, seed, label)
 
     @router.post(f"{base}/anomaly-score", response_model=AnomalyResponse, responses=image_errors,
                  openapi_extra=inputs_body)
@@ -278,14 +312,4 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         )] = None,
     ) -> Response:
         """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
-        m = ref.manifest
-        k = anomaly_k(m, settings, k)
-        ref.admit("log_weights", k=k)
-        batch = await read_images(request, m, label, settings, models, ref.deadline)
-        seed = secrets.randbits(63) if seed is None else seed
-        pct = settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
-        results = anomaly_results(m, await iw_estimates(ref, batch.x, batch.y, k, seed), pct)
-        cal = m.calibration
-        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
-                              "threshold_percentile": pct, "calibration_k": cal.k if cal else None,
-                              "results": results})
+        return await operations.anomaly_score(request, ref, k, seed, label, threshold_percentile)

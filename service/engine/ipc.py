@@ -36,6 +36,41 @@ def unpack(frames: list[Any]) -> dict[str, Any]:
     return pickle.loads(header, buffers=buffers)
 
 
+class Outbox:
+    """Coalesces the messages of one event-loop tick into one zmq message per peer.
+
+    Under load a worker has dozens of requests in flight and the engine dozens of replies ready in the
+    same tick; sending each alone costs a pickle, a zmq send and a wake-up of the other process per
+    request (profiled: about half of the engine's CPU). Sent as {"kind": "many", "items": [...]},
+    the fixed costs are paid once per tick; a lone message still leaves in the same tick.
+    """
+
+    def __init__(self, send: Any) -> None:
+        self._send = send  # (route frames: list[bytes], frames: list) -> None, non-blocking
+        self._pending: dict[tuple[bytes, ...], list[dict[str, Any]]] = {}
+        self._scheduled = False
+
+    def put(self, route: tuple[bytes, ...], message: dict[str, Any]) -> None:
+        import asyncio
+
+        self._pending.setdefault(route, []).append(message)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for route, items in pending.items():
+            message = items[0] if len(items) == 1 else {"kind": "many", "items": items}
+            self._send(list(route), pack(message))
+
+
+def messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages inside one received message (several when an Outbox coalesced them)."""
+    return message["items"] if message.get("kind") == "many" else [message]
+
+
 def error_fields(exc: Exception) -> list[Any]:
     """An engine error as [type name, message, retry_after_s] for the wire."""
     return [type(exc).__name__, str(exc), int(getattr(exc, "retry_after_s", 0))]

@@ -34,7 +34,7 @@ from service.engine.interface import (
     Operation,
     QueueFull,
 )
-from service.engine.ipc import pack, unpack
+from service.engine.ipc import Outbox, messages, unpack
 from service.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class RemoteEngine:
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
         # (model, version, op) -> (estimated seconds until that queue drains, when it was estimated)
         self._load: dict[tuple[str, str, str], tuple[float, float]] = {}
+        self._outbox = Outbox(self._send_now)
 
     # -- Engine interface ---------------------------------------------------------------------------------
     @property
@@ -121,13 +122,10 @@ class RemoteEngine:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            try:
-                await self._socket.send_multipart(pack({
-                    "kind": "infer", "id": request_id, "model": model, "version": version, "op": operation,
-                    "inputs": inputs, "deadline": deadline, "k": k, "seed": seed,
-                    "request_id": request_id_var.get()}), copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                raise EngineUnavailable("the inference process is not connected; retry shortly") from None
+            self._outbox.put((), {
+                "kind": "infer", "id": request_id, "model": model, "version": version, "op": operation,
+                "inputs": inputs, "deadline": deadline, "k": k, "seed": seed,
+                "request_id": request_id_var.get()})
             timeout = max(0.0, deadline - time.monotonic()) + REPLY_GRACE_S
             try:
                 reply = await asyncio.wait_for(future, timeout)
@@ -161,9 +159,24 @@ class RemoteEngine:
 
     # -- internals ----------------------------------------------------------------------------------------
     def _cancel(self, request_id: int) -> None:
-        if self._socket is not None and self._connected:
-            with contextlib.suppress(zmq.ZMQError):
-                self._socket.send_multipart(pack({"kind": "cancel", "id": request_id}), flags=zmq.NOBLOCK)
+        if self._connected:
+            self._outbox.put((), {"kind": "cancel", "id": request_id})
+
+    def _send_now(self, route: list[bytes], frames: list[Any]) -> None:
+        """Send without waiting (NOBLOCK); if the engine is not connected, fail what was in the message."""
+        assert self._socket is not None
+        sent = self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+
+        def failed(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is None:
+                return
+            for message in messages(unpack(frames)):
+                future = self._pending.get(message.get("id", -1))
+                if future is not None and not future.done():
+                    future.set_exception(EngineUnavailable("the inference process is not connected; "
+                                                           "retry shortly"))
+
+        sent.add_done_callback(failed)
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -176,15 +189,16 @@ class RemoteEngine:
         while True:
             frames = await self._socket.recv_multipart(copy=False)
             try:
-                message = unpack(frames)
+                received = messages(unpack(frames))
             except Exception:
                 log.exception("unreadable reply from the inference process")
                 continue
-            if "load" in message:
-                self._load.update(message["load"])
-            future = self._pending.get(message.get("id", -1))
-            if future is not None and not future.done():
-                future.set_result(message)
+            for message in received:
+                if "load" in message:
+                    self._load.update(message["load"])
+                future = self._pending.get(message.get("id", -1))
+                if future is not None and not future.done():
+                    future.set_result(message)
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
@@ -208,7 +222,7 @@ class RemoteEngine:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._socket.send_multipart(pack({"kind": "describe", "id": request_id}), flags=zmq.NOBLOCK)
+            self._outbox.put((), {"kind": "describe", "id": request_id})
             reply = await asyncio.wait_for(future, 30.0)
         except (zmq.ZMQError, TimeoutError, EngineError) as exc:
             log.warning("could not describe the engine (%s); waiting for the next connection", exc)

@@ -30,7 +30,7 @@ import zmq.asyncio
 from service.artifacts import ArtifactError
 from service.config import Settings
 from service.engine.interface import BatchFailed, EngineError
-from service.engine.ipc import error_fields, pack, unpack
+from service.engine.ipc import Outbox, error_fields, messages, unpack
 from service.engine.local import LocalEngine
 from service.logs import request_id_var
 from service.metrics import Metrics
@@ -51,6 +51,7 @@ class EngineServer:
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop replies; admission bounds the work instead
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._outbox = Outbox(self._send_now)
 
     async def serve(self, stop: asyncio.Event) -> None:
         self._socket.bind(self.endpoint)
@@ -73,21 +74,25 @@ class EngineServer:
             frames = await self._socket.recv_multipart(copy=False)
             identity = frames[0].bytes
             try:
-                message = unpack(frames[1:])
+                received = messages(unpack(frames[1:]))
             except Exception:  # a peer speaking another protocol version: log and go on
                 log.exception("unreadable message from an HTTP worker")
                 continue
-            kind = message.get("kind")
-            key = (identity, message.get("id", -1))
-            if kind == "infer":
-                self._tasks[key] = asyncio.create_task(self._infer(identity, message))
-            elif kind == "cancel":
-                task = self._tasks.pop(key, None)
-                if task is not None:
-                    task.cancel()
-            elif kind == "describe":
-                await self._send(identity, {"id": message["id"], "models": self.engine.refresh_infos(),
-                                            "refused": dict(self.engine.refused)})
+            for message in received:
+                self._handle(identity, message)
+
+    def _handle(self, identity: bytes, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        key = (identity, message.get("id", -1))
+        if kind == "infer":
+            self._tasks[key] = asyncio.create_task(self._infer(identity, message))
+        elif kind == "cancel":
+            task = self._tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+        elif kind == "describe":
+            self._send(identity, {"id": message["id"], "models": self.engine.refresh_infos(),
+                                  "refused": dict(self.engine.refused)})
 
     async def _infer(self, identity: bytes, message: dict[str, Any]) -> None:
         token = request_id_var.set(message.get("request_id", "-"))
@@ -107,7 +112,7 @@ class EngineServer:
             self._tasks.pop((identity, message["id"]), None)
             request_id_var.reset(token)
         reply["load"] = self.load()
-        await self._send(identity, reply)
+        self._send(identity, reply)
 
     def load(self) -> dict[tuple[str, str, str], tuple[float, float]]:
         """(model, version, operation) -> (estimated seconds until its queue has drained, now)."""
@@ -122,9 +127,13 @@ class EngineServer:
                 report[(name, version, op)] = (batcher.estimate_s(0) if batcher.busy else 0.0, now)
         return report
 
-    async def _send(self, identity: bytes, message: dict[str, Any]) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # the worker is gone: nothing to answer
-            await self._socket.send_multipart([identity, *pack(message)], copy=False)
+    def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        self._outbox.put((identity,), message)
+
+    def _send_now(self, route: list[bytes], frames: list[Any]) -> None:
+        # NOBLOCK: a reply to a worker that is gone fails at once instead of waiting; nobody to answer.
+        sent = self._socket.send_multipart(route + frames, flags=zmq.NOBLOCK, copy=False)
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the error, if any
 
 
 async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:
