@@ -38,7 +38,13 @@ class Settings(BaseSettings):
     serve_all_versions: bool = True
     runtime: Literal["onnx", "torchscript"] = "onnx"  # ONNX Runtime has no Python-side overhead per op
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU and the CUDA provider exist
-    threads: int = Field(0, ge=0)  # intra-op threads per runtime; 0 = the runtime's default (all cores)
+    # Execution threads per device (Triton's instance count), each running its own batches. 1 measured
+    # best on the 2-core machine, where the HTTP workers need the other core (README, Benchmarks); more
+    # can pay on CPUs with idle cores.
+    device_instances: int = Field(1, ge=1, le=64)
+    # Intra-op threads per runtime. 0 = auto: 1 on the CPU when other processes (HTTP workers) or other
+    # instances share its cores (+15-20% measured here), else the runtime's default (all cores).
+    threads: int = Field(0, ge=0)
     warmup: bool = True  # run every graph at the batch sizes used before reporting ready
     # A model whose artifact fails verification or loading: `fail` refuses to start (exit status 3),
     # `skip` logs the refusal, serves the other models, and stays not-ready only if none is left.
@@ -76,6 +82,10 @@ class Settings(BaseSettings):
     max_n: int = Field(256, ge=1)  # samples per /sample call
     max_images: int = Field(64, ge=1)  # images (or latents) per request
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # request body, checked while streaming
+    # A body must arrive within body_timeout_s plus its length at min_upload_bytes_per_s, else 408:
+    # stalled or trickled uploads cannot hold a connection (and its memory) for long.
+    body_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    min_upload_bytes_per_s: int = Field(256 * 1024, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1)  # declared width*height, checked before decoding
     # Declared pixels of all images of one request, checked from the headers before decoding: bounds
     # the decode time one request can cost (about 1 s per 20M pixels of PNG on one core here).
@@ -150,6 +160,13 @@ class Settings(BaseSettings):
         if self.http_workers >= 0:
             return self.http_workers
         return max(1, min(8, len(os.sched_getaffinity(0))))
+
+    @property
+    def cpu_intra_op_threads(self) -> int:
+        """The intra-op threads to give a runtime (0: its default)."""
+        if self.threads:
+            return self.threads
+        return 1 if self.device_instances > 1 or self.worker_processes > 0 else 0
 
     @property
     def log_weights_batch_rows(self) -> int:

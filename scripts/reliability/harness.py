@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -124,7 +125,9 @@ def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = 
                  ready_timeout: float = 90.0) -> Iterator[Server]:
     """Start the service as a subprocess; on exit kill it if it is still running."""
     port = free_port()
-    full_env = {**os.environ, "VAE_THREADS": "1", "VAE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+    # One execution thread: simulated device time (batch_delay_s) then models one busy device.
+    full_env = {**os.environ, "VAE_THREADS": "1", "VAE_DEVICE_INSTANCES": "1", "VAE_LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1",
                 "RELIABILITY_BATCH_DELAY_S": str(batch_delay_s), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -337,3 +340,83 @@ def build_test_models(dest: Path) -> Path:
     vae, _ = model_from_checkpoint(train(cfg, splits=splits))
     export.export_model(vae, splits, dest / "models", "tiny", "1", calibration_k=16)
     return dest / "models"
+
+
+# -- hostile clients (tests/reliability/test_rel_hostile.py and scripts/reliability/hostile.py) -----------
+_WORKER_STARTED = re.compile(r"HTTP worker (\d+) started \(pid (\d+)\)")
+
+
+def worker_pids(log: str) -> list[int]:
+    """The pid of the latest process of every HTTP worker, from the supervisor's INFO log."""
+    latest: dict[int, int] = {}
+    for m in _WORKER_STARTED.finditer(log):
+        latest[int(m.group(1))] = int(m.group(2))
+    return [latest[i] for i in sorted(latest)]
+
+
+def split_response(raw: bytes) -> tuple[dict[str, str], bytes]:
+    """Raw HTTP/1.1 answer (Connection: close, not chunked) -> (lower-cased headers, body)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers, body
+
+
+def misshaped_bodies(input_shape: tuple[int, int, int], latent_dim: int, size: int) -> dict[str, bytes]:
+    """Two JSON bodies of about `size` bytes whose values are many but whose shape is wrong.
+
+    inputs: arrays of H x W for a model of C x H x W (one nesting level missing); latents: rows of
+    strings instead of numbers. Before issue 10 each cost tens of seconds and gigabytes to refuse.
+    """
+    _, h, w = input_shape
+    image = json.dumps([[0.5] * w] * h).encode()
+    inputs = b'{"inputs": [' + b", ".join([image] * (size // (len(image) + 2))) + b"]}"
+    row = json.dumps(["x"] * latent_dim).encode()
+    latents = b'{"latents": [' + b", ".join([row] * (size // (len(row) + 2))) + b"]}"
+    return {"inputs": inputs, "latents": latents}
+
+
+def post_bytes(path: str, port: int, body: bytes, content_type: str = "application/json",
+               headers: dict[str, str] | None = None) -> bytes:
+    """A POST of raw body bytes with `Connection: close`."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
+             f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def multipart(files: list[bytes], boundary: str = "vae-hostile-boundary") -> tuple[bytes, str]:
+    """(body, content type) of a multipart form with each file in the field `images`."""
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{i}.png\"\r\n"
+              "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n" for i, data in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def stalled_upload(port: int, path: str, declared: int, first: bytes,
+                         headers: dict[str, str] | None = None
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection, send the headers of a `declared`-byte JSON body and its first bytes only."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
+             "Content-Type: application/json", f"Content-Length: {declared}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
+    await writer.drain()
+    return reader, writer
+
+
+async def read_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+                      ) -> tuple[int | None, dict[str, str], bytes]:
+    """Read until the server closes (bounded by `timeout`): (status or None, headers, body)."""
+    try:
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, TimeoutError):
+        data = b""
+    finally:
+        writer.close()
+    if not data.startswith(b"HTTP/1.1 "):
+        return None, {}, data
+    headers, body = split_response(data)
+    return int(data[9:12]), headers, body

@@ -50,6 +50,19 @@ def _is_json(media_type: str) -> bool:
                                                 media_type.endswith("+json"))
 
 
+def bound_values(body: bytes, limit: int, what: str) -> None:
+    """Refuse (413) a JSON body with far more values than any valid request has, before parsing it.
+
+    Counting commas is a C-speed scan; it bounds the number of values, so a mis-shaped body of
+    megabytes never reaches the JSON parser or the validator (which would build one error per value,
+    gigabytes of them, for seconds). Base64 strings contain no commas, so image files are unaffected.
+    """
+    values = body.count(b",") + 1
+    if values > limit + 64:
+        raise PayloadTooLarge(f"the JSON body holds about {values} values; a request takes at most {limit} "
+                              f"({what}); send fewer or smaller inputs")
+
+
 def _validate(body: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(body)
@@ -102,6 +115,9 @@ async def _read_multipart(request: Request, manifest: Manifest, settings: Settin
 async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, models: RequestModels,
                             deadline: float) -> tuple[list[np.ndarray], list[Any] | None]:
     body = await request.body()
+    per_image = manifest.data_dims + 1  # the pixels of one image and its label
+    bound_values(body, settings.max_images * per_image, f"{settings.max_images} images of "
+                 f"{'x'.join(map(str, manifest.input_shape))} values")
     if len(body) <= INLINE_BODY_BYTES:
         parsed = _parse_json_images(body, manifest, models)
     else:  # parsing up to max_upload_bytes of JSON is CPU work: off the event loop
@@ -216,7 +232,13 @@ async def read_latents(request: Request, manifest: Manifest, label: str | None,
     if not _is_json(media_type):
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send "
                                    'application/json like {"latents": [[0.1, -0.3, ...]]}')
-    req = _validate(await request.body(), models.latents)
+    body = await request.body()
+    max_items = models.settings.max_images
+    bound_values(body, max_items * (manifest.latent_dim + 1), f"{max_items} latents of {manifest.latent_dim}")
+    if len(body) <= INLINE_BODY_BYTES:
+        req = _validate(body, models.latents)
+    else:  # validation is CPU work: off the event loop
+        req = await asyncio.to_thread(_validate, body, models.latents)
     for i, z in enumerate(req.latents):
         if len(z) != manifest.latent_dim:
             raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "

@@ -4,9 +4,15 @@
 - while draining, model requests (every path but the operations paths, ops.OPS_PATHS, whatever the
   protocol) are refused with 503 before any work starts;
 - at most `max_inflight_requests` model requests are handled at once; one more is answered 429 at
-  once, before its body is read, so bodies and decoded images in memory stay bounded under any burst;
-- the body limit: Content-Length is checked up front, and bytes are counted while streaming (a
-  chunked upload cannot get around it); the count raises PayloadTooLarge inside the body reader;
+  once, before its body is read, so bodies and decoded images in memory stay bounded under any burst.
+  A request counts from the moment its whole body is in: uploads that stall never hold a slot, so
+  they cannot lock other callers out (they are bounded by the body deadline instead);
+- the body: Content-Length is checked up front and bytes are counted while streaming (413); the body
+  must arrive within `body_timeout_s` plus its length at `min_upload_bytes_per_s`, else 408 (and the
+  connection is closed); a request still sending its body at the drain deadline gets 503;
+- HTTP hygiene: HEAD is answered wherever GET is (the GET response without its body); a
+  `Content-Encoding` other than identity is refused with 415 (no compressed bodies: no zip bombs); a
+  trailing slash is ignored rather than redirected (a redirect would echo the Host header);
 - a client that disconnects after sending its body cancels the handler, so its queued rows are
   dropped from the batchers instead of being computed for nobody; one that disconnects while
   sending it ends the handler in the body reader (nothing was queued yet); both are logged as 499,
@@ -31,7 +37,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import PayloadTooLarge, error_response
+from service.api.errors import Overloaded, PayloadTooLarge, RequestTimeout, Unavailable, error_response
 from service.api.ops import OPS_PATHS
 from service.api.state import AppState
 from service.logs import request_id_var
@@ -45,8 +51,11 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
-        self.inflight = 0  # model requests between admission here and their response
+        self.inflight = 0  # model requests whose body is in (or that have none), until their response
         self.inflight_peak = 0
+        self.uploading: dict[asyncio.Task[Any], _Body] = {}  # handlers waiting for body bytes now
+        state.abort_uploads = self.abort_uploads
+        state.saturated = lambda: self.inflight >= state.settings.max_inflight_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,38 +67,46 @@ class RequestMiddleware:
         request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         response: dict[str, Any] = {"status": CLIENT_CLOSED, "started": False}
+        head = scope.get("method") == "HEAD"
+        scope = _normalised(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response.update(status=message["status"], started=True)
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}  # HEAD: the GET's headers, no body
             await send(message)
 
         settings = self.state.settings
         path = scope["path"]
-        counted = False
+        body: _Body | None = None
         try:
             limit = settings.max_upload_bytes
             declared = headers.get(b"content-length", b"").decode("latin-1")
+            encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
             is_work = path not in OPS_PATHS
             if self.state.draining and is_work:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
                                      "replica", {"Retry-After": "1"}, path=path)(scope, receive, send_with_id)
+            elif encoding not in ("", "identity"):
+                message = (f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed "
+                           "(images are compressed already)")
+                await error_response(415, "unsupported_media_type", message, path=path)(
+                    scope, receive, send_with_id)
             elif declared and (not declared.isdigit() or int(declared) > limit):
                 message = f"request body of {declared} bytes exceeds the limit of {limit} bytes"
                 await error_response(413, "payload_too_large", message, path=path)(
                     scope, receive, send_with_id)
             elif is_work and self.inflight >= settings.max_inflight_requests:
-                self.state.metrics.rejections.labels("-", "-", "-", "inflight_limit").inc()
-                message = (f"the service is at capacity ({self.inflight} requests in flight, limit "
-                           f"{settings.max_inflight_requests}); retry after the Retry-After seconds")
-                await error_response(429, "overloaded", message, {"Retry-After": "1"}, path=path)(
-                    scope, receive, send_with_id)
+                self._refuse_inflight()
+                await error_response(429, "overloaded", self._inflight_message(), {"Retry-After": "1"},
+                                     path=path)(scope, receive, send_with_id)
             else:
-                if is_work:
-                    counted = True
-                    self._enter()
-                await self._call_app(scope, self._limited(receive, limit), send_with_id)
+                body = _Body(self, receive, limit, int(declared) if declared else None, is_work)
+                if scope.get("method") in ("GET", "HEAD"):
+                    body.complete()  # no body to wait for
+                await self._call_app(scope, body, send_with_id)
         except ClientDisconnect:
             # The client went away while sending its body: nothing was queued; 499 in the access log.
             response["status"] = CLIENT_CLOSED
@@ -99,10 +116,22 @@ class RequestMiddleware:
                 await error_response(500, "internal_error", "internal error; the request id is in the logs",
                                      path=path)(scope, receive, send_with_id)
         finally:
-            if counted:
-                self._leave()
+            if body is not None:
+                body.close()
             self._record(scope, response["status"], time.perf_counter() - started)
             request_id_var.reset(token)
+
+    def _refuse_inflight(self) -> None:
+        self.state.metrics.rejections.labels("-", "-", "-", "inflight_limit").inc()
+
+    def _inflight_message(self) -> str:
+        return (f"the service is at capacity ({self.inflight} requests in flight, limit "
+                f"{self.state.settings.max_inflight_requests}); retry after the Retry-After seconds")
+
+    def abort_uploads(self) -> None:
+        """The drain deadline: every request still waiting for body bytes is answered 503."""
+        for task, body in list(self.uploading.items()):
+            body.abort(task, "shutdown")
 
     def _enter(self) -> None:
         self.inflight += 1
@@ -113,21 +142,6 @@ class RequestMiddleware:
     def _leave(self) -> None:
         self.inflight -= 1
         self.state.metrics.inflight.set(self.inflight)
-
-    @staticmethod
-    def _limited(receive: Receive, limit: int) -> Receive:
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            return message
-
-        return limited_receive
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; once the body has been read, a disconnect of the client cancels it.
@@ -186,3 +200,112 @@ class RequestMiddleware:
         metrics.requests.labels(endpoint, method, str(status)).inc()
         metrics.request_latency.labels(endpoint, method, str(status)).observe(seconds)
         log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, seconds * 1000.0)
+
+
+def _normalised(scope: Scope) -> Scope:
+    """HEAD is served as GET (the body is dropped on the way out); a trailing slash is ignored."""
+    path = scope["path"]
+    if scope.get("method") != "HEAD" and not (len(path) > 1 and path.endswith("/")):
+        return scope
+    scope = dict(scope)
+    if scope["method"] == "HEAD":
+        scope["method"] = "GET"
+    if len(path) > 1 and path.endswith("/"):
+        scope["path"] = path.rstrip("/") or "/"
+        scope["raw_path"] = scope["path"].encode("latin-1")
+    return scope
+
+
+class _Body:
+    """The app's `receive` for one request: size limit, upload deadline, admission once complete.
+
+    The deadline is a timer, not a wait_for around every receive: most bodies arrive in one message
+    and the timer is cancelled at once; when it fires while the handler still waits for bytes, the
+    handler is cancelled and the cancellation becomes a 408 (or a 503 at the drain deadline).
+    """
+
+    def __init__(self, owner: RequestMiddleware, receive: Receive, limit: int, declared: int | None,
+                 counted: bool) -> None:
+        self.owner = owner
+        self.receive = receive
+        self.limit = limit
+        self.declared = declared
+        self.counted = counted  # a model request: enters the in-flight count once its body is in
+        self.received = 0
+        self.entered = False
+        self.done = False
+        self.started = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.aborted: str | None = None  # "timeout" | "shutdown" when the timer or the drain cancelled us
+
+    async def __call__(self) -> Message:
+        task = asyncio.current_task()
+        assert task is not None
+        if not self.done and self.timer is None:
+            self._arm(task)
+        self.owner.uploading[task] = self
+        try:
+            message = await self.receive()
+        except asyncio.CancelledError:
+            if self.aborted is None:
+                raise
+            task.uncancel()
+            settings = self.owner.state.settings
+            if self.aborted == "shutdown":
+                raise Unavailable("the service is shutting down while this request was still being sent; "
+                                  "retry on another replica") from None
+            raise RequestTimeout(f"the request body did not arrive in time ({self.received} bytes in "
+                                 f"{time.monotonic() - self.started:.1f}s; bodies must arrive within "
+                                 f"{settings.body_timeout_s:g}s plus {settings.min_upload_bytes_per_s} "
+                                 "bytes/s)") from None
+        finally:
+            self.owner.uploading.pop(task, None)
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+            if not message.get("more_body", False):
+                self.complete()
+            elif self.timer is not None and self.declared is None:
+                self._arm(task)  # chunked: the deadline moves with the bytes received
+        else:
+            self.complete()
+        return message
+
+    def _arm(self, task: asyncio.Task[Any]) -> None:
+        settings = self.owner.state.settings
+        expected = max(self.declared or 0, self.received)
+        deadline = self.started + settings.body_timeout_s + expected / settings.min_upload_bytes_per_s
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
+                                  self.abort, task, "timeout")
+
+    def abort(self, task: asyncio.Task[Any], reason: str) -> None:
+        if self.owner.uploading.get(task) is self and self.aborted is None:
+            self.aborted = reason
+            task.cancel()
+
+    def complete(self) -> None:
+        """The whole body is in: stop the deadline, and count the request (or refuse it: 429)."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.counted:
+            return
+        owner = self.owner
+        if owner.inflight >= owner.state.settings.max_inflight_requests:
+            owner._refuse_inflight()
+            raise Overloaded(owner._inflight_message())
+        self.entered = True
+        owner._enter()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.entered:
+            self.entered = False
+            self.owner._leave()

@@ -23,6 +23,8 @@ def not_ready_reason(state: AppState) -> str | None:
         return "models are still loading, or the inference process is restarting"
     if not state.ready:
         return "an HTTP worker is not connected to the inference process yet"
+    if state.saturated():
+        return "at capacity: every request slot is busy"
     return None
 
 

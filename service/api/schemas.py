@@ -220,6 +220,7 @@ class RequestModels:
     """JSON request models whose size limits are the configured ones."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         n = settings.max_images
         labels_field = Field(None, min_length=1, max_length=n,
                              description="one label per item: class name or index (conditional models)")

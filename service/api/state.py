@@ -20,6 +20,10 @@ class AppState:
     # With several HTTP workers on one port: whether every worker is connected to the engine (a load
     # balancer cannot tell the workers apart, so the service is ready only when all of them are).
     peers_ready: Callable[[], bool] | None = None
+    # Set by the request middleware: answer every request still sending its body 503 (drain deadline),
+    # and whether this worker is at its in-flight limit (readiness says so).
+    abort_uploads: Callable[[], None] = lambda: None
+    saturated: Callable[[], bool] = lambda: False
 
     @property
     def ready(self) -> bool:

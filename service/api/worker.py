@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.app import create_app
+from service.api.protocol import JsonErrorHttpToolsProtocol
 from service.api.state import AppState
 from service.config import Settings
 from service.engine.interface import WorkerSlot
@@ -63,6 +64,7 @@ class DrainingServer(uvicorn.Server):
 
         def abort() -> None:
             log.warning("drain timeout: answering the remaining requests 503")
+            self.app_state.abort_uploads()
             aborting.append(loop.create_task(self.app_state.engine.abort_pending()))
 
         handle = loop.call_later(self.app_state.settings.drain_timeout_s, abort)
@@ -83,7 +85,7 @@ class DrainingServer(uvicorn.Server):
 def uvicorn_config(app: object, settings: Settings, **kwargs: object) -> uvicorn.Config:
     return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
                           timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 2,
-                          backlog=2048, **kwargs)  # type: ignore[arg-type]
+                          http=JsonErrorHttpToolsProtocol, backlog=2048, **kwargs)  # type: ignore[arg-type]
 
 
 def serve_single_process(settings: Settings) -> int:

@@ -79,15 +79,19 @@ class NullObserver:
 
 
 class DeviceWorker:
-    """The single execution thread of one device, shared by every model and graph placed on it.
+    """The execution threads of one device, shared by every model and graph placed on it.
 
-    One thread means batches never compete for the device (or for CPU cores with each other), and
-    the event loop never blocks on inference.
+    `instances` threads (Triton's instance count, VAE_DEVICE_INSTANCES): 1 by default, so the device
+    always sees the largest batches the queue could form; on a CPU with idle cores several instances,
+    each with one intra-op thread, work on different batches instead of synchronising inside one.
+    The event loop never blocks on inference.
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, instances: int = 1) -> None:
+        assert instances >= 1, "a device needs at least one execution thread"
         self.device = device
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vae-{device}")
+        self.instances = instances
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"vae-{device}")
         self.batchers: list[Batcher] = []  # every batcher on this device, for the admission estimate
 
     def busy_round_s(self, exclude: Batcher) -> float:
@@ -110,7 +114,7 @@ class _Submission:
     request_id: str = "-"  # for the logs of the device thread and the batch loop
     taken: int = 0  # rows handed to batches so far
     finished: int = 0  # rows whose outputs came back
-    parts: list[Arrays] = field(default_factory=list)
+    parts: list[tuple[int, Arrays]] = field(default_factory=list)  # (first row, outputs) per batch
 
 
 # (submission, first row, end row) of one slice of a batch
@@ -137,7 +141,9 @@ class Batcher:
         self._observer = observer or NullObserver()
         self._queue: collections.deque[_Submission] = collections.deque()
         self._queued_rows = 0
-        self._running_rows = 0  # rows of the batch on the device now
+        self._running_rows = 0  # rows of the batches on the device now
+        self._slots = asyncio.Semaphore(worker.instances)  # batches of this batcher running at once
+        self._running: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -184,8 +190,8 @@ class Batcher:
         """
         per_batch = self.batch_rows()
         ahead = self._queued_rows + self._running_rows + rows
-        batches = math.ceil(ahead / per_batch)
-        return batches * (self.batch_seconds(per_batch) + self._worker.busy_round_s(exclude=self))
+        rounds = math.ceil(ahead / per_batch / self._worker.instances)  # instances run batches side by side
+        return rounds * (self.batch_seconds(per_batch) + self._worker.busy_round_s(exclude=self))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"batcher {self.name}")
@@ -197,6 +203,10 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         while self._queue:
             self._fail(self._queue.popleft(), BatcherClosed(f"{self.name} is shutting down"))
         self._queued_rows = 0
@@ -262,9 +272,18 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             await self._gather()
+            await self._slots.acquire()  # while every instance is busy, rows keep joining the queue
             batch = self._take()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _gather(self) -> None:
         """Return when a full batch is queued, or when the oldest queued row has waited max_delay_s."""
@@ -303,7 +322,7 @@ class Batcher:
             self._queued_rows -= n
             if sub.taken == sub.rows:
                 self._queue.popleft()
-        self._running_rows = rows
+        self._running_rows += rows
         self._observer.depth(self._queued_rows)
         return batch
 
@@ -312,7 +331,7 @@ class Batcher:
         try:
             return await self._execute_rows(batch, rows)
         finally:
-            self._running_rows = 0
+            self._running_rows -= rows
 
     async def _execute_rows(self, batch: list[_Slice], rows: int) -> None:
         try:
@@ -343,11 +362,12 @@ class Batcher:
             offset += n
             if sub.future.done():
                 continue  # the caller left; drop its outputs
-            sub.parts.append(part)
+            sub.parts.append((start, part))
             sub.finished += n
-            if sub.finished == sub.rows:
-                sub.future.set_result(part if len(sub.parts) == 1 else
-                                      {k: np.concatenate([p[k] for p in sub.parts]) for k in part})
+            if sub.finished == sub.rows:  # batches may finish out of order: reassemble by first row
+                parts = [p for _, p in sorted(sub.parts, key=lambda item: item[0])]
+                sub.future.set_result(parts[0] if len(parts) == 1 else
+                                      {k: np.concatenate([p[k] for p in parts]) for k in part})
 
     def _run_batch(self, slices: list[tuple[Arrays, int, int]]) -> tuple[Arrays, float]:
         """Runs on the device thread: stack the slices into one batch, run it, time it."""

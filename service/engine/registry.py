@@ -275,8 +275,10 @@ class ModelRegistry:
         manifest = load_manifest(directory, settings.runtime)
         if (manifest.name, manifest.version) in models:
             raise RuntimeError(f"model {manifest.name} version {manifest.version} is configured twice")
-        runtime = load_runtime(manifest, settings.runtime, settings.device, settings.threads)
-        worker = workers.setdefault(runtime.device, DeviceWorker(runtime.device))
+        runtime = load_runtime(manifest, settings.runtime, settings.device, settings.cpu_intra_op_threads)
+        worker = workers.get(runtime.device)
+        if worker is None:
+            worker = workers[runtime.device] = DeviceWorker(runtime.device, settings.device_instances)
         model = ServedModel(manifest, runtime, worker, settings, metrics)
         if settings.warmup:
             await worker.call(model.warm_up_sync)

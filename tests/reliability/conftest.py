@@ -23,9 +23,9 @@ from service.api.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 # Small limits: every limit is reachable with small requests on a shared 2-core machine.
-LIMITS = dict(threads=1, max_batch_size=16, max_batch_samples=2048, max_k=300, default_k=64, max_n=16,
-              max_images=4, max_queue_size=64, max_upload_bytes=256 * 1024, max_image_pixels=1_000_000,
-              log_level="WARNING")
+LIMITS = dict(threads=1, device_instances=1, max_batch_size=16, max_batch_samples=2048, max_k=300,
+              default_k=64, max_n=16, max_images=4, max_queue_size=64, max_upload_bytes=256 * 1024,
+              max_image_pixels=1_000_000, log_level="WARNING")
 
 
 @pytest.fixture(scope="module")

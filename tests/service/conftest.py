@@ -30,7 +30,8 @@ def make_settings(models_dir: Path) -> SettingsFactory:
     """Settings for tests: the session's artifacts, one thread, small batches; overrides as kwargs."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = dict(models_dir=models_dir, threads=1, max_batch_size=16,
+        # One execution thread per device, so tests that hold the device know where every row is.
+        values: dict[str, Any] = dict(models_dir=models_dir, threads=1, device_instances=1, max_batch_size=16,
                                       max_batch_samples=2048, max_queue_delay_ms=2.0)
         values.update(overrides)
         return Settings(**values)
@@ -49,6 +50,7 @@ def make_app(make_settings: SettingsFactory) -> Callable[..., FastAPI]:
 @pytest.fixture(scope="module")
 def client(models_dir: Path) -> Iterator[TestClient]:
     """One running app (lifespan done) shared by a module's read-only tests."""
-    settings = Settings(models_dir=models_dir, threads=1, max_batch_size=16, max_batch_samples=2048)
+    settings = Settings(models_dir=models_dir, threads=1, device_instances=1, max_batch_size=16,
+                        max_batch_samples=2048)
     with TestClient(create_app(settings)) as c:
         yield c

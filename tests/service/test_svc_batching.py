@@ -212,3 +212,43 @@ def test_stop_fails_waiting_submissions_and_refuses_new_ones() -> None:
         worker.close()
 
     asyncio.run(main())
+
+
+def test_several_instances_run_batches_side_by_side_and_rows_come_back_in_order() -> None:
+    """Two execution threads: a submission split over batches that finish out of order is reassembled."""
+
+    class SlowFirst:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.concurrent = 0
+            self.most_concurrent = 0
+            self.lock = threading.Lock()
+
+        def __call__(self, feeds: Arrays) -> Arrays:
+            with self.lock:
+                self.calls += 1
+                first = self.calls == 1
+                self.concurrent += 1
+                self.most_concurrent = max(self.most_concurrent, self.concurrent)
+            time.sleep(0.3 if first else 0.05)  # the first batch finishes last
+            with self.lock:
+                self.concurrent -= 1
+            return {"y": feeds["x"] * 2}
+
+    graph = SlowFirst()
+
+    async def main() -> None:
+        worker = DeviceWorker("cpu", instances=2)
+        batcher = Batcher(run=graph, worker=worker, name="test", max_batch_rows=2, max_queue_rows=64,
+                          max_delay_s=0.0)
+        batcher.start()
+        try:
+            x = np.arange(6, dtype=np.float32)[:, None]  # 3 batches of 2 rows
+            out = await batcher.submit({"x": x}, time.monotonic() + 10)
+            np.testing.assert_array_equal(out["y"], 2 * x)
+        finally:
+            await batcher.stop()
+            worker.close()
+
+    asyncio.run(main())
+    assert graph.calls == 3 and graph.most_concurrent == 2
