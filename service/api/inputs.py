@@ -51,7 +51,7 @@ def _is_json(media_type: str) -> bool:
 
 
 def bound_values(body: bytes, limit: int, what: str) -> None:
-    """Refuse (413) a JSON body with far more values than any valid request has, before parsing it.
+    """Refuse (422) a JSON body with far more values than any valid request has, before parsing it.
 
     Counting commas is a C-speed scan; it bounds the number of values, so a mis-shaped body of
     megabytes never reaches the JSON parser or the validator (which would build one error per value,
@@ -59,8 +59,8 @@ def bound_values(body: bytes, limit: int, what: str) -> None:
     """
     values = body.count(b",") + 1
     if values > limit + 64:
-        raise PayloadTooLarge(f"the JSON body holds about {values} values; a request takes at most {limit} "
-                              f"({what}); send fewer or smaller inputs")
+        raise InvalidInput(f"the JSON body holds about {values} values; a request takes at most {limit} "
+                           f"({what}); send fewer or smaller inputs")
 
 
 def _validate(body: bytes, model: type[BaseModel]) -> Any:

@@ -33,7 +33,8 @@ def test_train_evaluate_export_end_to_end(tmp_path: Path, capsys: pytest.Capture
     run, models = tmp_path / "run", tmp_path / "models"
     assert main(["train", *TINY, "--epochs", "2", "--out-dir", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "best.pt")
-    assert {p.name for p in run.iterdir()} == {"best.pt", "last.pt", "metrics.jsonl", "config.json"}
+    assert {p.name for p in run.iterdir()} == {"best.pt", "last.pt", "metrics.jsonl", "config.json",
+                                               "finished.json"}
 
     # k = 1 makes the estimator's standard error undefined: it must come out as null, not NaN.
     assert main(["evaluate", str(run / "best.pt"), "--k", "1"]) == 0

@@ -46,7 +46,8 @@ def test_two_process_cpu_run_matches_single_process(tmp_path: Path, digits8: Dat
     result = _torchrun(tmp_path / "ddp", "--epochs", "4", "--lr", "0.01")
     assert result.stdout.count("best.pt") == 1  # only rank 0 reports (and writes)
     run = tmp_path / "ddp"
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "finished.json", "last.pt",
+                                                    "metrics.jsonl"]
     assert _epochs(run) == [0, 1, 2, 3]  # one line per epoch, not one per rank
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["world_size"] == 2 for r in records)  # really data-parallel, not two solo runs
