@@ -25,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from service.config import Settings
 from service.engine.interface import (
     ERROR_TYPES,
+    GRAPH_OF,
     Arrays,
     DeadlineExceeded,
     EngineClosed,
@@ -59,9 +60,12 @@ class RemoteEngine:
         self._described = False
         self._describing: asyncio.Task[None] | None = None
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
-        # (model, version, op) -> (estimated seconds until that queue drains, when it was estimated)
-        self._load: dict[tuple[str, str, str], tuple[float, float]] = {}
+        # (model, version, op) -> (seconds until that queue drains, seconds per row, when estimated)
+        self._load: dict[tuple[str, str, str], tuple[float, float, float]] = {}
         self._outbox = Outbox(self._send_now)
+        # Rows this worker has in the engine per (model, version, op), for admission before any load
+        # report has come back (a burst arrives faster than the engine can answer).
+        self._own_rows: dict[tuple[str, str, str], int] = {}
 
     # -- Engine interface ---------------------------------------------------------------------------------
     @property
@@ -101,12 +105,20 @@ class RemoteEngine:
         """Refuse at once when the engine's last load report says this queue drains after the deadline."""
         if not self.ready:
             raise EngineUnavailable("the inference process is not ready (starting or restarting)")
-        reported = self._load.get((model, version, operation))
-        if reported is None:
-            return
-        drain_s, at = reported
+        key = (model, version, operation)
+        info = self._infos.get(model, {}).get(version)
+        graph = GRAPH_OF[operation]
+        per_row_s = info.seconds_per_row.get(graph, 0.0) if info is not None else 0.0
+        drain_s, at = 0.0, time.monotonic()
+        reported = self._load.get(key)
+        if reported is not None:
+            drain_s, per_row_s, at = reported
         now = time.monotonic()
-        remaining = drain_s - (now - at)
+        rows = self._rows(operation, items, k)
+        # The larger of: the queue as last reported (drained since at the same pace), and what this
+        # worker alone has sent since, counted once per worker (its peers see a similar share of load).
+        own = self._own_rows.get(key, 0) * per_row_s * max(1, self.settings.worker_processes)
+        remaining = max(drain_s - (now - at), own) + rows * per_row_s
         left = (deadline - now) * self.settings.admission_share
         if remaining > left:
             raise QueueFull(f"{model}:{version}/{operation}: the queue needs about {remaining:.1f}s "
@@ -121,6 +133,8 @@ class RemoteEngine:
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        key, rows = (model, version, operation), self._rows(operation, len(next(iter(inputs.values()))), k)
+        self._own_rows[key] = self._own_rows.get(key, 0) + rows
         try:
             self._outbox.put((), {
                 "kind": "infer", "id": request_id, "model": model, "version": version, "op": operation,
@@ -138,6 +152,7 @@ class RemoteEngine:
                 raise
         finally:
             self._pending.pop(request_id, None)
+            self._own_rows[key] -= rows
         if "error" in reply:
             name, message, retry_after = reply["error"]
             cls = ERROR_TYPES.get(name, EngineError)
@@ -158,6 +173,10 @@ class RemoteEngine:
             self._ctx.destroy(linger=0)  # closes the DEALER and its monitor socket too
 
     # -- internals ----------------------------------------------------------------------------------------
+    def _rows(self, operation: Operation, items: int, k: int) -> int:
+        """Batcher rows of `items` images or latents (log_weights: one row per image and chunk)."""
+        return items * math.ceil(k / self.settings.iw_chunk_size) if operation == "log_weights" else items
+
     def _cancel(self, request_id: int) -> None:
         if self._connected:
             self._outbox.put((), {"kind": "cancel", "id": request_id})

@@ -114,8 +114,8 @@ class EngineServer:
         reply["load"] = self.load()
         self._send(identity, reply)
 
-    def load(self) -> dict[tuple[str, str, str], tuple[float, float]]:
-        """(model, version, operation) -> (estimated seconds until its queue has drained, now)."""
+    def load(self) -> dict[tuple[str, str, str], tuple[float, float, float]]:
+        """(model, version, operation) -> (seconds until its queue has drained, seconds per row, now)."""
         registry = self.engine.registry
         if registry is None:
             return {}
@@ -124,7 +124,8 @@ class EngineServer:
         for (name, version), served in registry.models.items():
             for op, graph in (("encode", "encoder"), ("decode", "decoder"), ("log_weights", "log_weights")):
                 batcher = served.batchers[graph]
-                report[(name, version, op)] = (batcher.estimate_s(0) if batcher.busy else 0.0, now)
+                drain = batcher.estimate_s(0) if batcher.busy else 0.0
+                report[(name, version, op)] = (drain, batcher.seconds_per_row, now)
         return report
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:
