@@ -232,3 +232,17 @@ def test_ood_eval_command(exported: dict, tmp_path: Path) -> None:
     assert "| noise |" in (out / "ood.md").read_text()
     assert (out / "figures" / "ood_auroc.png").stat().st_size > 1000
     assert main(["ood-eval", str(exported["path"]), "--out", str(out), "--shifts", "nope"]) == 2
+
+
+def test_add_to_report_replaces_its_own_section(tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    report.write_text("# Evaluation\n\nNLL 90.\n")
+    result = {"model": "m", "version": "2", "alpha": 0.01, "n_normal": 3, "normal_split": "test",
+              "per_shift": 2, "k": 16, "command": "python -m training ood-eval x", "best_method": "nll",
+              "shifts": {"noise": {"methods": {"nll": {"auroc": 0.75, "detection_rate": 0.5}}}},
+              "methods": {"nll": {"min_auroc": 0.75, "mean_auroc": 0.75, "false_alarm_rate": 0.0}}}
+    ood.add_to_report(report, result)
+    ood.add_to_report(report, {**result, "best_method": "nll"})
+    text = report.read_text()
+    assert text.startswith("# Evaluation\n\nNLL 90.\n") and text.count(ood.REPORT_MARKER) == 1
+    assert "| noise | 0.750 (0.50) |" in text and "ood/figures/ood_auroc.png" in text
