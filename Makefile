@@ -32,6 +32,7 @@ reliability:
 	$(PY) -m pytest tests/reliability -q --run-slow
 	$(PY) scripts/reliability/burst.py
 	$(PY) scripts/reliability/soak.py
+	$(PY) scripts/reliability/hostile.py
 
 # The peers of the serving benchmark (BentoML, LitServe) in their own venv, .bench-peers-venv.
 bench-peers:

@@ -37,7 +37,14 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import Overloaded, PayloadTooLarge, RequestTimeout, Unavailable, error_response
+from service.api.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unavailable,
+    error_response,
+)
 from service.api.ops import OPS_PATHS
 from service.api.state import AppState
 from service.logs import request_id_var
@@ -53,7 +60,7 @@ class RequestMiddleware:
         self.state = state
         self.inflight = 0  # model requests whose body is in (or that have none), until their response
         self.inflight_peak = 0
-        self.uploading: dict[asyncio.Task[Any], _Body] = {}  # handlers waiting for body bytes now
+        self.uploading: dict[_Body, None] = {}  # bodies being read: from the first read until complete
         state.abort_uploads = self.abort_uploads
         state.saturated = lambda: self.inflight >= state.settings.max_inflight_requests
 
@@ -130,8 +137,8 @@ class RequestMiddleware:
 
     def abort_uploads(self) -> None:
         """The drain deadline: every request still waiting for body bytes is answered 503."""
-        for task, body in list(self.uploading.items()):
-            body.abort(task, "shutdown")
+        for body in list(self.uploading):
+            body.abort("shutdown")
 
     def _enter(self) -> None:
         self.inflight += 1
@@ -237,29 +244,30 @@ class _Body:
         self.started = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
         self.aborted: str | None = None  # "timeout" | "shutdown" when the timer or the drain cancelled us
+        self.task: asyncio.Task[Any] | None = None  # the handler reading the body (from its first read)
+        self.waiting = False  # the handler is waiting for body bytes now
 
     async def __call__(self) -> Message:
-        task = asyncio.current_task()
-        assert task is not None
-        if not self.done and self.timer is None:
-            self._arm(task)
-        self.owner.uploading[task] = self
+        uploading = not self.done  # once the body is in, only the disconnect watcher reads: no deadline
+        if uploading:
+            if self.aborted is not None:  # the deadline passed while the handler was between two reads
+                raise self._aborted_error()
+            if self.task is None:  # the first read: the deadline starts, the drain can abort us
+                self.task = asyncio.current_task()
+                self.owner.uploading[self] = None
+                self._arm()
+        self.waiting = uploading
         try:
             message = await self.receive()
         except asyncio.CancelledError:
-            if self.aborted is None:
+            if not uploading or self.aborted is None:
                 raise
+            task = asyncio.current_task()
+            assert task is not None
             task.uncancel()
-            settings = self.owner.state.settings
-            if self.aborted == "shutdown":
-                raise Unavailable("the service is shutting down while this request was still being sent; "
-                                  "retry on another replica") from None
-            raise RequestTimeout(f"the request body did not arrive in time ({self.received} bytes in "
-                                 f"{time.monotonic() - self.started:.1f}s; bodies must arrive within "
-                                 f"{settings.body_timeout_s:g}s plus {settings.min_upload_bytes_per_s} "
-                                 "bytes/s)") from None
+            raise self._aborted_error() from None
         finally:
-            self.owner.uploading.pop(task, None)
+            self.waiting = False
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:
@@ -267,31 +275,45 @@ class _Body:
             if not message.get("more_body", False):
                 self.complete()
             elif self.timer is not None and self.declared is None:
-                self._arm(task)  # chunked: the deadline moves with the bytes received
+                self._arm()  # chunked: the deadline moves with the bytes received
         else:
             self.complete()
         return message
 
-    def _arm(self, task: asyncio.Task[Any]) -> None:
+    def _aborted_error(self) -> ServiceError:
+        if self.aborted == "shutdown":
+            return Unavailable("the service is shutting down while this request was still being sent; "
+                               "retry on another replica")
+        settings = self.owner.state.settings
+        return RequestTimeout(f"the request body did not arrive in time ({self.received} bytes in "
+                              f"{time.monotonic() - self.started:.1f}s; bodies must arrive within "
+                              f"{settings.body_timeout_s:g}s plus {settings.min_upload_bytes_per_s} "
+                              "bytes/s)")
+
+    def _arm(self) -> None:
         settings = self.owner.state.settings
         expected = max(self.declared or 0, self.received)
         deadline = self.started + settings.body_timeout_s + expected / settings.min_upload_bytes_per_s
         if self.timer is not None:
             self.timer.cancel()
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
-                                  self.abort, task, "timeout")
+        self.timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), self.abort, "timeout")
 
-    def abort(self, task: asyncio.Task[Any], reason: str) -> None:
-        if self.owner.uploading.get(task) is self and self.aborted is None:
-            self.aborted = reason
-            task.cancel()
+    def abort(self, reason: str) -> None:
+        """The deadline or the drain: a handler waiting for bytes is cancelled (its read raises 408 or
+        503); one busy between two reads gets the error at its next read."""
+        if self.done or self.aborted is not None:
+            return
+        self.aborted = reason
+        if self.waiting and self.task is not None:
+            self.task.cancel()
 
     def complete(self) -> None:
         """The whole body is in: stop the deadline, and count the request (or refuse it: 429)."""
         if self.done:
             return
         self.done = True
+        self.owner.uploading.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
         if not self.counted:
@@ -304,6 +326,7 @@ class _Body:
         owner._enter()
 
     def close(self) -> None:
+        self.owner.uploading.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
         if self.entered:

@@ -34,6 +34,7 @@ from service.engine.interface import (
     ModelInfo,
     Operation,
     QueueFull,
+    TooExpensive,
 )
 from service.engine.ipc import Outbox, messages, unpack
 from service.logs import request_id_var
@@ -118,8 +119,13 @@ class RemoteEngine:
         # The larger of: the queue as last reported (drained since at the same pace), and what this
         # worker alone has sent since, counted once per worker (its peers see a similar share of load).
         own = self._own_rows.get(key, 0) * per_row_s * max(1, self.settings.worker_processes)
-        remaining = max(drain_s - (now - at), own) + rows * per_row_s
+        alone = rows * per_row_s
         left = (deadline - now) * self.settings.admission_share
+        if alone > left:  # even on an idle device: retrying cannot help (what the engine answers too)
+            raise TooExpensive(f"{model}:{version}/{operation}: this request needs about {alone:.2f}s of "
+                               f"device time, more than its deadline allows ({left:.2f}s); send fewer images "
+                               "or a smaller k")
+        remaining = max(drain_s - (now - at), own) + alone
         if remaining > left:
             raise QueueFull(f"{model}:{version}/{operation}: the queue needs about {remaining:.1f}s "
                             f"to drain, after this request's deadline ({left:.1f}s left)",
