@@ -92,6 +92,8 @@ class FastPath:
             params["k"] = self.default_k if k is None else int(k)
             return params
         params["k"] = None if k is None else int(k)
+        if "method" in given or "alpha" in given:
+            return None  # rarer options: FastAPI validates them
         pct = given.get("threshold_percentile")
         if pct is not None and not (_NUMBER.fullmatch(pct) and 0.0 <= float(pct) <= 100.0
                                     and math.isfinite(float(pct))):

@@ -197,11 +197,17 @@ class LogLikelihoodResponse(_Response):
 
 
 class AnomalyResult(BaseModel):
-    score: float = Field(description="-log p(x) in nats (higher = more anomalous)")
-    percentile: float | None = Field(description="0-100 against the calibration scores; null if uncalibrated")
-    threshold: float | None = Field(description="score at threshold_percentile of the calibration")
+    method: str = Field(description="the scoring method that produced `score`", examples=["complexity"])
+    score: float = Field(description="the method's score (higher = more anomalous); nll: -log p(x) in nats")
+    p_value: float | None = Field(None, description="conformal p-value (1 + #{calibration scores >= score}) "
+                                  "/ (n + 1); null for a model without per-method calibration")
+    alpha: float | None = Field(None, description="the level: is_anomaly = p_value <= alpha")
+    percentile: float | None = Field(description="0-100 of -log p(x) against the percentile calibration; "
+                                     "null if the model has none")
+    threshold: float | None = Field(description="is_anomaly <=> score > threshold (null: cannot flag at "
+                                    "this alpha)")
     is_anomaly: bool | None = Field(description="score > threshold")
-    standard_error: float | None
+    standard_error: float | None = Field(description="standard error of the -log p(x) estimate")
 
 
 class AnomalyResponse(_Response):
@@ -210,8 +216,11 @@ class AnomalyResponse(_Response):
                                           "is_anomaly": True, "standard_error": 0.4}]})
     k: int
     seed: int
+    method: str
+    alpha: float | None = Field(None, description="level of is_anomaly (per-method calibration)")
     calibration_k: int | None = Field(description="k of the calibration; scores compare best at equal k")
-    threshold_percentile: float
+    threshold_percentile: float | None = Field(None, description="threshold percentile (models without "
+                                               "per-method calibration)")
     results: list[AnomalyResult]
 
 

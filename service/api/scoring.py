@@ -4,14 +4,18 @@ The engine returns log importance weights (N, k); everything here is per-request
 float64 (service/estimators.py), so /v1 and /v2 give the same numbers for the same seed.
 """
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.api.errors import InferenceFailed
+from service import anomaly
+from service.api.errors import InferenceFailed, InvalidInput
 from service.api.models import ModelRef
 from service.artifacts import Manifest
 from service.config import Settings
+from service.engine.interface import Operation
 from service.estimators import IWEstimate, iw_estimate, percentile_of, value_at
 
 
@@ -21,37 +25,75 @@ def likelihood_view(manifest: Manifest, x: np.ndarray) -> np.ndarray:
     return x if threshold is None else (x >= threshold).astype(np.float32)
 
 
-async def iw_estimates(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, k: int,
-                       seed: int) -> list[IWEstimate]:
+async def iw_estimates(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
+                       operation: Operation = "log_weights") -> list[IWEstimate]:
     """IW log-likelihood, ELBO and standard error per image; x (N, C, H, W) in [0, 1]."""
     inputs = {"x": likelihood_view(ref.manifest, x)}
     if y is not None:
         inputs["y"] = y
-    log_w = (await ref.run("log_weights", inputs, k=k, seed=seed))["log_w"]  # (N, k) float64
+    log_w = (await ref.run(operation, inputs, k=k, seed=seed))["log_w"]  # (N, k) float64
     estimates = [iw_estimate(row) for row in log_w]
     if not np.isfinite([e.log_likelihood for e in estimates]).all():
         raise InferenceFailed("the model produced non-finite log-likelihoods")
     return estimates
 
 
-def anomaly_k(manifest: Manifest, settings: Settings, k: int | None) -> int:
-    """The caller's k, else the calibration's, so scores compare with the calibration percentiles."""
-    if k is not None:
-        return k
-    cal = manifest.calibration
-    return min(cal.k if cal else settings.default_k, settings.max_k)
+@dataclass(frozen=True)
+class AnomalyPlan:
+    """What an anomaly request asks for, checked against the model's calibration."""
+
+    method: str
+    alpha: float | None  # None: the percentile threshold of a model without per-method calibration
+    k: int
 
 
-def anomaly_results(manifest: Manifest, estimates: list[IWEstimate],
-                    percentile: float) -> list[dict[str, Any]]:
-    """score = -log p(x), its percentile among calibration scores, the threshold and the flag, per image."""
-    cal = manifest.calibration
-    threshold = value_at(percentile, cal.percentiles, cal.values) if cal else None
-    results = []
-    for e in estimates:
-        score = -e.log_likelihood
-        results.append({
-            "score": score, "standard_error": e.standard_error,
-            "percentile": percentile_of(score, cal.percentiles, cal.values) if cal else None,
-            "threshold": threshold, "is_anomaly": None if threshold is None else bool(score > threshold)})
-    return results
+def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alpha: float | None,
+                 k: int | None) -> AnomalyPlan:
+    """The method, level and k to use (the caller's, else the settings', else the manifest's), or 422."""
+    cal = manifest.anomaly
+    if cal is None:  # mnist-vae/1 and older artifacts: -log p(x) against a percentile calibration
+        if method not in (None, "nll"):
+            raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for "
+                               f"method {method!r}; it offers ['nll']")
+        legacy = manifest.calibration
+        return AnomalyPlan("nll", None, k or min(legacy.k if legacy else settings.default_k, settings.max_k))
+    if method is None:
+        method = settings.anomaly_method if settings.anomaly_method in cal.methods else cal.default_method
+    if method not in cal.methods:
+        raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for method "
+                           f"{method!r}; it offers {sorted(cal.methods)}")
+    level = alpha if alpha is not None else settings.anomaly_alpha if settings.anomaly_alpha else cal.alpha
+    return AnomalyPlan(method, level, k or min(cal.k, settings.max_k))
+
+
+async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, plan: AnomalyPlan, seed: int,
+                          percentile: float) -> list[dict[str, Any]]:
+    """One result per image: the method's score, its p-value and threshold at alpha, and the decision.
+
+    -log p(x) comes from the same seeded estimate as /log-likelihood; the likelihood ratio runs the
+    background graph on the very same samples. Models without per-method calibration keep the
+    percentile threshold of -log p(x).
+    """
+    m = ref.manifest
+    estimates = await iw_estimates(ref, x, y, plan.k, seed)
+    nll = np.array([-e.log_likelihood for e in estimates])  # (N,)
+    legacy = m.calibration
+    pcts = [percentile_of(s, legacy.percentiles, legacy.values) if legacy else None for s in nll]
+    if plan.alpha is None:
+        threshold = value_at(percentile, legacy.percentiles, legacy.values) if legacy else None
+        return [{"method": "nll", "score": float(s), "p_value": None, "alpha": None, "percentile": pct,
+                 "threshold": threshold, "is_anomaly": None if threshold is None else bool(s > threshold),
+                 "standard_error": e.standard_error} for s, pct, e in zip(nll, pcts, estimates, strict=True)]
+    assert m.anomaly is not None
+    background = None
+    if plan.method == "likelihood_ratio":
+        background = -np.array([e.log_likelihood for e in await iw_estimates(
+            ref, x, y, plan.k, seed, operation="background_log_weights")])
+    try:
+        tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
+                                        images=likelihood_view(m, x), background_nll=background)
+    except anomaly.AnomalyError as exc:
+        raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
+    return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha, "percentile": pct,
+             "threshold": t.threshold if math.isfinite(t.threshold) else None, "is_anomaly": t.is_anomaly,
+             "standard_error": e.standard_error} for t, pct, e in zip(tested, pcts, estimates, strict=True)]

@@ -32,7 +32,7 @@ from service.api.schemas import (
     SampleResponse,
     error_responses,
 )
-from service.api.scoring import anomaly_k, anomaly_results, iw_estimates
+from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
 from service.api.state import AppState
 from service.config import Settings
 from service.engine.interface import ModelInfo, default_version
@@ -162,18 +162,20 @@ class ImageOperations:
                               "binarized": binarized, "results": results})
 
     async def anomaly_score(self, request: Request, ref: ModelRef, k: int | None, seed: int | None,
-                            label: str | None, threshold_percentile: float | None) -> Response:
+                            label: str | None, threshold_percentile: float | None,
+                            method: str | None = None, alpha: float | None = None) -> Response:
         m = ref.manifest
-        k = anomaly_k(m, self.settings, k)
-        ref.admit("log_weights", k=k)
+        plan = anomaly_plan(m, self.settings, method, alpha, k)
+        ref.admit("log_weights", k=plan.k)
         batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
         seed = secrets.randbits(63) if seed is None else seed
         pct = self.settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
-        results = anomaly_results(m, await iw_estimates(ref, batch.x, batch.y, k, seed), pct)
-        cal = m.calibration
-        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
-                              "threshold_percentile": pct, "calibration_k": cal.k if cal else None,
-                              "results": results})
+        results = await anomaly_results(ref, batch.x, batch.y, plan, seed, pct)
+        cal_k = m.anomaly.k if m.anomaly else m.calibration.k if m.calibration else None
+        return json_response({"model": ref.name, "version": ref.version, "k": plan.k, "seed": seed,
+                              "method": plan.method, "alpha": plan.alpha,
+                              "threshold_percentile": pct if plan.alpha is None else None,
+                              "calibration_k": cal_k, "results": results})
 
 
 def build_v1_router(settings: Settings, operations: ImageOperations | None = None) -> APIRouter:
@@ -308,8 +310,18 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         seed: SeedQ = None, label: LabelQ = None,
         threshold_percentile: Annotated[float | None, Query(
             ge=0.0, le=100.0, allow_inf_nan=False,
-            description=f"calibration percentile of the threshold (default {settings.anomaly_percentile})",
+            description="models without per-method calibration: calibration percentile of the threshold "
+                        f"(default {settings.anomaly_percentile})",
+        )] = None,
+        method: Annotated[str | None, Query(
+            max_length=32, description="nll, typicality, complexity, likelihood_ratio or combined, as the "
+                                       "model's calibration offers (default: the model's)")] = None,
+        alpha: Annotated[float | None, Query(
+            gt=0.0, lt=1.0, allow_inf_nan=False,
+            description="level: is_anomaly when the conformal p-value <= alpha (default: the model's)",
         )] = None,
     ) -> Response:
-        """-log p(x) per image, its percentile among normal data, and whether it passes the threshold."""
-        return await operations.anomaly_score(request, ref, k, seed, label, threshold_percentile)
+        """An anomaly score per image (the method is in the answer), its conformal p-value against held-out
+        normal data, the threshold at level alpha and the decision."""
+        return await operations.anomaly_score(request, ref, k, seed, label, threshold_percentile, method,
+                                              alpha)

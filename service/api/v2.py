@@ -7,8 +7,9 @@ Each served VAE appears as four V2 models (the operation after the last dot):
     {model}.decode          latents FP32 [N, D]  -> images FP32 [N, C, H, W]
     {model}.log_likelihood  images (or png)      -> log_likelihood, elbo, standard_error FP64 [N]
                             parameters: k, seed
-    {model}.anomaly_score   images (or png)      -> score, percentile FP64 [N], is_anomaly BOOL [N]
-                            parameters: k, seed, threshold_percentile
+    {model}.anomaly_score   images (or png)      -> score, percentile, p_value FP64 [N] (NaN: not
+                            applicable), is_anomaly BOOL [N]; parameters: k, seed, method, alpha,
+                            threshold_percentile
 Conditional models take `labels` INT64 [N] as well. The routes parse with service/api/v2_codec.py and
 call the same engine, scoring and limits as /v1, so a seeded log-likelihood is the same number on
 both. Errors answer {"error": "<message>"} (errors.py picks the shape by path).
@@ -31,7 +32,7 @@ from service.api.images import ImageError, ImageTooLarge, decode_image
 from service.api.inputs import resolve_labels
 from service.api.models import ModelRef, resolve_model
 from service.api.schemas import v2_error_responses
-from service.api.scoring import anomaly_k, anomaly_results, iw_estimates
+from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
 from service.api.state import AppState
 from service.config import Settings
 from service.engine.interface import ModelInfo, Operation
@@ -102,7 +103,8 @@ def _specs(info: ModelInfo, operation: str) -> tuple[list[codec.TensorSpec], lis
                                    for n in ("log_likelihood", "elbo", "standard_error")]
     return [images, *labels], [codec.TensorSpec("score", "FP64", (-1,)),
                                codec.TensorSpec("percentile", "FP64", (-1,)),
-                               codec.TensorSpec("is_anomaly", "BOOL", (-1,))]
+                               codec.TensorSpec("is_anomaly", "BOOL", (-1,)),
+                               codec.TensorSpec("p_value", "FP64", (-1,))]
 
 
 def _metadata(v2: V2Model) -> dict[str, Any]:
@@ -207,14 +209,23 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> 
                 ("elbo", np.array([e.elbo for e in estimates])),
                 ("standard_error", np.array([np.nan if e.standard_error is None else e.standard_error
                                              for e in estimates]))]
-    if ref.manifest.calibration is None:
+    if ref.manifest.calibration is None and ref.manifest.anomaly is None:
         raise InvalidInput(f"model {ref.name} version {ref.version} has no anomaly calibration")
-    k = anomaly_k(ref.manifest, settings, _parameter(request, "k", int, None, 1, settings.max_k))
+    method = request.parameters.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidInput(f"parameter 'method' must be a string, got {method!r}")
+    alpha = _parameter(request, "alpha", float, None, 1e-9, 1.0 - 1e-9)
+    plan = anomaly_plan(ref.manifest, settings, method, alpha,
+                        _parameter(request, "k", int, None, 1, settings.max_k))
     pct = _parameter(request, "threshold_percentile", float, settings.anomaly_percentile, 0.0, 100.0)
-    results = anomaly_results(ref.manifest, await iw_estimates(ref, x, y, k, seed), pct)
-    return [("score", np.array([r["score"] for r in results])),
-            ("percentile", np.array([r["percentile"] for r in results], dtype=np.float64)),
-            ("is_anomaly", np.array([r["is_anomaly"] for r in results], dtype=bool))]
+    results = await anomaly_results(ref, x, y, plan, seed, pct)
+
+    def column(name: str) -> np.ndarray:  # null (not applicable) travels as NaN in FP64 tensors
+        return np.array([np.nan if r[name] is None else r[name] for r in results], dtype=np.float64)
+
+    return [("score", column("score")), ("percentile", column("percentile")),
+            ("is_anomaly", np.array([bool(r["is_anomaly"]) for r in results], dtype=bool)),
+            ("p_value", column("p_value"))]
 
 
 def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: Settings

@@ -11,6 +11,7 @@ Operations (rows first, shapes per row):
     encode:      {"x": (N, C, H, W) f32 [, "y": (N,) i64]}  -> {"mean", "log_var": (N, D) f32}
     decode:      {"z": (N, D) f32 [, "y": (N,) i64]}        -> {"x_mean": (N, C, H, W) f32}
     log_weights: {"x": (N, C, H, W) f32 [, "y": (N,) i64]}, k, seed -> {"log_w": (N, k) f64}
+    background_log_weights: the same with the artifact's optional background model (likelihood ratio)
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import numpy as np
 from service.artifacts import Manifest
 
 Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
-Operation = Literal["encode", "decode", "log_weights"]
-OPERATIONS: tuple[Operation, ...] = ("encode", "decode", "log_weights")
-GRAPH_OF: dict[Operation, str] = {"encode": "encoder", "decode": "decoder", "log_weights": "log_weights"}
+Operation = Literal["encode", "decode", "log_weights", "background_log_weights"]
+OPERATIONS: tuple[Operation, ...] = ("encode", "decode", "log_weights", "background_log_weights")
+GRAPH_OF: dict[Operation, str] = {"encode": "encoder", "decode": "decoder", "log_weights": "log_weights",
+                                  "background_log_weights": "background_log_weights"}
 
 
 # -- errors: HTTP-agnostic; service/api/errors.py maps each to one status ------------------------------------

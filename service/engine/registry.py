@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import GRAPHS, ArtifactError, Manifest, discover, load_manifest
+from service.artifacts import OPTIONAL_GRAPHS, ArtifactError, Manifest, discover, load_manifest
 from service.config import Settings
 from service.engine.batching import Arrays, Batcher, DeviceWorker, RunFn
 from service.engine.interface import GRAPH_OF, ModelInfo, Operation, UnknownModel
@@ -62,6 +62,11 @@ class ServedModel:
             "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
                                    settings.log_weights_queue_rows, slice_s),
         }
+        for graph in OPTIONAL_GRAPHS:  # the likelihood-ratio background model, when the artifact has one
+            if graph in manifest.graphs:
+                run = partial(self._run_log_weights, graph=graph)
+                self.batchers[graph] = batcher(graph, run, settings.log_weights_batch_rows,
+                                               settings.log_weights_queue_rows, slice_s)
 
     @property
     def info(self) -> ModelInfo:
@@ -81,7 +86,7 @@ class ServedModel:
             return {"mean": mean, "log_var": log_var}
         if operation == "decode":
             return {"x_mean": await self.decode(inputs["z"], y, deadline)}
-        return {"log_w": await self.log_weights(inputs["x"], y, k, seed, deadline)}
+        return {"log_w": await self.log_weights(inputs["x"], y, k, seed, deadline, GRAPH_OF[operation])}
 
     def check_admission(self, operation: Operation, rows: int, deadline: float) -> None:
         """Raise QueueFull at once if `rows` batcher rows would overflow the queue or miss the deadline.
@@ -106,7 +111,7 @@ class ServedModel:
         return out["x_mean"]
 
     async def log_weights(self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
-                          deadline: float) -> np.ndarray:
+                          deadline: float, graph: str = "log_weights") -> np.ndarray:
         """x (N, C, H, W) -> log importance weights (N, k) float64, seeded per (seed, image, chunk)."""
         n = x.shape[0]
         chunks = math.ceil(k / self.chunk)
@@ -117,7 +122,10 @@ class ServedModel:
         rows: Arrays = {"x": np.repeat(x, chunks, axis=0), "eps_key": keys.reshape(n * chunks, 3)}
         if y is not None:
             rows["y"] = np.repeat(y, chunks)
-        out = await self.batchers["log_weights"].submit(rows, deadline)
+        batcher = self.batchers.get(graph)
+        if batcher is None:
+            raise UnknownModel(f"{self.manifest.name}:{self.manifest.version} has no {graph} graph")
+        out = await batcher.submit(rows, deadline)
         return out["log_w"].reshape(n, chunks * self.chunk)[:, :k].astype(np.float64)
 
     def _with_labels(self, inputs: Arrays, y: np.ndarray | None) -> Arrays:
@@ -130,12 +138,15 @@ class ServedModel:
         # Looked up per call (not bound once), so a runtime can be swapped or wrapped while serving.
         return self.runtime.run(graph, feeds)
 
-    def _run_log_weights(self, feeds: Arrays) -> Arrays:
-        """On the device thread: draw each row's eps from its key, then run the graph."""
+    def _run_log_weights(self, feeds: Arrays, graph: str = "log_weights") -> Arrays:
+        """On the device thread: draw each row's eps from its key, then run the graph.
+
+        The background graph gets the very same eps for the same keys, as the likelihood ratio needs.
+        """
         keys = feeds.pop("eps_key")  # (B, 3)
         d = self.manifest.latent_dim
         feeds["eps"] = np.stack([chunk_eps(int(s), int(i), int(c), self.chunk, d) for s, i, c in keys])
-        return self.runtime.run("log_weights", feeds)
+        return self.runtime.run(graph, feeds)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def warm_up_sync(self) -> None:
@@ -145,7 +156,7 @@ class ServedModel:
         selection happen here, not in the first requests.
         """
         m = self.manifest
-        for graph in GRAPHS:
+        for graph in self.batchers:
             batcher = self.batchers[graph]
             timings = []
             for rows in sorted({1, batcher.max_batch_rows}):
@@ -162,7 +173,7 @@ class ServedModel:
                 else:
                     keys = np.zeros((rows, 3), dtype=np.int64)
                     out = self._run_log_weights(self._with_labels(
-                        {"x": np.zeros((rows, *m.input_shape), np.float32), "eps_key": keys}, y))
+                        {"x": np.zeros((rows, *m.input_shape), np.float32), "eps_key": keys}, y), graph)
                     expected = {"log_w": (rows, self.chunk)}
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 if shapes != expected:
@@ -183,7 +194,7 @@ class ServedModel:
             self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim), np.float32)}, y))
         else:
             self._run_log_weights(self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32),
-                                                     "eps_key": np.zeros((rows, 3), np.int64)}, y))
+                                                     "eps_key": np.zeros((rows, 3), np.int64)}, y), graph)
 
     def warn_if_limits_exceed_deadline(self, settings: Settings) -> None:
         """Say at start-up which documented maximum requests cannot finish before the deadline here.

@@ -221,16 +221,57 @@ def test_smaller_k_is_a_prefix_of_the_same_samples(client: TestClient) -> None:
 
 
 def test_anomaly_score_uses_calibration(client: TestClient) -> None:
+    """tinyc has only the percentile calibration of -log p(x) (no per-method `anomaly` record)."""
     body = {"inputs": grey_arrays(3, seed=8)}
-    out = client.post("/v1/models/tiny/anomaly-score?seed=2", json=body).json()
+    out = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3", json=body).json()
     assert out["k"] == out["calibration_k"] == 16 and out["threshold_percentile"] == 99.0
-    ll = client.post("/v1/models/tiny/log-likelihood?seed=2&k=16", json=body).json()["results"]
+    assert out["method"] == "nll" and out["alpha"] is None
+    ll = client.post("/v1/models/tinyc/log-likelihood?seed=2&k=16&label=3", json=body).json()["results"]
     for r, estimate in zip(out["results"], ll, strict=True):
         assert r["score"] == pytest.approx(-estimate["log_likelihood"])
-        assert 0.0 <= r["percentile"] <= 100.0
+        assert 0.0 <= r["percentile"] <= 100.0 and r["p_value"] is None
         assert r["is_anomaly"] == (r["score"] > r["threshold"])
-    low = client.post("/v1/models/tiny/anomaly-score?seed=2&threshold_percentile=0", json=body).json()
+    url = "/v1/models/tinyc/anomaly-score?seed=2&label=3"
+    low = client.post(f"{url}&threshold_percentile=0", json=body).json()
     assert low["results"][0]["threshold"] < out["results"][0]["threshold"]
+    other = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3&method=complexity", json=body)
+    assert other.status_code == 422 and "offers ['nll']" in other.json()["error"]["message"]
+
+
+def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
+    """tiny carries a calibration per method (held-out split): p-values, thresholds and the decision agree."""
+    body = {"inputs": grey_arrays(4, seed=8)}
+    out = client.post("/v1/models/tiny/anomaly-score?seed=2", json=body).json()
+    assert out["method"] == "nll" and out["alpha"] == 0.01 and out["k"] == out["calibration_k"] == 16
+    ll = client.post("/v1/models/tiny/log-likelihood?seed=2&k=16", json=body).json()["results"]
+    n = 144  # calibration digits of the tiny model (the exporter's calibration split of digits8)
+    for r, estimate in zip(out["results"], ll, strict=True):
+        assert r["score"] == pytest.approx(-estimate["log_likelihood"]) and r["method"] == "nll"
+        assert 1 / (n + 1) <= r["p_value"] <= 1.0
+        assert r["is_anomaly"] == (r["p_value"] <= 0.01) == (r["score"] > r["threshold"])
+    for method in ("typicality", "complexity", "combined"):
+        scored = client.post(f"/v1/models/tiny/anomaly-score?seed=2&method={method}&alpha=0.5", json=body)
+        assert scored.status_code == 200, scored.text
+        results = scored.json()["results"]
+        assert {r["method"] for r in results} == {method} and scored.json()["alpha"] == 0.5
+        assert all(r["is_anomaly"] == (r["p_value"] <= 0.5) for r in results)
+    unknown = client.post("/v1/models/tiny/anomaly-score?method=likelihood_ratio", json=body)
+    assert unknown.status_code == 422 and "offers" in unknown.json()["error"]["message"]
+    assert client.post("/v1/models/tiny/anomaly-score?alpha=1.5", json=body).status_code == 422
+
+
+def test_conformal_false_alarms_stay_near_alpha_on_unseen_digits(client: TestClient, artifacts: Any) -> None:
+    """Held-out test digits (never used for training, selection or calibration) at alpha = 0.2."""
+    x = artifacts.test_images[:120].numpy()
+    out = []
+    for part in (x[:60], x[60:]):  # max_images per request is 64
+        answer = client.post("/v1/models/tiny/anomaly-score?seed=0&alpha=0.2&method=typicality",
+                             json={"inputs": part.tolist()})
+        assert answer.status_code == 200, answer.text
+        out += answer.json()["results"]
+    rate = float(np.mean([r["is_anomaly"] for r in out]))
+    # Conformal guarantee: E[rate] <= alpha; 120 images give a binomial standard error of ~0.037.
+    assert rate <= 0.2 + 3 * 0.037, rate
 
 
 def test_anomaly_score_of_normal_digits_is_mostly_normal(client: TestClient, artifacts: Any) -> None:
