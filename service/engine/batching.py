@@ -93,6 +93,10 @@ class DeviceWorker:
         self.instances = instances
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"vae-{device}")
         self.batchers: list[Batcher] = []  # every batcher on this device, for the admission estimate
+        # A batcher takes its rows only once it holds a turn, and waiters get turns in arrival order:
+        # graphs alternate batch by batch, and rows that arrive while the device is busy still join
+        # the next batch (taking rows early and then waiting behind a long batch would leave them out).
+        self.turns = asyncio.Semaphore(instances)
 
     def busy_round_s(self, exclude: Batcher) -> float:
         """Device seconds the other busy batchers take per round-robin turn (one batch each)."""
@@ -273,8 +277,10 @@ class Batcher:
         while True:
             await self._gather()
             await self._slots.acquire()  # while every instance is busy, rows keep joining the queue
+            await self._worker.turns.acquire()
             batch = self._take()
             if not batch:
+                self._worker.turns.release()
                 self._slots.release()
                 continue
             task = asyncio.create_task(self._execute(batch))
@@ -283,6 +289,7 @@ class Batcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._worker.turns.release()
         self._slots.release()
 
     async def _gather(self) -> None:
