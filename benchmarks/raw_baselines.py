@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 
 def providers(device: str) -> list[str]:
-    """The ONNX Runtime providers the service picks for VAE_DEVICE (service/runtime.py's rule)."""
+    """The ONNX Runtime providers the service picks for VAE_DEVICE (service/engine/runtime.py's rule)."""
     gpu = Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cuda" or (device == "auto" and cuda and gpu):
