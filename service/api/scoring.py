@@ -19,16 +19,10 @@ from service.engine.interface import Operation
 from service.estimators import IWEstimate, iw_estimate, percentile_of, value_at
 
 
-def likelihood_view(manifest: Manifest, x: np.ndarray) -> np.ndarray:
-    """x as the likelihood sees it: binarized at the manifest's threshold when it has one."""
-    threshold = manifest.preprocessing.binarize_threshold
-    return x if threshold is None else (x >= threshold).astype(np.float32)
-
-
 async def iw_estimates(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
                        operation: Operation = "log_weights") -> list[IWEstimate]:
     """IW log-likelihood, ELBO and standard error per image; x (N, C, H, W) in [0, 1]."""
-    inputs = {"x": likelihood_view(ref.manifest, x)}
+    inputs = {"x": ref.manifest.preprocessing.likelihood_view(x)}
     if y is not None:
         inputs["y"] = y
     log_w = (await ref.run(operation, inputs, k=k, seed=seed))["log_w"]  # (N, k) float64
@@ -91,7 +85,7 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
             ref, x, y, plan.k, seed, operation="background_log_weights")])
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
-                                        images=likelihood_view(m, x), background_nll=background)
+                                        images=m.preprocessing.likelihood_view(x), background_nll=background)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
     return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha, "percentile": pct,

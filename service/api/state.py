@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
 from service.config import Settings
 from service.engine.interface import Engine
 from service.metrics import Metrics
@@ -29,3 +31,8 @@ class AppState:
     def ready(self) -> bool:
         peers = self.peers_ready is None or self.peers_ready()
         return self.started and self.engine.ready and not self.draining and peers
+
+
+async def app_state(request: Request) -> AppState:
+    """FastAPI dependency: the state of the app serving this request."""
+    return request.app.state.service

@@ -33,16 +33,13 @@ from service.api.schemas import (
     error_responses,
 )
 from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
-from service.api.state import AppState
+from service.api.state import AppState, app_state
 from service.config import Settings
 from service.engine.interface import ModelInfo, default_version
 from service.estimators import bits_per_dim, prior_latents
 
 MAX_SEED = 2**63 - 1
 
-
-async def app_state(request: Request) -> AppState:
-    return request.app.state.service
 
 
 State = Annotated[AppState, Depends(app_state)]
@@ -217,8 +214,6 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     FormatQ = Annotated[Literal["png", "array"],
                         Query(description="png: base64 PNG; array: C x H x W floats")]
 
-    with_labels = _with_labels
-
     @router.get(base, response_model=ModelDetail, responses=error_responses(401, 404, 503))
     async def get_model(ref: Model) -> Response:
         """Manifest metadata, training metrics, versions, and the runtime, device and batching in use."""
@@ -238,7 +233,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         """E[x|z] for each latent vector, as base64 PNG or arrays."""
         ref.admit("decode")
         z, y = await read_latents(request, ref.manifest, label, models)
-        x = (await ref.run("decode", with_labels({"z": z}, y)))["x_mean"]
+        x = (await ref.run("decode", _with_labels({"z": z}, y)))["x_mean"]
         return json_response({"model": ref.name, "version": ref.version, "results": _images(x, format)})
 
     @router.get(f"{base}/sample", response_model=SampleResponse, response_model_exclude_none=True,
@@ -264,7 +259,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
             y: np.ndarray | None = np.arange(n, dtype=np.int64) % len(m.labels)
         else:
             y = resolve_labels(m, n, label, None)
-        x = (await ref.run("decode", with_labels({"z": z}, y)))["x_mean"]
+        x = (await ref.run("decode", _with_labels({"z": z}, y)))["x_mean"]
         if format == "grid":
             png = grid_png(_finite(x, "pixels"))
             return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
@@ -285,8 +280,8 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
         ref.admit("encode")
         batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
-        mean = (await ref.run("encode", with_labels({"x": batch.x}, batch.y)))["mean"]
-        x_hat = (await ref.run("decode", with_labels({"z": mean}, batch.y)))["x_mean"]
+        mean = (await ref.run("encode", _with_labels({"x": batch.x}, batch.y)))["mean"]
+        x_hat = (await ref.run("decode", _with_labels({"z": mean}, batch.y)))["x_mean"]
         sq = (x_hat.astype(np.float64) - batch.x.astype(np.float64)) ** 2  # (N, C, H, W)
         sse = _finite(sq.reshape(len(batch), -1).sum(axis=1), "errors")
         dims = ref.manifest.data_dims

@@ -33,7 +33,7 @@ from service.api.inputs import resolve_labels
 from service.api.models import ModelRef, resolve_model
 from service.api.schemas import v2_error_responses
 from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
-from service.api.state import AppState
+from service.api.state import AppState, app_state
 from service.config import Settings
 from service.engine.interface import ModelInfo, Operation
 
@@ -45,9 +45,6 @@ SERVER_VERSION = "1"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread, not on the event loop
 
-
-async def app_state(request: Request) -> AppState:
-    return request.app.state.service
 
 
 State = Annotated[AppState, Depends(app_state)]

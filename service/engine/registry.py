@@ -153,27 +153,19 @@ class ServedModel:
         """Run every graph at the smallest and largest batch it will see, and check output shapes.
 
         Runs on the device thread before the model is reported ready, so lazy allocations and kernel
-        selection happen here, not in the first requests.
+        selection happen here, not in the first requests. The timed runs seed each batcher's cost model.
         """
         m = self.manifest
-        for graph in self.batchers:
-            batcher = self.batchers[graph]
+        for graph, batcher in self.batchers.items():
             timings = []
             for rows in sorted({1, batcher.max_batch_rows}):
                 started = time.perf_counter()
-                y = np.zeros(rows, dtype=np.int64)
+                out = self._warm_run(graph, rows)
                 if graph == "encoder":
-                    out = self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape),
-                                                                                   np.float32)}, y))
                     expected = {"mean": (rows, m.latent_dim), "log_var": (rows, m.latent_dim)}
                 elif graph == "decoder":
-                    out = self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim),
-                                                                                   np.float32)}, y))
                     expected = {"x_mean": (rows, *m.input_shape)}
                 else:
-                    keys = np.zeros((rows, 3), dtype=np.int64)
-                    out = self._run_log_weights(self._with_labels(
-                        {"x": np.zeros((rows, *m.input_shape), np.float32), "eps_key": keys}, y), graph)
                     expected = {"log_w": (rows, self.chunk)}
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 if shapes != expected:
@@ -185,16 +177,18 @@ class ServedModel:
             timings[0] = (1, time.perf_counter() - started)
             batcher.calibrate(timings[0], timings[-1])
 
-    def _warm_run(self, graph: str, rows: int) -> None:
+    def _warm_run(self, graph: str, rows: int) -> Arrays:
+        """One batch of zeros through `graph` (log_weights graphs draw their eps as in serving)."""
         m = self.manifest
         y = np.zeros(rows, dtype=np.int64)
         if graph == "encoder":
-            self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32)}, y))
-        elif graph == "decoder":
-            self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim), np.float32)}, y))
-        else:
-            self._run_log_weights(self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32),
-                                                     "eps_key": np.zeros((rows, 3), np.int64)}, y), graph)
+            return self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape),
+                                                                            np.float32)}, y))
+        if graph == "decoder":
+            return self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim),
+                                                                            np.float32)}, y))
+        return self._run_log_weights(self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32),
+                                                        "eps_key": np.zeros((rows, 3), np.int64)}, y), graph)
 
     def warn_if_limits_exceed_deadline(self, settings: Settings) -> None:
         """Say at start-up which documented maximum requests cannot finish before the deadline here.

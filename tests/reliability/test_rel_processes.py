@@ -91,16 +91,6 @@ def readyz(server: harness.Server) -> int | None:
         return None
 
 
-def split_response(raw: bytes) -> tuple[dict[str, str], bytes]:
-    """Raw HTTP/1.1 answer (Connection: close, not chunked) -> (lower-cased headers, body)."""
-    head, _, body = raw.partition(b"\r\n\r\n")
-    headers = {}
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return headers, body
-
-
 async def timed_request(port: int, request: bytes, timeout: float = 30.0
                         ) -> tuple[int | None, dict[str, str], bytes, float]:
     """(status or None when no HTTP answer, headers, body, seconds)."""
@@ -109,7 +99,7 @@ async def timed_request(port: int, request: bytes, timeout: float = 30.0
         status, raw = await harness.raw_request(port, request, timeout)
     except (OSError, TimeoutError, ConnectionError):
         return None, {}, b"", time.monotonic() - started
-    headers, body = split_response(raw)
+    headers, body = harness.split_response(raw)
     return status, headers, body, time.monotonic() - started
 
 
