@@ -28,6 +28,21 @@ Scores (higher = more anomalous), all in nats, from per-image quantities the ser
   median and median-to-99%-quantile distance on validation data: flags inputs that are either
   atypically likely/unlikely (Nalisnick et al.) or too likely for their complexity (Serra et al.).
   It is one more score, calibrated conformally like the others, so the false-alarm guarantee holds.
+* ``latent_knn``: Euclidean distance from the encoder mean mu(x) to its nearest neighbour among the
+  encoder means of the training images (Sun, Ming, Zhu & Li 2022, "Out-of-distribution detection
+  with deep nearest neighbors", on the VAE's latent space). It looks at *where* q(z|x) puts an input
+  rather than how likely the input is, so it does not share the likelihood's blind spot for simple
+  inputs, and it sees mirrored or rotated digits that land between the classes.
+* ``fisher``: Fisher's combination of several test statistics (Fisher 1925; as a combined test for
+  OOD detection with generative models: Bergamin et al. 2022, "Model-agnostic out-of-distribution
+  detection using combined statistical tests", AISTATS). Each statistic T_j in FISHER_STATISTICS gets
+  an empirical tail p-value p_j against its values on the validation digits (upper tail, or both
+  tails), and the score is -2 sum_j log p_j. The statistics see different things: the complexity
+  score (too likely for its compressed length), the latent nearest-neighbour distances (an unusual
+  code) and the compressed length of the grey input itself (too simple or too complex, e.g. blurry
+  upscaled images or thin pen strokes). The statistics are not independent, so -2 sum log p_j does
+  not follow Fisher's chi-square law; it does not need to: it is calibrated conformally like every
+  other score, which is what makes its false alarms <= alpha.
 
 Calibration (conformal prediction; Vovk, Gammerman & Shafer 2005; Bates et al. 2023, "Testing for
 outliers with conformal p-values"): with scores s_1..s_n of a calibration split of normal data held
@@ -50,14 +65,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("nll", "typicality", "complexity", "likelihood_ratio", "combined")
+METHODS = ("nll", "typicality", "complexity", "likelihood_ratio", "combined", "latent_knn", "fisher")
+LATENT_METHODS = frozenset({"latent_knn", "fisher"})  # need the encoder means and the latent bank
 PAPERS = {
     "nll": "Burda, Grosse & Salakhutdinov 2016 (IW bound); Nalisnick et al. 2019 (its failure mode)",
     "typicality": "Nalisnick, Matsukawa, Teh & Lakshminarayanan 2019, arXiv:1906.02994",
     "complexity": "Serra et al. 2020, ICLR, arXiv:1909.11480",
     "likelihood_ratio": "Ren et al. 2019, NeurIPS, arXiv:1906.02845",
     "combined": "max of typicality (Nalisnick et al. 2019) and standardized complexity (Serra et al. 2020)",
+    "latent_knn": "Sun, Ming, Zhu & Li 2022, ICML, arXiv:2204.06507 (on the encoder means)",
+    "fisher": "Fisher 1925; Bergamin et al. 2022, AISTATS, arXiv:2203.01097 (combined statistical tests)",
 }
+# fisher's statistics and which tail of each is anomalous; their validation values are the reference.
+FISHER_STATISTICS: dict[str, str] = {
+    "complexity": "upper",  # -log p(x) - L(view): too likely for its complexity
+    "latent_knn": "upper",  # Euclidean distance of mu(x) to the nearest training code
+    "latent_knn_cosine": "upper",  # cosine distance of mu(x) to its 5th nearest training code
+    "input_complexity": "two_sided",  # L(x) of the grey input (before binarization)
+}
+KNN_K = 1  # latent_knn: the nearest neighbour (Sun et al.'s k is larger for their bigger banks)
+KNN_COSINE_K = 5
 NATS_PER_BYTE = 8.0 * math.log(2.0)
 ZLIB_LEVEL = 9
 _EPS = 1e-9  # alpha (n + 1) is compared with integers; guards 0.05 * 20 = 1.0000000000000002
@@ -86,6 +113,72 @@ def complexity_nats(images: np.ndarray, level: int = ZLIB_LEVEL) -> np.ndarray:
         raise AnomalyError(f"expected images of shape (N, C, H, W), got {x.shape}")
     lengths = [len(zlib.compress(np.ascontiguousarray(img).tobytes(), level)) for img in x]
     return np.asarray(lengths, dtype=np.float64) * NATS_PER_BYTE
+
+
+def knn_distance(points: np.ndarray, bank: np.ndarray, k: int = 1, metric: str = "euclidean") -> np.ndarray:
+    """Distance of each point to its k-th nearest bank point: (N, D), (M, D) -> (N,) float64.
+
+    metric: "euclidean", or "cosine" (1 - cosine similarity; a zero vector is at distance 1 from all).
+    """
+    x = np.asarray(points, dtype=np.float64)
+    b = np.asarray(bank, dtype=np.float64)
+    if x.ndim != 2 or b.ndim != 2 or x.shape[1] != b.shape[1]:
+        raise AnomalyError(f"latent means {x.shape} and bank {b.shape} must be (N, D) and (M, D)")
+    if not 1 <= k <= len(b):
+        raise AnomalyError(f"k = {k} needs at least k bank points, the bank has {len(b)}")
+    if metric == "euclidean":
+        d = (x * x).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * x @ b.T  # (N, M) squared
+        d = np.sqrt(np.maximum(d, 0.0))
+    elif metric == "cosine":
+        xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        d = 1.0 - xn @ bn.T
+    else:
+        raise AnomalyError(f"unknown metric {metric!r} (euclidean or cosine)")
+    return np.partition(d, k - 1, axis=1)[:, k - 1]
+
+
+def tail_p_values(values: np.ndarray, reference: np.ndarray, tail: str) -> np.ndarray:
+    """Empirical tail p-value of each value against a reference sample: (N,), (n,) -> (N,) in (0, 1].
+
+    upper: (1 + #{ref >= v}) / (n + 1); two_sided: min(1, 2 min(upper, lower)), with lower the same
+    count of ref <= v. NaN counts as the most extreme value.
+    """
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    v = np.asarray(values, dtype=np.float64)
+    n = len(ref)
+    upper = (1.0 + n - np.searchsorted(ref, v, side="left")) / (n + 1.0)
+    upper = np.where(np.isnan(v), 1.0 / (n + 1.0), upper)
+    if tail == "upper":
+        return upper
+    if tail != "two_sided":
+        raise AnomalyError(f"unknown tail {tail!r} (upper or two_sided)")
+    lower = (1.0 + np.searchsorted(ref, v, side="right")) / (n + 1.0)
+    lower = np.where(np.isnan(v), 1.0 / (n + 1.0), lower)
+    return np.minimum(1.0, 2.0 * np.minimum(upper, lower))
+
+
+def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarray, latent_mean: np.ndarray,
+                      latent_bank: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of FISHER_STATISTICS, each (N,): the inputs of `fisher` and of its reference."""
+    return {
+        "complexity": np.asarray(nll, dtype=np.float64) - complexity_nats(images),
+        "latent_knn": knn_distance(latent_mean, latent_bank, KNN_K),
+        "latent_knn_cosine": knn_distance(latent_mean, latent_bank, KNN_COSINE_K, "cosine"),
+        "input_complexity": complexity_nats(raw_images),
+    }
+
+
+def fisher_score(statistics: dict[str, np.ndarray], reference: dict[str, Sequence[float]]) -> np.ndarray:
+    """-2 sum_j log p_j over FISHER_STATISTICS (Fisher's combination): (N,) float64, >= 0."""
+    total = None
+    for name, tail in FISHER_STATISTICS.items():
+        if name not in statistics or name not in reference:
+            raise AnomalyError(f"fisher needs statistic {name!r} and its reference")
+        term = -2.0 * np.log(tail_p_values(statistics[name], np.asarray(reference[name]), tail))
+        total = term if total is None else total + term
+    assert total is not None
+    return total
 
 
 # -- scores --------------------------------------------------------------------------------------------
@@ -125,18 +218,37 @@ def typicality_score(nll: np.ndarray, ref: TypicalityReference) -> np.ndarray:
 def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = None,
                    background_nll: np.ndarray | None = None,
                    typicality: TypicalityReference | None = None,
-                   complexity_reference: TypicalityReference | None = None) -> np.ndarray:
+                   complexity_reference: TypicalityReference | None = None,
+                   raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
+                   latent_bank: np.ndarray | None = None,
+                   fisher_reference: dict[str, Sequence[float]] | None = None) -> np.ndarray:
     """Scores of one method, (N,) float64; higher = more anomalous.
 
     nll: (N,) -log p(x) in nats (IW bound) of the images as the model scores them; images: (N, C, H, W)
     in [0, 1], the model's view (binarized for Bernoulli models), needed by `complexity`;
     background_nll: (N,) -log p_bg(x) of the background model, needed by `likelihood_ratio`;
     typicality: the reference of `typicality` (and `combined`); complexity_reference: centre and upper
-    scale of the complexity score on validation data (`combined`).
+    scale of the complexity score on validation data (`combined`); raw_images: (N, C, H, W) the input
+    before binarization (`fisher`); latent_mean: (N, D) encoder means of `images`; latent_bank:
+    (M, D) encoder means of the training images (`latent_knn`, `fisher`); fisher_reference: the
+    validation values of each FISHER_STATISTICS statistic.
     """
     v = np.asarray(nll, dtype=np.float64)
     if v.ndim != 1:
         raise AnomalyError(f"nll must have shape (N,), got {v.shape}")
+    if method in LATENT_METHODS:
+        if latent_mean is None or latent_bank is None:
+            raise AnomalyError(f"{method} needs the encoder means and the latent bank")
+        if len(latent_mean) != len(v):
+            raise AnomalyError(f"{len(latent_mean)} latent means for {len(v)} scores")
+        if method == "latent_knn":
+            return knn_distance(latent_mean, latent_bank, KNN_K)
+        if images is None or raw_images is None or fisher_reference is None:
+            raise AnomalyError("fisher needs the images (model view and grey input) and its reference")
+        if len(images) != len(v) or len(raw_images) != len(v):
+            raise AnomalyError(f"images for {len(v)} scores expected")
+        return fisher_score(fisher_statistics(v, images, raw_images, latent_mean, latent_bank),
+                            fisher_reference)
     if method == "nll":
         return v.copy()
     if method == "typicality":
@@ -225,6 +337,10 @@ class MethodCalibration:
     typicality: TypicalityReference | None = None  # typicality and combined
     complexity_reference: TypicalityReference | None = None  # combined
     extra: dict = field(default_factory=dict)
+    # fisher: {statistic: sorted validation values}
+    fisher_reference: dict[str, tuple[float, ...]] | None = None
+    # latent_knn and fisher: (M, D) float32 encoder means of the training images (the artifact's bank)
+    latent_bank: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def n(self) -> int:
@@ -242,18 +358,23 @@ class AnomalyResult:
 
 
 def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nll: np.ndarray, *,
-                   images: np.ndarray | None = None,
-                   background_nll: np.ndarray | None = None) -> list[AnomalyResult]:
+                   images: np.ndarray | None = None, background_nll: np.ndarray | None = None,
+                   raw_images: np.ndarray | None = None,
+                   latent_mean: np.ndarray | None = None) -> list[AnomalyResult]:
     """What a route returns per image: score, conformal p-value, threshold, decision at alpha.
 
     nll: (N,) -log p(x) with the calibration's k; images: (N, C, H, W) as the model scored them
-    (complexity); background_nll: (N,) (likelihood_ratio).
+    (complexity); background_nll: (N,) (likelihood_ratio); raw_images: (N, C, H, W) before
+    binarization and latent_mean: (N, D) encoder means of `images` (latent_knn, fisher).
     """
     if calibration.method != method:
         raise AnomalyError(f"calibration is for {calibration.method!r}, not {method!r}")
     scores = anomaly_scores(method, nll, images=images, background_nll=background_nll,
                             typicality=calibration.typicality,
-                            complexity_reference=calibration.complexity_reference)
+                            complexity_reference=calibration.complexity_reference,
+                            raw_images=raw_images, latent_mean=latent_mean,
+                            latent_bank=calibration.latent_bank,
+                            fisher_reference=calibration.fisher_reference)
     cal = np.asarray(calibration.scores, dtype=np.float64)
     p = conformal_p_values(scores, cal)
     flags = is_anomaly(scores, cal, alpha)
@@ -264,7 +385,8 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
 
 def calibration_record(method: str, scores: Sequence[float],
                        typicality: TypicalityReference | None = None,
-                       complexity_reference: TypicalityReference | None = None, **extra: object) -> dict:
+                       complexity_reference: TypicalityReference | None = None,
+                       fisher_reference: dict[str, Sequence[float]] | None = None, **extra: object) -> dict:
     """The manifest entry of one method (docs/artifact-format.md, `anomaly.methods.<method>`)."""
     values = np.sort(np.asarray(scores, dtype=np.float64))
     if not np.all(np.isfinite(values)):
@@ -275,4 +397,8 @@ def calibration_record(method: str, scores: Sequence[float],
         record["reference"] = typicality.to_dict()
     if complexity_reference is not None:
         record["complexity_reference"] = complexity_reference.to_dict()
+    if fisher_reference is not None:
+        record["statistics"] = {
+            name: {"tail": tail, "reference": sorted(float(v) for v in fisher_reference[name])}
+            for name, tail in FISHER_STATISTICS.items()}
     return record

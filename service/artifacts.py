@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.anomaly import METHODS, MethodCalibration, TypicalityReference
+from service.anomaly import FISHER_STATISTICS, LATENT_METHODS, METHODS, MethodCalibration, TypicalityReference
 
 FORMAT_VERSION = 1  # what the exporter writes
 SUPPORTED_FORMAT_VERSIONS = {FORMAT_VERSION}
@@ -32,6 +32,8 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "background_log_weights": (("x", "eps"), ("log_w",)),
 }
 GRAPHS = ("encoder", "decoder", "log_weights")  # every artifact has these
+# The anomaly methods latent_knn and fisher read the training images' encoder means from this .npy.
+LATENT_BANK_FILE = "latent_bank.npy"
 OPTIONAL_GRAPHS = ("background_log_weights",)  # loaded when the manifest lists them
 # Names and versions (docs/artifact-format.md): neither can be "..", contain a "/" or start with the "."
 # that marks a half-written `.<version>.partial` export; 64 characters at most.
@@ -283,7 +285,10 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         if len(percentiles) != len(values) or len(values) < 2 or list(percentiles) != sorted(percentiles):
             raise ValueError("calibration percentiles and values must be equally long, increasing lists")
         calibration = Calibration(k=int(cal["k"]), percentiles=percentiles, values=values)
-    anomaly = _parse_anomaly(raw["anomaly"], graphs) if raw.get("anomaly") else None
+    anomaly = None
+    if raw.get("anomaly"):
+        anomaly = _parse_anomaly(raw["anomaly"], graphs, directory, int(model["latent_dim"]),
+                                 raw.get("files") or {})
     return Manifest(
         name=name,
         version=str(raw["version"]),
@@ -309,9 +314,31 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
     )
 
 
-def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec]) -> AnomalyCalibration:
+def _load_latent_bank(raw: dict[str, Any], directory: Path, latent_dim: int, files: dict) -> np.ndarray:
+    """anomaly.latent_bank: a checksummed .npy of (M, latent_dim) finite float32 encoder means."""
+    rec = raw.get("latent_bank")
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+        raise ValueError("methods latent_knn and fisher need anomaly.latent_bank.file")
+    if rec["file"] not in files:
+        raise ValueError(f"latent bank {rec['file']!r} has no checksum in 'files'")
+    try:
+        bank = np.load(_inside(directory, rec["file"]), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read latent bank {rec['file']!r}: {exc}") from exc
+    if bank.ndim != 2 or bank.shape[1] != latent_dim or len(bank) < 5 or bank.dtype.kind != "f":
+        raise ValueError(f"latent bank must be (M >= 5, {latent_dim}) floats, got {bank.shape} {bank.dtype}")
+    if not np.isfinite(bank).all():
+        raise ValueError("latent bank has non-finite values")
+    return bank.astype(np.float32)
+
+
+def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec], directory: Path, latent_dim: int,
+                   files: dict) -> AnomalyCalibration:
     """The `anomaly` object (docs/artifact-format.md): methods unknown to this service are skipped."""
     methods: dict[str, MethodCalibration] = {}
+    bank = None
+    if LATENT_METHODS & set(raw["methods"]):
+        bank = _load_latent_bank(raw, directory, latent_dim, files)
     for method, rec in dict(raw["methods"]).items():
         if method not in METHODS:
             continue
@@ -329,7 +356,18 @@ def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec]) -> Anomaly
             cref = TypicalityReference(float(r["center"]), float(r["scale_low"]), float(r["scale_high"]))
         if method == "likelihood_ratio" and "background_log_weights" not in graphs:
             raise ValueError("anomaly method likelihood_ratio needs the background_log_weights graph")
-        methods[method] = MethodCalibration(method, scores, ref, cref)
+        fisher = None
+        if method == "fisher":
+            stats = rec["statistics"]
+            fisher = {name: tuple(float(v) for v in stats[name]["reference"]) for name in FISHER_STATISTICS}
+            if not all(values and np.isfinite(values).all() for values in fisher.values()):
+                raise ValueError("anomaly.methods.fisher.statistics need non-empty, finite references")
+            tails = {name: stats[name]["tail"] for name in FISHER_STATISTICS}
+            if tails != FISHER_STATISTICS:
+                raise ValueError(f"anomaly.methods.fisher.statistics tails {tails} differ from this "
+                                 f"service's {FISHER_STATISTICS}")
+        methods[method] = MethodCalibration(method, scores, ref, cref, fisher_reference=fisher,
+                                            latent_bank=bank if method in LATENT_METHODS else None)
     default = str(raw.get("default_method", "nll"))
     if default not in methods:
         raise ValueError(f"anomaly.default_method {default!r} has no calibration (have: {sorted(methods)})")

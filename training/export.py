@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from service import anomaly
-from service.artifacts import FORMAT_VERSION, GRAPH_IO, MODEL_NAME_RE, VERSION_RE, Preprocessing, sha256_file
+from service.artifacts import (
+    FORMAT_VERSION,
+    GRAPH_IO,
+    LATENT_BANK_FILE,
+    MODEL_NAME_RE,
+    VERSION_RE,
+    Preprocessing,
+    sha256_file,
+)
 from training import losses
 from training.data import DataSplits
 from training.evaluate import json_safe
@@ -185,33 +193,45 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     held out of selection). The typicality reference comes from the validation split, never from the
     calibration scores, so calibration and new scores stay exchangeable.
     """
-    from training.scoring import GraphScorer
+    from training.scoring import GraphScorer, ScoreReferences
 
     scorer = GraphScorer(directory, vae.config.latent_dim, prep)
     if len(splits.calibration_images):
         cal_images, split = splits.calibration_images, "calibration"
     else:
         cal_images, split = splits.val_images, "validation"
+    # The latent bank of latent_knn and fisher: encoder means of the training images, (M, D) float32.
+    bank = scorer.latent_means(splits.train_images.numpy())
+    np.save(directory / LATENT_BANK_FILE, bank, allow_pickle=False)
     val = splits.val_images.numpy()
+    val_view = prep.likelihood_view(val)
     val_nll = scorer.nll(val, k, seed + 1)  # (M,)
     reference = anomaly.TypicalityReference.fit(val_nll)
-    val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=prep.likelihood_view(val))
+    val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=val_view)
     complexity_reference = anomaly.TypicalityReference.fit(val_complexity)
-    scores = scorer.all_scores(cal_images.numpy(), k, seed, reference, anomaly.METHODS, complexity_reference)
+    fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, scorer.latent_means(val), bank)
+    references = ScoreReferences(reference, complexity_reference, bank,
+                                 {name: tuple(np.sort(v)) for name, v in fisher_reference.items()})
+    scores = scorer.all_scores(cal_images.numpy(), k, seed, anomaly.METHODS, references)
     if default_method not in scores:
         raise ExportError(f"default anomaly method {default_method!r} is not available "
                           f"(have: {sorted(scores)}; likelihood_ratio needs --background)")
     methods = {}
     for method, values in scores.items():
         extra: dict = {}
-        if method == "complexity":
+        if method in ("complexity", "fisher"):
             extra["compressor"] = (f"zlib level {anomaly.ZLIB_LEVEL} of the 8-bit C*H*W bytes, "
                                    "8 ln 2 nats per byte")
         if method == "likelihood_ratio":
             extra["background_graph"] = "background_log_weights"
+        if method == "latent_knn":
+            extra.update(k=anomaly.KNN_K, metric="euclidean")
+        if method == "fisher":
+            extra.update(latent_knn_cosine_k=anomaly.KNN_COSINE_K)
         methods[method] = anomaly.calibration_record(
             method, values, reference if method in ("typicality", "combined") else None,
-            complexity_reference if method == "combined" else None, **extra)
+            complexity_reference if method == "combined" else None,
+            fisher_reference if method == "fisher" else None, **extra)
     index = splits.extra.get(f"{split}_index" if split == "calibration" else "val_index")
     return {
         "k": k,
@@ -226,6 +246,8 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
             "indices": None if index is None else [int(i) for i in index],
         },
         "reference_split": {"name": "validation", "n": len(splits.val_images), "seed": seed + 1},
+        "latent_bank": {"file": LATENT_BANK_FILE, "n": len(bank), "dim": int(bank.shape[1]),
+                        "source": "encoder means of the training split's likelihood view"},
         "methods": methods,
     }
 

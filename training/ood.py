@@ -281,7 +281,7 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
     "validation" (for choosing the default method without looking at the test split).
     """
     from service.artifacts import load_manifest
-    from training.scoring import GraphScorer
+    from training.scoring import GraphScorer, ScoreReferences
 
     m = load_manifest(Path(artifact), "onnx")
     if m.conditional:
@@ -297,15 +297,14 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
         digits = digits[:max_normal]
     suite = build_suite(digits, per_shift, seed, shifts)
     scorer = GraphScorer(m.directory, m.latent_dim, m.preprocessing, threads=threads)
-    typ = cal.methods["typicality"].typicality if cal and "typicality" in cal.methods else None
-    cref = cal.methods["combined"].complexity_reference if cal and "combined" in cal.methods else None
+    references = ScoreReferences.from_calibration(cal)
     methods = tuple(cal.methods) if cal else ("nll",)
     started = time.perf_counter()
     # A seed different from the calibration's, as a fresh request would have.
-    normal_scores = scorer.all_scores(digits, k, seed + 1000, typ, methods, cref)
+    normal_scores = scorer.all_scores(digits, k, seed + 1000, methods, references)
     shift_scores = {}
     for i, (name, images) in enumerate(suite.items()):
-        shift_scores[name] = scorer.all_scores(images, k, seed + 2000 + i, typ, methods, cref)
+        shift_scores[name] = scorer.all_scores(images, k, seed + 2000 + i, methods, references)
         log.info("ood-eval: %s done (%.0f s)", name, time.perf_counter() - started)
     calibration = {name: np.asarray(c.scores) for name, c in cal.methods.items()} if cal else {}
     result = evaluate_suite(normal_scores, shift_scores, calibration, alpha)

@@ -10,15 +10,45 @@ served model gives, up to the per-request seed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service.anomaly import TypicalityReference, anomaly_scores
-from service.artifacts import GRAPH_IO, Preprocessing
+from service.anomaly import LATENT_METHODS, TypicalityReference, anomaly_scores
+from service.artifacts import GRAPH_IO, AnomalyCalibration, Preprocessing
 from service.estimators import chunk_eps
 
 DEFAULT_CHUNK = 128  # the service's default VAE_IW_CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class ScoreReferences:
+    """What the scores need besides the images: references from the validation split, the latent bank."""
+
+    typicality: TypicalityReference | None = None  # typicality, combined
+    complexity: TypicalityReference | None = None  # combined
+    latent_bank: np.ndarray | None = None  # (M, D) latent_knn, fisher
+    fisher: dict[str, tuple[float, ...]] | None = None  # fisher
+
+    @classmethod
+    def from_calibration(cls, cal: AnomalyCalibration | None) -> ScoreReferences:
+        """The references a manifest's `anomaly` object carries (none for older artifacts)."""
+        if cal is None:
+            return cls()
+        by = cal.methods
+        banks = [c.latent_bank for c in by.values() if c.latent_bank is not None]
+        return cls(typicality=by["typicality"].typicality if "typicality" in by else None,
+                   complexity=by["combined"].complexity_reference if "combined" in by else None,
+                   latent_bank=banks[0] if banks else None,
+                   fisher=by["fisher"].fisher_reference if "fisher" in by else None)
+
+    def available(self, method: str, has_background: bool) -> bool:
+        """Whether `method` can be scored with these references (and a background graph)."""
+        return {"likelihood_ratio": has_background, "typicality": self.typicality is not None,
+                "combined": self.typicality is not None and self.complexity is not None,
+                "latent_knn": self.latent_bank is not None,
+                "fisher": self.latent_bank is not None and self.fisher is not None}.get(method, True)
 
 
 class GraphScorer:
@@ -37,7 +67,7 @@ class GraphScorer:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.sessions = {}
-        for graph in ("log_weights", "background_log_weights"):
+        for graph in ("encoder", "log_weights", "background_log_weights"):
             path = Path(directory) / f"{graph}.onnx"
             if path.is_file():
                 self.sessions[graph] = ort.InferenceSession(str(path), sess_options=options,
@@ -83,19 +113,28 @@ class GraphScorer:
             out[start:start + len(xb)] = -(top[:, 0] + np.log(np.exp(log_w - top).mean(axis=1)))
         return out
 
-    def all_scores(self, images: np.ndarray, k: int, seed: int, typicality: TypicalityReference | None,
-                   methods: tuple[str, ...],
-                   complexity_reference: TypicalityReference | None = None) -> dict[str, np.ndarray]:
-        """{method: (N,) scores} for the methods this artifact supports, from one pass over the graphs."""
-        nll = self.nll(images, k, seed)
-        bg = self.nll(images, k, seed, "background_log_weights") if self.has_background else None
-        view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
-        out = {}
-        for method in methods:
-            missing = {"likelihood_ratio": bg is None, "typicality": typicality is None,
-                       "combined": typicality is None or complexity_reference is None}.get(method, False)
-            if missing:
-                continue
-            out[method] = anomaly_scores(method, nll, images=view, background_nll=bg, typicality=typicality,
-                                         complexity_reference=complexity_reference)
-        return out
+    def latent_means(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Encoder means of the likelihood view, as the service encodes it: (N, C, H, W) -> (N, D) float32."""
+        x = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        name = GRAPH_IO["encoder"][0][0]
+        return np.concatenate([self.sessions["encoder"].run(None, {name: x[i:i + batch]})[0]
+                               for i in range(0, len(x), batch)]).astype(np.float32)
+
+    def all_scores(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
+                   references: ScoreReferences) -> dict[str, np.ndarray]:
+        """{method: (N,) scores} for the methods these references support, from one pass over the graphs.
+
+        images: (N, C, H, W) in [0, 1], the preprocessed input before the likelihood view.
+        """
+        raw = np.asarray(images, dtype=np.float32)
+        nll = self.nll(raw, k, seed)
+        bg = self.nll(raw, k, seed, "background_log_weights") if self.has_background else None
+        view = self.preprocessing.likelihood_view(raw)
+        wanted = [m for m in methods if references.available(m, self.has_background)]
+        mu = self.latent_means(raw) if LATENT_METHODS & set(wanted) else None
+        return {method: anomaly_scores(method, nll, images=view, background_nll=bg,
+                                       typicality=references.typicality,
+                                       complexity_reference=references.complexity, raw_images=raw,
+                                       latent_mean=mu, latent_bank=references.latent_bank,
+                                       fisher_reference=references.fisher)
+                for method in wanted}

@@ -79,13 +79,18 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
                  "threshold": threshold, "is_anomaly": None if threshold is None else bool(s > threshold),
                  "standard_error": e.standard_error} for s, pct, e in zip(nll, pcts, estimates, strict=True)]
     assert m.anomaly is not None
-    background = None
+    view = m.preprocessing.likelihood_view(x)  # (N, C, H, W), what log_weights scored
+    background = latent_mean = None
     if plan.method == "likelihood_ratio":
         background = -np.array([e.log_likelihood for e in await iw_estimates(
             ref, x, y, plan.k, seed, operation="background_log_weights")])
+    if plan.method in anomaly.LATENT_METHODS:
+        # The bank holds encoder means of the training images' likelihood view; encode the same view.
+        latent_mean = (await ref.run("encode", {"x": view}))["mean"]  # (N, D)
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
-                                        images=m.preprocessing.likelihood_view(x), background_nll=background)
+                                        images=view, background_nll=background, raw_images=x,
+                                        latent_mean=latent_mean)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
     return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha, "percentile": pct,

@@ -1,6 +1,6 @@
 """service/anomaly.py against hand computations: p-values, thresholds, the conformal false-alarm
-guarantee, typicality's two sides, complexity in nats, likelihood ratios; and the manifest's
-`anomaly` record as service/artifacts.py parses it."""
+guarantee, typicality's two sides, complexity in nats, likelihood ratios, latent nearest neighbours
+and Fisher's combination; and the manifest's `anomaly` record as service/artifacts.py parses it."""
 
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from service.anomaly import (
     calibration_record,
     complexity_nats,
     conformal_p_values,
+    fisher_score,
+    fisher_statistics,
+    knn_distance,
+    tail_p_values,
     conformal_threshold,
     false_alarm_bound,
     is_anomaly,
     score_and_test,
 )
-from service.artifacts import ArtifactError, load_manifest
+from service.artifacts import LATENT_BANK_FILE, ArtifactError, load_manifest, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,9 +167,78 @@ def test_combined_is_max_of_typicality_and_standardized_complexity() -> None:
         anomaly_scores("combined", nll, images=images, typicality=typ)
 
 
+def test_knn_distance_by_hand() -> None:
+    bank = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 10.0]])
+    points = np.array([[0.0, 1.0], [3.0, 4.0]])
+    np.testing.assert_allclose(knn_distance(points, bank, 1), [1.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(knn_distance(points, bank, 2), [math.hypot(3, 3), 5.0])
+    # cosine: [0, 1] is parallel to [0, 10] (distance 0) and orthogonal to nothing else here
+    cos = knn_distance(np.array([[0.0, 1.0]]), bank[1:], 1, "cosine")
+    np.testing.assert_allclose(cos, [0.0], atol=1e-12)
+    np.testing.assert_allclose(knn_distance(np.array([[1.0, 0.0]]), bank[1:], 2, "cosine"), [1.0])
+    for bad in ({"k": 4}, {"k": 0}, {"metric": "manhattan"}):
+        with pytest.raises(AnomalyError):
+            knn_distance(points, bank, **bad)
+    with pytest.raises(AnomalyError):
+        knn_distance(np.ones((1, 3)), bank)
+
+
+def test_tail_p_values_by_hand() -> None:
+    ref = np.array([1.0, 2.0, 3.0, 4.0])  # n = 4
+    np.testing.assert_allclose(tail_p_values(np.array([0.0, 2.5, 4.0, 9.0]), ref, "upper"),
+                               [5 / 5, 3 / 5, 2 / 5, 1 / 5])
+    # two-sided: 2 min(upper, lower), lower = (1 + #{ref <= v}) / 5
+    np.testing.assert_allclose(tail_p_values(np.array([0.0, 2.5, 9.0]), ref, "two_sided"),
+                               [2 * 1 / 5, 1.0, 2 * 1 / 5])
+    assert tail_p_values(np.array([np.nan]), ref, "upper")[0] == pytest.approx(1 / 5)
+    with pytest.raises(AnomalyError):
+        tail_p_values(ref, ref, "left")
+
+
+def test_fisher_is_minus_two_sum_log_p_over_its_statistics() -> None:
+    rng = np.random.default_rng(0)
+    images = (rng.random((3, 1, 6, 6)) > 0.5).astype(np.float64)
+    raw = images * 0.8
+    nll, mu, bank = np.array([50.0, 60.0, 70.0]), rng.normal(size=(3, 2)), rng.normal(size=(8, 2))
+    stats = fisher_statistics(nll, images, raw, mu, bank)
+    assert set(stats) == set(anomaly.FISHER_STATISTICS)
+    np.testing.assert_allclose(stats["complexity"], nll - complexity_nats(images))
+    np.testing.assert_allclose(stats["latent_knn"], knn_distance(mu, bank, 1))
+    np.testing.assert_allclose(stats["latent_knn_cosine"], knn_distance(mu, bank, 5, "cosine"))
+    np.testing.assert_allclose(stats["input_complexity"], complexity_nats(raw))
+    reference = {name: rng.normal(size=20) * v.std() + v.mean() for name, v in stats.items()}
+    expected = sum(-2 * np.log(tail_p_values(stats[n], reference[n], tail))
+                   for n, tail in anomaly.FISHER_STATISTICS.items())
+    np.testing.assert_allclose(fisher_score(stats, reference), expected)
+    got = anomaly_scores("fisher", nll, images=images, raw_images=raw, latent_mean=mu, latent_bank=bank,
+                         fisher_reference=reference)
+    np.testing.assert_allclose(got, expected)
+    np.testing.assert_allclose(anomaly_scores("latent_knn", nll, latent_mean=mu, latent_bank=bank),
+                               stats["latent_knn"])
+    with pytest.raises(AnomalyError):
+        fisher_score({k: v for k, v in stats.items() if k != "latent_knn"}, reference)
+
+
+def test_fisher_flags_an_outlier_in_any_one_statistic() -> None:
+    """A value far out in one statistic (the others typical) gets a large score: the point of combining."""
+    rng = np.random.default_rng(1)
+    reference = {name: np.sort(rng.normal(size=200)) for name in anomaly.FISHER_STATISTICS}
+    typical = {name: np.zeros(1) for name in anomaly.FISHER_STATISTICS}
+    base = fisher_score(typical, reference)[0]
+    for name, tail in anomaly.FISHER_STATISTICS.items():
+        out = {**typical, name: np.array([10.0])}
+        assert fisher_score(out, reference)[0] > base + 8.0
+        if tail == "two_sided":  # too small is as anomalous as too large
+            assert fisher_score({**typical, name: np.array([-10.0])}, reference)[0] > base + 8.0
+        else:
+            assert fisher_score({**typical, name: np.array([-10.0])}, reference)[0] <= base
+
+
 @pytest.mark.parametrize("method, kwargs", [
     ("complexity", {}), ("likelihood_ratio", {}), ("typicality", {}), ("nope", {}),
     ("likelihood_ratio", {"background_nll": np.ones(3)}),
+    ("latent_knn", {}), ("latent_knn", {"latent_mean": np.ones((3, 2)), "latent_bank": np.ones((5, 2))}),
+    ("fisher", {"latent_mean": np.ones((2, 2)), "latent_bank": np.ones((5, 2))}),
 ])
 def test_missing_inputs_are_errors(method: str, kwargs: dict) -> None:
     with pytest.raises(AnomalyError):
@@ -196,8 +269,9 @@ def test_mnist_vae_1_still_loads_without_anomaly_record() -> None:
     assert m.anomaly is None and m.calibration is not None and "background_log_weights" not in m.graphs
 
 
-def _with_anomaly(models: Path, record: dict) -> Path:
-    """mnist-vae/1's manifest (graphs not copied: only files listed stay verified) plus an anomaly record."""
+def _with_anomaly(models: Path, record: dict, bank: np.ndarray | None = None, checksum: bool = True) -> Path:
+    """mnist-vae/1's manifest (graphs not copied: only files listed stay verified) plus an anomaly record,
+    and a latent bank file when given."""
     directory = models / "mnist-vae" / "9"
     directory.mkdir(parents=True)
     src = REPO_ROOT / "models" / "mnist-vae" / "1"
@@ -205,6 +279,10 @@ def _with_anomaly(models: Path, record: dict) -> Path:
     for name in ("log_weights.onnx",):
         (directory / name).write_bytes((src / name).read_bytes())
     raw["files"] = {"log_weights.onnx": raw["files"]["log_weights.onnx"]}
+    if bank is not None:
+        np.save(directory / LATENT_BANK_FILE, bank)
+        if checksum:
+            raw["files"][LATENT_BANK_FILE] = sha256_file(directory / LATENT_BANK_FILE)
     raw["graphs"] = {g: {**spec, "onnx": "log_weights.onnx"} for g, spec in raw["graphs"].items()}
     raw["anomaly"] = record
     raw["version"] = directory.name  # the manifest's version must match its folder
@@ -243,3 +321,40 @@ def test_manifest_anomaly_record_is_parsed(tmp_path: Path) -> None:
 def test_bad_anomaly_records_are_refused(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ArtifactError):
         load_manifest(_with_anomaly(tmp_path, _record(**bad)), "onnx")
+
+
+def _latent_record(bank_file: str = LATENT_BANK_FILE) -> dict:
+    fisher_reference = {name: [0.0, 1.0, 2.0] for name in anomaly.FISHER_STATISTICS}
+    return _record(methods={
+        "latent_knn": calibration_record("latent_knn", [0.5, 1.0]),
+        "fisher": calibration_record("fisher", [1.0, 2.0, 3.0], fisher_reference=fisher_reference),
+    }, default_method="fisher", latent_bank={"file": bank_file, "n": 6, "dim": 32})
+
+
+def test_manifest_latent_bank_and_fisher_reference_are_parsed(tmp_path: Path) -> None:
+    bank = np.arange(6 * 32, dtype=np.float32).reshape(6, 32)  # mnist-vae/1 has latent_dim 32
+    m = load_manifest(_with_anomaly(tmp_path, _latent_record(), bank), "onnx")
+    assert m.anomaly is not None and m.anomaly.default_method == "fisher"
+    fisher = m.anomaly.methods["fisher"]
+    np.testing.assert_array_equal(fisher.latent_bank, bank)
+    np.testing.assert_array_equal(m.anomaly.methods["latent_knn"].latent_bank, bank)
+    assert fisher.fisher_reference == {name: (0.0, 1.0, 2.0) for name in anomaly.FISHER_STATISTICS}
+    out = score_and_test("latent_knn", m.anomaly.methods["latent_knn"], 0.5, np.zeros(1),
+                         latent_mean=bank[:1] + 0.5)  # distance 0.5 * sqrt(32) from the first code
+    assert out[0].score == pytest.approx(0.5 * math.sqrt(32)) and out[0].is_anomaly
+
+
+@pytest.mark.parametrize("case", ["no_checksum", "wrong_dim", "nan", "outside", "tails"])
+def test_bad_latent_banks_are_refused(tmp_path: Path, case: str) -> None:
+    bank = np.zeros((6, 32), dtype=np.float32)
+    record = _latent_record()
+    if case == "wrong_dim":
+        bank = np.zeros((6, 3), dtype=np.float32)
+    if case == "nan":
+        bank[2, 2] = np.nan
+    if case == "outside":
+        record = _latent_record("../../../etc/passwd")
+    if case == "tails":
+        record["methods"]["fisher"]["statistics"]["latent_knn"]["tail"] = "two_sided"
+    with pytest.raises(ArtifactError):
+        load_manifest(_with_anomaly(tmp_path, record, bank, checksum=case != "no_checksum"), "onnx")

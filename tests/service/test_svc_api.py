@@ -249,7 +249,7 @@ def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
         assert r["score"] == pytest.approx(-estimate["log_likelihood"]) and r["method"] == "nll"
         assert 1 / (n + 1) <= r["p_value"] <= 1.0
         assert r["is_anomaly"] == (r["p_value"] <= 0.01) == (r["score"] > r["threshold"])
-    for method in ("typicality", "complexity", "combined"):
+    for method in ("typicality", "complexity", "combined", "latent_knn", "fisher"):
         scored = client.post(f"/v1/models/tiny/anomaly-score?seed=2&method={method}&alpha=0.5", json=body)
         assert scored.status_code == 200, scored.text
         results = scored.json()["results"]
@@ -260,12 +260,31 @@ def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
     assert client.post("/v1/models/tiny/anomaly-score?alpha=1.5", json=body).status_code == 422
 
 
-def test_conformal_false_alarms_stay_near_alpha_on_unseen_digits(client: TestClient, artifacts: Any) -> None:
+def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, artifacts: Any) -> None:
+    """latent_knn and fisher as served (encoder means through the engine) are what ood-eval and the
+    calibration compute (training/scoring.py over the same ONNX graphs, same seed)."""
+    from service.artifacts import load_manifest
+    from training.scoring import GraphScorer, ScoreReferences
+
+    x = artifacts.test_images[:6].numpy()
+    directory = artifacts.models_dir / "tiny" / "1"
+    m = load_manifest(directory, "onnx")
+    expected = GraphScorer.from_artifact(directory).all_scores(
+        x, 16, 5, ("latent_knn", "fisher"), ScoreReferences.from_calibration(m.anomaly))
+    for method in ("latent_knn", "fisher"):
+        out = client.post(f"/v1/models/tiny/anomaly-score?seed=5&method={method}", json={"inputs": x.tolist()})
+        assert out.status_code == 200, out.text
+        np.testing.assert_allclose([r["score"] for r in out.json()["results"]], expected[method], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["typicality", "fisher"])
+def test_conformal_false_alarms_stay_near_alpha_on_unseen_digits(client: TestClient, artifacts: Any,
+                                                                 method: str) -> None:
     """Held-out test digits (never used for training, selection or calibration) at alpha = 0.2."""
     x = artifacts.test_images[:120].numpy()
     out = []
     for part in (x[:60], x[60:]):  # max_images per request is 64
-        answer = client.post("/v1/models/tiny/anomaly-score?seed=0&alpha=0.2&method=typicality",
+        answer = client.post(f"/v1/models/tiny/anomaly-score?seed=0&alpha=0.2&method={method}",
                              json={"inputs": part.tolist()})
         assert answer.status_code == 200, answer.text
         out += answer.json()["results"]

@@ -148,6 +148,29 @@ def test_calibration_scores_are_what_the_scorer_gives(exported: dict) -> None:
     assert abs(float(np.mean(nll - eager))) < 1.0  # k = 16 vs 2000: a small, positive bias
 
 
+def test_latent_bank_and_latent_calibration_are_reproducible(exported: dict) -> None:
+    """The bank holds the encoder means of the training split's binarized images (eager PyTorch agrees),
+    and latent_knn / fisher calibration scores are what the scorer gives with the stored references."""
+    from training.scoring import GraphScorer, ScoreReferences
+
+    m = contract.load_manifest(exported["path"], "onnx")
+    splits = load_dataset("digits8", calibration_fraction=0.2)
+    bank = m.anomaly.methods["latent_knn"].latent_bank
+    assert bank.shape == (len(splits.train_images), m.latent_dim)
+    assert m.raw["anomaly"]["latent_bank"]["file"] in m.raw["files"]
+    vae, _ = model_from_checkpoint(exported["main"])
+    with torch.no_grad():
+        eager_mu = vae.encode((splits.train_images >= 0.5).float())[0].numpy()
+    np.testing.assert_allclose(bank, eager_mu, atol=1e-4)
+    refs = ScoreReferences.from_calibration(m.anomaly)
+    assert set(refs.fisher) == set(anomaly.FISHER_STATISTICS)
+    assert all(len(v) == len(splits.val_images) for v in refs.fisher.values())  # from validation digits
+    scores = GraphScorer.from_artifact(exported["path"]).all_scores(
+        splits.calibration_images.numpy(), 16, 0, ("latent_knn", "fisher"), refs)
+    for method in ("latent_knn", "fisher"):
+        np.testing.assert_allclose(np.sort(scores[method]), m.anomaly.methods[method].scores, rtol=1e-6)
+
+
 def test_background_from_another_split_is_refused(exported: dict, tmp_path: Path) -> None:
     from training.pipeline import export_checkpoint
 
