@@ -128,14 +128,23 @@ class LogLikelihoodResult(_Result):
 
 @dataclass(frozen=True, eq=False)
 class AnomalyResult(_Result):
-    """score = -log p(x) per image (N,); percentile (nan) and is_anomaly (None) without calibration."""
+    """Anomaly scores per image (N,) of one method.
+
+    Models with a conformal calibration per method (mnist-vae/2 on): `method` names the score, `alpha`
+    the level, `p_value` the conformal p-value and is_anomaly = p_value <= alpha; threshold_percentile
+    is None. Older models (mnist-vae/1): method "nll", alpha None, p_value nan, is_anomaly against the
+    threshold_percentile of the calibration scores (None without a calibration).
+    """
 
     k: int
     seed: int
     calibration_k: int | None
-    threshold_percentile: float
-    threshold: float | None  # the score at threshold_percentile of the calibration scores
+    method: str
+    alpha: float | None
+    threshold_percentile: float | None
+    threshold: float | None  # is_anomaly <=> score > threshold (None: cannot flag, or no calibration)
     score: np.ndarray
+    p_value: np.ndarray  # (N,) nan without conformal calibration
     percentile: np.ndarray
     is_anomaly: np.ndarray | None  # bool (N,)
     standard_error: np.ndarray

@@ -9,7 +9,8 @@ Each served VAE appears as four V2 models (the operation after the last dot):
                             parameters: k, seed
     {model}.anomaly_score   images (or png)      -> score, percentile, p_value FP64 [N] (NaN: not
                             applicable), is_anomaly BOOL [N]; parameters: k, seed, method, alpha,
-                            threshold_percentile
+                            threshold_percentile. Responses carry k, seed (and method, alpha) as
+                            parameters.
 Conditional models take `labels` INT64 [N] as well. The routes parse with service/api/v2_codec.py and
 call the same engine, scoring and limits as /v1, so a seeded log-likelihood is the same number on
 both. Errors answer {"error": "<message>"} (errors.py picks the shape by path).
@@ -180,8 +181,13 @@ def _check_count(n: int, settings: Settings) -> None:
         raise InvalidInput(f"{n} items in one request; the limit is {settings.max_images}")
 
 
-async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> list[tuple[str, np.ndarray]]:
-    """One V2 inference: the named outputs of the operation, in spec order."""
+Outputs = list[tuple[str, np.ndarray]]
+
+
+async def _run(v2: V2Model, request: codec.InferRequest,
+               settings: Settings) -> tuple[Outputs, dict[str, Any]]:
+    """One V2 inference: the named outputs of the operation, in spec order, and response parameters
+    (log_likelihood: k and seed; anomaly_score: also the method that produced the score and alpha)."""
     ref = v2.ref
     if v2.operation == "decode":
         inputs, _ = _specs(ref.info, "decode")
@@ -189,14 +195,14 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> 
         _check_count(len(z), settings)
         y = _labels(request, v2, len(z))
         out = await ref.run("decode", {"z": z} if y is None else {"z": z, "y": y})
-        return [("images", out["x_mean"])]
+        return [("images", out["x_mean"])], {}
     x, n = _images(request, v2, settings)
     _check_count(n, settings)
     y = _labels(request, v2, n)
     if v2.operation == "encode":
         out = await ref.run("encode", {"x": x} if y is None else {"x": x, "y": y})
         log_var = out["log_var"]
-        return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)]
+        return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)], {}
     seed = _parameter(request, "seed", int, None, 0, 2**63 - 1)
     seed = secrets.randbits(63) if seed is None else seed
     if v2.operation == "log_likelihood":
@@ -205,7 +211,7 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> 
         return [("log_likelihood", np.array([e.log_likelihood for e in estimates])),
                 ("elbo", np.array([e.elbo for e in estimates])),
                 ("standard_error", np.array([np.nan if e.standard_error is None else e.standard_error
-                                             for e in estimates]))]
+                                             for e in estimates]))], {"k": k, "seed": seed}
     if ref.manifest.calibration is None and ref.manifest.anomaly is None:
         raise InvalidInput(f"model {ref.name} version {ref.version} has no anomaly calibration")
     method = request.parameters.get("method")
@@ -222,7 +228,8 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings) -> 
 
     return [("score", column("score")), ("percentile", column("percentile")),
             ("is_anomaly", np.array([bool(r["is_anomaly"]) for r in results], dtype=bool)),
-            ("p_value", column("p_value"))]
+            ("p_value", column("p_value"))], {"k": plan.k, "seed": seed, "method": plan.method,
+                                              **({} if plan.alpha is None else {"alpha": plan.alpha})}
 
 
 def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: Settings
@@ -307,12 +314,13 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Mod
             parsed = await asyncio.to_thread(_decode_body, body, header_length, v2, settings)
         else:
             parsed = _decode_body(body, header_length, v2, settings)
-        outputs = await _run(v2, parsed, settings)
+        outputs, parameters = await _run(v2, parsed, settings)
         names = parsed.output_names([name for name, _ in outputs])
         selected = [(name, array) for name, array in outputs if name in names]
         selected.sort(key=lambda item: names.index(item[0]))
         payload, json_length = codec.encode_infer_response(
-            v2.name, ref.version, parsed.id, selected, binary=parsed.binary_outputs(names))
+            v2.name, ref.version, parsed.id, selected, binary=parsed.binary_outputs(names),
+            parameters=parameters)
         if json_length is None:
             return Response(payload, media_type=codec.JSON_CONTENT_TYPE)
         return Response(payload, media_type=codec.BINARY_CONTENT_TYPE,

@@ -205,17 +205,34 @@ def test_log_likelihood_and_anomaly_match_direct(client: VAEClient, direct: http
         np.testing.assert_array_equal(getattr(ll, field), [r[field] for r in reference["results"]])
     assert (ll.log_likelihood >= ll.elbo).all()  # the IW bound is at least the ELBO of the same samples
 
-    scores = client.anomaly_score(arrays, k=32, seed=5, threshold_percentile=95.0)
-    reference = _post(direct, "anomaly-score", {"inputs": arrays.tolist()}, k=32, seed=5,
+    # mnist-vae/1: -log p(x) against a percentile of its calibration scores
+    scores = client.anomaly_score(arrays, k=32, seed=5, threshold_percentile=95.0, version="1")
+    reference = _post(direct, "versions/1/anomaly-score", {"inputs": arrays.tolist()}, k=32, seed=5,
                       threshold_percentile=95.0)
     assert (scores.k, scores.seed, scores.threshold_percentile) == (32, 5, 95.0)
+    assert scores.method == "nll" and scores.alpha is None and np.isnan(scores.p_value).all()
     assert scores.calibration_k == reference["calibration_k"]
     rows = reference["results"]
     np.testing.assert_array_equal(scores.score, [r["score"] for r in rows])
     np.testing.assert_array_equal(scores.percentile, [r["percentile"] for r in rows])
     assert scores.threshold == rows[0]["threshold"]
     assert scores.is_anomaly is not None and scores.is_anomaly.tolist() == [r["is_anomaly"] for r in rows]
-    np.testing.assert_array_equal(scores.score, -ll.log_likelihood)  # same k and seed: same estimate
+    ll1 = client.log_likelihood(arrays, k=32, seed=5, version="1")
+    np.testing.assert_array_equal(scores.score, -ll1.log_likelihood)  # same k and seed: same estimate
+
+
+def test_conformal_anomaly_scores_of_the_default_model(client: VAEClient, direct: httpx.Client,
+                                                       arrays: np.ndarray) -> None:
+    """The default model (mnist-vae/2) has a calibration per method: method, alpha and p-values."""
+    scores = client.anomaly_score(arrays, seed=5, method="fisher", alpha=0.05)
+    reference = _post(direct, "anomaly-score", {"inputs": arrays.tolist()}, seed=5, method="fisher",
+                      alpha=0.05)
+    assert (scores.method, scores.alpha, scores.threshold_percentile) == ("fisher", 0.05, None)
+    rows = reference["results"]
+    np.testing.assert_array_equal(scores.p_value, [r["p_value"] for r in rows])
+    np.testing.assert_array_equal(scores.score, [r["score"] for r in rows])
+    assert scores.is_anomaly is not None
+    assert scores.is_anomaly.tolist() == [r["is_anomaly"] for r in rows] == (scores.p_value <= 0.05).tolist()
 
 
 def test_async_client_matches_direct(server_url: str, direct: httpx.Client, arrays: np.ndarray,

@@ -21,14 +21,14 @@ from service.anomaly import (
     calibration_record,
     complexity_nats,
     conformal_p_values,
-    fisher_score,
-    fisher_statistics,
-    knn_distance,
-    tail_p_values,
     conformal_threshold,
     false_alarm_bound,
+    fisher_score,
+    fisher_statistics,
     is_anomaly,
+    knn_distance,
     score_and_test,
+    tail_p_values,
 )
 from service.artifacts import LATENT_BANK_FILE, ArtifactError, load_manifest, sha256_file
 

@@ -272,7 +272,8 @@ def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, art
     expected = GraphScorer.from_artifact(directory).all_scores(
         x, 16, 5, ("latent_knn", "fisher"), ScoreReferences.from_calibration(m.anomaly))
     for method in ("latent_knn", "fisher"):
-        out = client.post(f"/v1/models/tiny/anomaly-score?seed=5&method={method}", json={"inputs": x.tolist()})
+        out = client.post(f"/v1/models/tiny/anomaly-score?seed=5&method={method}",
+                          json={"inputs": x.tolist()})
         assert out.status_code == 200, out.text
         np.testing.assert_allclose([r["score"] for r in out.json()["results"]], expected[method], rtol=1e-5)
 

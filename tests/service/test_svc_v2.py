@@ -129,6 +129,19 @@ def test_anomaly_score_matches_v1(server: harness.Server, client: triton.Inferen
     assert result.as_numpy("is_anomaly").tolist() == [r["is_anomaly"] for r in expected["results"]]
 
 
+def test_anomaly_methods_match_v1_and_the_response_names_the_method(
+        server: harness.Server, client: triton.InferenceServerClient) -> None:
+    x = images(3, seed=7)
+    for method in ("fisher", "latent_knn"):
+        result = infer(client, "tiny.anomaly_score", {"images": x}, seed=3, method=method, alpha=0.3)
+        expected = v1(server, f"tiny/anomaly-score?seed=3&method={method}&alpha=0.3", {"inputs": x.tolist()})
+        rows = expected["results"]
+        np.testing.assert_allclose(result.as_numpy("score"), [r["score"] for r in rows], rtol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("p_value"), [r["p_value"] for r in rows], rtol=1e-12)
+        assert result.as_numpy("is_anomaly").tolist() == [r["is_anomaly"] for r in rows]
+        assert result.get_response()["parameters"] == {"k": 16, "seed": 3, "method": method, "alpha": 0.3}
+
+
 def test_png_bytes_input_is_decoded_like_v1_uploads(server: harness.Server,
                                                     client: triton.InferenceServerClient) -> None:
     files = [digit_png(seed) for seed in (1, 2)]
