@@ -39,8 +39,14 @@ Shift = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 # -- the shift suite -------------------------------------------------------------------------------------
 # Each shift maps the normal digits (N, 1, H, W) in [0, 1] and a count n to n images (n, 1, H, W).
+def source_indices(n_digits: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Which normal digits a digit-based shift transforms: (n,) indices. `_pick` is its only user in the
+    shifts, and build_suite replays it with the same generator to know each image's source digit."""
+    return rng.choice(n_digits, size=n, replace=n > n_digits)
+
+
 def _pick(digits: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return digits[rng.choice(len(digits), size=n, replace=n > len(digits))]
+    return digits[source_indices(len(digits), n, rng)]
 
 
 def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -197,15 +203,41 @@ SHIFTS: dict[str, tuple[Shift, str]] = {
 }
 
 
+# The shifts that transform normal digits (through _pick): their images have a source digit.
+DIGIT_SHIFTS = ("inverted", "rotated90", "hflip", "vflip", "right_half_erased", "crop_zoom", "scaled_down",
+                "shifted")
+# Shifts whose detection depends on the digit's symmetry: ood-eval breaks their AUROC down by source class.
+SYMMETRY_SHIFTS = ("rotated90", "hflip", "vflip")
+
+
+def _shift_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, list(SHIFTS).index(name)])
+
+
 def build_suite(digits: np.ndarray, per_shift: int, seed: int = 0,
                 names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """{shift: (per_shift, C, H, W) float32 in [0, 1]} from normal digits (N, C, H, W); deterministic."""
+    """{shift: (per_shift, C, H, W) float32 in [0, 1]} from normal digits (N, C, H, W); deterministic.
+
+    Each shift draws from its own generator (seed, its index in SHIFTS), so a subset gives the same
+    images as the full suite.
+    """
     suite = {}
-    for i, name in enumerate(names or list(SHIFTS)):
-        fn = SHIFTS[name][0]
-        images = fn(digits, per_shift, np.random.default_rng([seed, i]))
+    for name in names or list(SHIFTS):
+        images = SHIFTS[name][0](digits, per_shift, _shift_rng(seed, name))
         suite[name] = np.clip(images, 0, 1).astype(np.float32)
     return suite
+
+
+def suite_sources(n_digits: int, per_shift: int, seed: int = 0,
+                  names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{digit shift: (per_shift,) index of each image's source digit} for the suite build_suite makes."""
+    return {name: source_indices(n_digits, per_shift, _shift_rng(seed, name))
+            for name in names or list(SHIFTS) if name in DIGIT_SHIFTS}
+
+
+def auroc_by_class(normal: np.ndarray, shifted_scores: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """AUROC of the shifted images of each source class against all normal scores: {class: auroc}."""
+    return {str(c): auroc(normal, shifted_scores[classes == c]) for c in np.unique(classes)}
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -262,14 +294,16 @@ def evaluate_suite(scores_normal: dict[str, np.ndarray], scores_shift: dict[str,
 
 # -- the command ---------------------------------------------------------------------------------------
 def normal_digits(data: str, split: str, calibration_fraction: float, val_fraction: float,
-                  seed: int) -> np.ndarray:
-    """The held-out normal images (N, C, H, W) of the artifact's data set: its test or validation split."""
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out normal images (N, C, H, W) of the artifact's data set (its test or validation split)
+    and their labels (N,) (all 0 for unlabelled data)."""
     from training.data import load_dataset
 
     splits = load_dataset(data, val_fraction=val_fraction, seed=seed,
                           calibration_fraction=calibration_fraction)
-    images = {"test": splits.test_images, "validation": splits.val_images}[split]
-    return images.numpy()
+    images, labels = {"test": (splits.test_images, splits.test_labels),
+                      "validation": (splits.val_images, splits.val_labels)}[split]
+    return images.numpy(), labels.numpy()
 
 
 def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shift: int = 200,
@@ -291,11 +325,12 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
     alpha = alpha or (cal.alpha if cal else 0.01)
     cfg = (m.raw.get("training") or {}).get("config") or {}
     data = (m.raw.get("data") or {}).get("name", "mnist5k")
-    digits = normal_digits(data, split, cfg.get("calibration_fraction", 0.0), cfg.get("val_fraction", 0.1),
-                           cfg.get("seed", 0))
+    digits, labels = normal_digits(data, split, cfg.get("calibration_fraction", 0.0),
+                                   cfg.get("val_fraction", 0.1), cfg.get("seed", 0))
     if max_normal:
-        digits = digits[:max_normal]
+        digits, labels = digits[:max_normal], labels[:max_normal]
     suite = build_suite(digits, per_shift, seed, shifts)
+    sources = suite_sources(len(digits), per_shift, seed, shifts)
     scorer = GraphScorer(m.directory, m.latent_dim, m.preprocessing, threads=threads)
     references = ScoreReferences.from_calibration(cal)
     methods = tuple(cal.methods) if cal else ("nll",)
@@ -308,6 +343,13 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
         log.info("ood-eval: %s done (%.0f s)", name, time.perf_counter() - started)
     calibration = {name: np.asarray(c.scores) for name, c in cal.methods.items()} if cal else {}
     result = evaluate_suite(normal_scores, shift_scores, calibration, alpha)
+    if len(np.unique(labels)) > 1:  # which source digits the symmetry shifts fail on, per method
+        for name in SYMMETRY_SHIFTS:
+            if name in shift_scores:
+                classes = labels[sources[name]]
+                result["shifts"][name]["auroc_by_source_digit"] = {
+                    m: auroc_by_class(normal_scores[m], shift_scores[name][m], classes)
+                    for m in shift_scores[name]}
     result.update(model=m.name, version=m.version, k=k, seed=seed, normal_split=split, n_normal=len(digits),
                   per_shift=per_shift, manifest_default_method=cal.default_method if cal else None,
                   seconds=time.perf_counter() - started,
@@ -344,6 +386,18 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| false alarms on normal digits at alpha = {a:g} | " + " | ".join(
             f"{result['methods'][m]['false_alarm_rate']:.3f}" for m in methods) + " |")
     lines += ["", f"Best worst-case AUROC: **{result['best_method']}**.", ""]
+    by_digit = {shift: e["auroc_by_source_digit"] for shift, e in result["shifts"].items()
+                if "auroc_by_source_digit" in e}
+    if by_digit:
+        best = result["best_method"]
+        classes = sorted({c for d in by_digit.values() for c in d[best]}, key=int)
+        lines += [f"AUROC of **{best}** by the source digit of the transformed image (a mirrored 0, 1 or 8 "
+                  "is still a digit):", "",
+                  "| shift | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        for shift, d in by_digit.items():
+            lines.append(f"| {shift} | " + " | ".join(f"{d[best].get(c, float('nan')):.2f}" for c in classes)
+                         + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -217,6 +217,28 @@ def test_suite_shapes_ranges_and_determinism(digits8) -> None:
     assert all(v.shape == (4, 1, 8, 8) for v in small.values())
 
 
+def test_suite_sources_name_the_transformed_digits() -> None:
+    """suite_sources replays the shifts' choice of digits: flipping the source back gives the image."""
+    digits = load_dataset("mnist5k").test_images[:30].numpy()
+    suite = ood.build_suite(digits, 10, seed=4)
+    sources = ood.suite_sources(len(digits), 10, seed=4)
+    assert set(sources) == set(ood.DIGIT_SHIFTS)
+    np.testing.assert_array_equal(suite["hflip"], digits[sources["hflip"]][..., ::-1])
+    np.testing.assert_array_equal(suite["vflip"], digits[sources["vflip"]][..., ::-1, :])
+    np.testing.assert_allclose(suite["inverted"], 1.0 - digits[sources["inverted"]], atol=1e-6)
+    # a subset of the suite gives the same images and sources as the whole suite
+    subset = ood.build_suite(digits, 10, seed=4, names=["vflip"])
+    np.testing.assert_array_equal(subset["vflip"], suite["vflip"])
+    assert ood.suite_sources(len(digits), 10, seed=4, names=["vflip", "noise"]).keys() == {"vflip"}
+
+
+def test_auroc_by_class() -> None:
+    normal = np.zeros(10)
+    shifted = np.array([1.0, 1.0, -1.0, 0.0])
+    out = ood.auroc_by_class(normal, shifted, np.array([3, 3, 8, 8]))
+    assert out == {"3": 1.0, "8": pytest.approx(0.25)}  # 8: one below (0), one tied (0.5)
+
+
 def test_auroc_matches_sklearn_with_ties() -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -246,9 +268,12 @@ def test_ood_eval_command(exported: dict, tmp_path: Path) -> None:
 
     out = tmp_path / "ood"
     assert main(["ood-eval", str(exported["path"]), "--out", str(out), "--per-shift", "6",
-                 "--max-normal", "40", "--shifts", "noise,constant,inverted"]) == 0
+                 "--max-normal", "40", "--shifts", "noise,constant,inverted,hflip"]) == 0
     result = json.loads((out / "ood.json").read_text())
-    assert list(result["shifts"]) == ["noise", "constant", "inverted"]
+    assert list(result["shifts"]) == ["noise", "constant", "inverted", "hflip"]
+    by_digit = result["shifts"]["hflip"]["auroc_by_source_digit"]  # digits8 has labels
+    assert set(by_digit) == set(anomaly.METHODS) and all(0 <= v <= 1 for v in by_digit["nll"].values())
+    assert "by the source digit" in (out / "ood.md").read_text()
     assert set(result["methods"]) == set(anomaly.METHODS)
     assert result["n_normal"] == 40 and result["k"] == 16
     assert result["shifts"]["noise"]["methods"]["nll"]["auroc"] > 0.9  # noise is easy even for tiny models
