@@ -352,6 +352,7 @@ class AnomalyResult:
     method: str
     score: float
     p_value: float
+    percentile: float  # 100 * #{calibration scores < score} / n: where the score falls among normal data
     threshold: float  # is_anomaly <=> score > threshold (+inf: cannot flag at this alpha)
     alpha: float
     is_anomaly: bool
@@ -377,10 +378,11 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
                             fisher_reference=calibration.fisher_reference)
     cal = np.asarray(calibration.scores, dtype=np.float64)
     p = conformal_p_values(scores, cal)
+    below = 100.0 * (len(cal) - calibration_counts(scores, cal)) / len(cal)
     flags = is_anomaly(scores, cal, alpha)
     threshold = conformal_threshold(cal, alpha)
-    return [AnomalyResult(method, float(s), float(pv), threshold, alpha, bool(f))
-            for s, pv, f in zip(scores, p, flags, strict=True)]
+    return [AnomalyResult(method, float(s), float(pv), float(pct), threshold, alpha, bool(f))
+            for s, pv, pct, f in zip(scores, p, below, flags, strict=True)]
 
 
 def calibration_record(method: str, scores: Sequence[float],

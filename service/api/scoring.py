@@ -62,7 +62,8 @@ def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alp
 
 async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, plan: AnomalyPlan, seed: int,
                           percentile: float) -> list[dict[str, Any]]:
-    """One result per image: the method's score, its p-value and threshold at alpha, and the decision.
+    """One result per image: the method's score, its p-value, its percentile among the calibration
+    scores, the threshold at alpha and the decision.
 
     -log p(x) comes from the same seeded estimate as /log-likelihood; the likelihood ratio runs the
     background graph on the very same samples. Models without per-method calibration keep the
@@ -72,8 +73,8 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
     estimates = await iw_estimates(ref, x, y, plan.k, seed)
     nll = np.array([-e.log_likelihood for e in estimates])  # (N,)
     legacy = m.calibration
-    pcts = [percentile_of(s, legacy.percentiles, legacy.values) if legacy else None for s in nll]
     if plan.alpha is None:
+        pcts = [percentile_of(s, legacy.percentiles, legacy.values) if legacy else None for s in nll]
         threshold = value_at(percentile, legacy.percentiles, legacy.values) if legacy else None
         return [{"method": "nll", "score": float(s), "p_value": None, "alpha": None, "percentile": pct,
                  "threshold": threshold, "is_anomaly": None if threshold is None else bool(s > threshold),
@@ -93,6 +94,7 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
                                         latent_mean=latent_mean)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
-    return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha, "percentile": pct,
-             "threshold": t.threshold if math.isfinite(t.threshold) else None, "is_anomaly": t.is_anomaly,
-             "standard_error": e.standard_error} for t, pct, e in zip(tested, pcts, estimates, strict=True)]
+    return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha,
+             "percentile": t.percentile, "threshold": t.threshold if math.isfinite(t.threshold) else None,
+             "is_anomaly": t.is_anomaly, "standard_error": e.standard_error}
+            for t, e in zip(tested, estimates, strict=True)]

@@ -233,6 +233,9 @@ def test_conformal_anomaly_scores_of_the_default_model(client: VAEClient, direct
     np.testing.assert_array_equal(scores.score, [r["score"] for r in rows])
     assert scores.is_anomaly is not None
     assert scores.is_anomaly.tolist() == [r["is_anomaly"] for r in rows] == (scores.p_value <= 0.05).tolist()
+    default = client.anomaly_score(arrays, seed=5)  # the manifest's default method and level
+    assert (default.method, default.alpha, default.version) == ("fisher", 0.01, "2")
+    np.testing.assert_array_equal(default.score, scores.score)  # the same seed gives the same score
 
 
 def test_async_client_matches_direct(server_url: str, direct: httpx.Client, arrays: np.ndarray,

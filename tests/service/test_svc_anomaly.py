@@ -251,6 +251,7 @@ def test_score_and_test_returns_route_fields() -> None:
     assert [r.is_anomaly for r in out] == [False, True, False]
     assert out[0].threshold == 95.0 and out[0].method == "nll" and out[0].alpha == 0.05
     assert out[1].p_value == pytest.approx((1 + 4) / 100)
+    assert [r.percentile for r in out] == pytest.approx([100 * 49 / 99, 100 * 95 / 99, 100 * 94 / 99])
     with pytest.raises(AnomalyError):
         score_and_test("typicality", cal, 0.05, np.ones(1))
 
