@@ -132,7 +132,7 @@ def test_encode_arrays_match_direct_json(client: VAEClient, direct: httpx.Client
     np.testing.assert_array_equal(result.mean, [r["mean"] for r in reference])
     np.testing.assert_array_equal(result.variance, [r["variance"] for r in reference])
     np.testing.assert_array_equal(result.log_variance, [r["log_variance"] for r in reference])
-    assert (result.model, result.version) == (MODEL, "1")
+    assert (result.model, result.version) == (MODEL, "2")  # the highest version is the default
     # A single (C, H, W) array is one image, and a list of them is a batch.
     np.testing.assert_array_equal(client.encode(arrays[1]).mean, result.mean[1:2])
     np.testing.assert_array_equal(client.encode(list(arrays)).mean, result.mean)
@@ -290,7 +290,9 @@ def test_errors_from_the_real_service(client: VAEClient, server_url: str, arrays
 def test_versioned_routes(client: VAEClient, arrays: np.ndarray) -> None:
     """version= selects /v1/models/{name}/versions/{v}/...: the same artifact gives the same numbers."""
     assert client.model(version="1").version == "1"
-    np.testing.assert_array_equal(client.encode(arrays, version="1").mean, client.encode(arrays).mean)
+    np.testing.assert_array_equal(client.encode(arrays, version="2").mean, client.encode(arrays).mean)
+    older = client.encode(arrays, version="1")
+    assert older.version == "1" and not np.array_equal(older.mean, client.encode(arrays).mean)
     with pytest.raises(ModelNotFound):
         client.encode(arrays, version="999")
 
