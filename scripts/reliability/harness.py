@@ -409,13 +409,22 @@ async def stalled_upload(port: int, path: str, declared: int, first: bytes,
 
 async def read_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
                       ) -> tuple[int | None, dict[str, str], bytes]:
-    """Read until the server closes (bounded by `timeout`): (status or None, headers, body)."""
+    """Read until the server closes (bounded by `timeout`): (status or None, headers, body).
+
+    What arrived before a reset is kept: a client still sending when the server answers and closes
+    (a trickling upload) gets a reset for its unread bytes right after the answer, and
+    StreamReader.read() would drop the answer with the exception.
+    """
+    chunks: list[bytes] = []
     try:
-        data = await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
     except (OSError, TimeoutError):
-        data = b""
+        pass
     finally:
         writer.close()
+    data = b"".join(chunks)
     if not data.startswith(b"HTTP/1.1 "):
         return None, {}, data
     headers, body = split_response(data)
