@@ -72,7 +72,7 @@ def _make_engine(settings: Settings, metrics: Metrics, engine_endpoint: str | No
     if engine_endpoint is not None:
         from service.engine.remote import RemoteEngine
 
-        return RemoteEngine(settings, engine_endpoint)
+        return RemoteEngine(settings, engine_endpoint, metrics)
     from service.engine.local import LocalEngine
 
     return LocalEngine(settings, metrics)

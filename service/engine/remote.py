@@ -38,6 +38,7 @@ from service.engine.interface import (
 )
 from service.engine.ipc import Outbox, messages, unpack
 from service.logs import request_id_var
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 REPLY_GRACE_S = 1.0  # the engine enforces deadlines itself; this only covers an engine that stalls
@@ -47,9 +48,10 @@ START_WAIT_S = 2.0  # how long a starting worker waits for the engine before it 
 class RemoteEngine:
     """Talks to the inference process at `endpoint` (ipc://...)."""
 
-    def __init__(self, settings: Settings, endpoint: str) -> None:
+    def __init__(self, settings: Settings, endpoint: str, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.endpoint = endpoint
+        self._metrics = metrics  # counts this worker's own (pre-body) refusals in vae_rejections_total
         self._ctx: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._ids = itertools.count()
@@ -122,14 +124,22 @@ class RemoteEngine:
         alone = rows * per_row_s
         left = (deadline - now) * self.settings.admission_share
         if alone > left:  # even on an idle device: retrying cannot help (what the engine answers too)
+            self._count_refusal(model, version, graph, "too_expensive_before_body")
             raise TooExpensive(f"{model}:{version}/{operation}: this request needs about {alone:.2f}s of "
                                f"device time, more than its deadline allows ({left:.2f}s); send fewer images "
                                "or a smaller k")
         remaining = max(drain_s - (now - at), own) + alone
         if remaining > left:
+            self._count_refusal(model, version, graph, "queue_estimate_before_body")
             raise QueueFull(f"{model}:{version}/{operation}: the queue needs about {remaining:.1f}s "
                             f"to drain, after this request's deadline ({left:.1f}s left)",
                             max(1, min(60, math.ceil(remaining - left))))
+
+    def _count_refusal(self, model: str, version: str, graph: str, reason: str) -> None:
+        """vae_rejections_total for a refusal this worker makes from load reports, before the body is
+        read; its own reason labels keep it apart from the engine's (queue_full, too_expensive, ...)."""
+        if self._metrics is not None:
+            self._metrics.rejections.labels(model=model, version=version, graph=graph, reason=reason).inc()
 
     async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
                     deadline: float, k: int = 0, seed: int = 0) -> Arrays:

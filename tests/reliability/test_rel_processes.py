@@ -393,6 +393,13 @@ def test_deadline_aware_admission_refuses_fast_and_never_times_out_admitted_work
             assert int(headers["retry-after"]) >= 1 and json.loads(body)["error"]["code"] == "overloaded"
         for status, headers, body, seconds in short:  # a short deadline on a busy queue: refused at once
             assert status == 429 and "retry-after" in headers and seconds < 0.5, (status, body, seconds)
+        # Every 429 is counted once in vae_rejections_total, whether a worker refused it before reading
+        # the body (from load reports) or the inference process refused it.
+        refusals = {k: v for k, v in harness.scrape(server.url).items()
+                    if k.startswith("vae_rejections_total") and 'graph="encoder"' in k}
+        answered_429 = sum(a[0] == 429 for a in [*warm_up, *answers, *short])
+        assert sum(refusals.values()) == answered_429, (refusals, answered_429)
+        assert any('reason="queue_estimate_before_body"' in k for k in refusals), refusals
 
         # Invalid deadlines are the caller's error.
         for bad in ("abc", "0", "-1", "inf", "nan", ""):
