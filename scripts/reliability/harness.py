@@ -193,13 +193,30 @@ def encode_request(method: str, path: str, port: int, body: Any = None, headers:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
 
 
+async def read_until_close(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes, a reset or `timeout`, whichever comes first.
+
+    What arrived before a reset is kept. A server that answers before reading the whole request
+    (408 to a trickling upload, 503 while draining) and then closes resets the connection for the
+    unread bytes, right after its answer; StreamReader.read() would drop that answer with the error.
+    """
+    chunks: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    except (OSError, TimeoutError):
+        pass
+    return b"".join(chunks)
+
+
 async def raw_request(port: int, request: bytes, timeout: float) -> tuple[int, bytes]:
     """Send raw bytes, read the whole answer (the server closes); (status, raw response)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
     try:
         writer.write(request)
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)  # until EOF: Connection: close
+        data = await read_until_close(reader, timeout)  # until EOF: Connection: close
     finally:
         writer.close()
     if not data.startswith(b"HTTP/1.1 "):
@@ -409,22 +426,11 @@ async def stalled_upload(port: int, path: str, declared: int, first: bytes,
 
 async def read_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
                       ) -> tuple[int | None, dict[str, str], bytes]:
-    """Read until the server closes (bounded by `timeout`): (status or None, headers, body).
-
-    What arrived before a reset is kept: a client still sending when the server answers and closes
-    (a trickling upload) gets a reset for its unread bytes right after the answer, and
-    StreamReader.read() would drop the answer with the exception.
-    """
-    chunks: list[bytes] = []
+    """Read until the server closes (bounded by `timeout`): (status or None, headers, body)."""
     try:
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                chunks.append(chunk)
-    except (OSError, TimeoutError):
-        pass
+        data = await read_until_close(reader, timeout)
     finally:
         writer.close()
-    data = b"".join(chunks)
     if not data.startswith(b"HTTP/1.1 "):
         return None, {}, data
     headers, body = split_response(data)
