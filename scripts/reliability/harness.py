@@ -224,6 +224,18 @@ async def raw_request(port: int, request: bytes, timeout: float) -> tuple[int, b
     return int(data[9:12]), data
 
 
+async def timed_request(port: int, request: bytes, timeout: float = 30.0
+                        ) -> tuple[int | None, dict[str, str], bytes, float]:
+    """(status or None when no HTTP answer, headers, body, seconds) of one raw request."""
+    started = time.monotonic()
+    try:
+        status, raw = await raw_request(port, request, timeout)
+    except (OSError, TimeoutError, ConnectionError):
+        return None, {}, b"", time.monotonic() - started
+    headers, body = split_response(raw)
+    return status, headers, body, time.monotonic() - started
+
+
 async def _one(port: int, request: bytes, t0: float, timeout: float) -> Outcome:
     """A bare asyncio client: little client CPU per request, so the client is not the bottleneck."""
     started = time.monotonic()

@@ -48,17 +48,6 @@ def ms(seconds: float) -> float:
     return round(1000.0 * seconds, 1)
 
 
-async def timed(port: int, request: bytes, timeout: float = 30.0
-                ) -> tuple[int | None, dict[str, str], bytes, float]:
-    started = time.monotonic()
-    try:
-        status, raw = await harness.raw_request(port, request, timeout)
-    except (OSError, TimeoutError, ConnectionError):
-        return None, {}, b"", time.monotonic() - started
-    headers, body = harness.split_response(raw)
-    return status, headers, body, time.monotonic() - started
-
-
 def wait_connected(server: harness.Server, timeout: float = 60.0) -> None:
     for _ in range(int(timeout / 0.1)):
         log = server.log()
@@ -90,7 +79,8 @@ def misshaped(server: harness.Server, model: str, info: dict[str, Any], rounds: 
             for _ in range(5000):  # bounded; stopped below
                 if stop.is_set():
                     return
-                status, _, _, took = await timed(port, harness.encode_request("GET", "/healthz", port), 10)
+                health_request = harness.encode_request("GET", "/healthz", port)
+                status, _, _, took = await harness.timed_request(port, health_request, 10)
                 health.append((status, took))
                 samples.append(rss())
                 await asyncio.sleep(0.05)
@@ -99,7 +89,7 @@ def misshaped(server: harness.Server, model: str, info: dict[str, Any], rounds: 
         await asyncio.sleep(0.3)
         out = []
         for _ in range(rounds):
-            answers = await asyncio.gather(*(timed(port, requests[n], 60) for n in requests))
+            answers = await asyncio.gather(*(harness.timed_request(port, requests[n], 60) for n in requests))
             out.append(dict(zip(requests, answers, strict=True)))
             await asyncio.sleep(0.3)
         stop.set()
@@ -149,7 +139,7 @@ def stalled(server: harness.Server, model: str, encode_body: Any, declared: int 
             conns.append(await harness.stalled_upload(port, path, declared, b'{"inputs": ['))
         opened_s = time.monotonic() - opened
         await asyncio.sleep(0.5)
-        ready = (await timed(port, harness.encode_request("GET", "/readyz", port), 10))[0]
+        ready = (await harness.timed_request(port, harness.encode_request("GET", "/readyz", port), 10))[0]
         metrics = await asyncio.to_thread(harness.scrape, server.url)
         normal = await harness.closed_loop(server.url, path, encode_body, concurrency=8, duration_s=hold_s,
                                            timeout=15)
@@ -213,7 +203,7 @@ async def polite_flood(port: int, path: str, body: Any, concurrency: int, durati
         for _ in range(100_000):  # bounded; the time check ends it
             if time.monotonic() >= stop_at:
                 return
-            status, headers, _, _ = await timed(port, request, 60)
+            status, headers, _, _ = await harness.timed_request(port, request, 60)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
             if status == 429:
                 wait = min(10.0, float(headers.get("retry-after", "1")), stop_at - time.monotonic())

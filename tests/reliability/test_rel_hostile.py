@@ -50,18 +50,6 @@ def warm_both_workers(server: harness.Server) -> None:
                                     duration_s=0.5, timeout=10))
 
 
-async def timed(port: int, request: bytes, timeout: float = 30.0
-                ) -> tuple[int | None, dict[str, str], bytes, float]:
-    """(status or None, headers, body, seconds) of one raw request."""
-    started = time.monotonic()
-    try:
-        status, raw = await harness.raw_request(port, request, timeout)
-    except (OSError, TimeoutError, ConnectionError):
-        return None, {}, b"", time.monotonic() - started
-    headers, body = harness.split_response(raw)
-    return status, headers, body, time.monotonic() - started
-
-
 def error_of(body: bytes) -> dict[str, Any]:
     return json.loads(body)["error"]
 
@@ -104,7 +92,7 @@ def test_misshaped_9mb_json_bodies_are_refused_at_once_with_bounded_memory(model
                     if stop.is_set():
                         return
                     request = harness.encode_request("GET", "/healthz", port)
-                    status, _, _, took = await timed(port, request, 10)
+                    status, _, _, took = await harness.timed_request(port, request, 10)
                     health.append((status, took))
                     samples.append(rss())
                     await asyncio.sleep(0.05)
@@ -113,7 +101,7 @@ def test_misshaped_9mb_json_bodies_are_refused_at_once_with_bounded_memory(model
             await asyncio.sleep(0.2)
             rounds = []
             for names in (("inputs", "latents"), ("inputs", "latents", "long_strings")):
-                answers = await asyncio.gather(*(timed(port, requests[n], 30) for n in names))
+                answers = await asyncio.gather(*(harness.timed_request(port, requests[n], 30) for n in names))
                 rounds.append(dict(zip(names, answers, strict=True)))
             await asyncio.sleep(0.3)
             stop.set()
@@ -176,7 +164,8 @@ def test_stalled_uploads_hold_no_request_slots_and_end_in_408(models_dir: Path, 
 
             trickler = asyncio.create_task(trickling())
             await asyncio.sleep(0.3)  # both workers have every stalled request waiting for its body
-            ready_during = (await timed(port, harness.encode_request("GET", "/readyz", port), 5))[0]
+            readyz = harness.encode_request("GET", "/readyz", port)
+            ready_during = (await harness.timed_request(port, readyz, 5))[0]
             normal = await harness.closed_loop(server.url, ENCODE, harness.tiny_image_body(1), concurrency=4,
                                                duration_s=1.5, timeout=10)
             normal_done = time.monotonic() - opened
@@ -235,11 +224,11 @@ def test_encodes_keep_flowing_during_a_k5000_flood_and_hopeless_requests_get_422
                 duration_s=4.0, timeout=60))
             await asyncio.sleep(0.7)  # the flood has filled the log_weights queue
             # hopeless from its headers alone (k=5000, 0.1 ms): 422 before the body, busy queue or not
-            hopeless = await timed(server.port, harness.encode_request(
+            hopeless = await harness.timed_request(server.port, harness.encode_request(
                 "POST", f"{LOG_LIKELIHOOD}?k={FLOOD_K}&seed=0", server.port, harness.tiny_image_body(1),
                 {"X-Request-Timeout": "0.0001"}), 10)
             # hopeless from its body (64 images): before the body only the queue is known, so 429 is fair
-            hopeless_body = await timed(server.port, harness.encode_request(
+            hopeless_body = await harness.timed_request(server.port, harness.encode_request(
                 "POST", f"{LOG_LIKELIHOOD}?k={FLOOD_K}&seed=0", server.port, harness.tiny_image_body(64),
                 {"X-Request-Timeout": "0.01"}), 10)
             encodes = await harness.closed_loop(url, ENCODE, body, concurrency=ENCODERS, duration_s=3.0,
@@ -248,7 +237,7 @@ def test_encodes_keep_flowing_during_a_k5000_flood_and_hopeless_requests_get_422
 
         during, flood, hopeless_busy, hopeless_body_busy = asyncio.run(during_flood())
         # idle again: a request that alone needs more than its (short) deadline
-        hopeless_idle = asyncio.run(timed(server.port, harness.encode_request(
+        hopeless_idle = asyncio.run(harness.timed_request(server.port, harness.encode_request(
             "POST", f"{LOG_LIKELIHOOD}?k={FLOOD_K}&seed=0", server.port, harness.tiny_image_body(64),
             {"X-Request-Timeout": "0.01"}), 10))
         log = server.log()
@@ -299,7 +288,7 @@ def test_large_compressible_pngs_do_not_slow_small_encodes(models_dir: Path, tmp
                 for _ in range(100_000):  # bounded; the time check ends it
                     if time.monotonic() >= stop_at:
                         return
-                    out.append(await timed(port, request, 30))
+                    out.append(await harness.timed_request(port, request, 30))
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return out
@@ -309,8 +298,8 @@ def test_large_compressible_pngs_do_not_slow_small_encodes(models_dir: Path, tmp
             large = asyncio.create_task(loop(big_request, 4, 4.0))
             await asyncio.sleep(0.5)
             during = await loop(small_request, 2, 3.0)
-            over = await timed(port, over_budget, 10)
-            short = await timed(port, short_deadline, 10)
+            over = await harness.timed_request(port, over_budget, 10)
+            short = await harness.timed_request(port, short_deadline, 10)
             return {"alone": alone, "during": during, "large": await large, "over": over, "short": short}
 
         r = asyncio.run(scenario())
@@ -350,7 +339,7 @@ def test_sigterm_mid_upload_answers_503_json_with_request_id_and_exits_0(models_
 
         async def scenario() -> dict[str, Any]:
             # one request whose body is in, waiting on a slow device (3 s a batch) ...
-            in_flight = asyncio.create_task(timed(port, harness.encode_request(
+            in_flight = asyncio.create_task(harness.timed_request(port, harness.encode_request(
                 "POST", ENCODE, port, harness.tiny_image_body(1), {"X-Request-ID": "in-flight-1"}), 30))
             # ... and one that has sent half its body
             upload = await harness.stalled_upload(port, ENCODE, len(body), body[:len(body) // 2],
@@ -394,17 +383,18 @@ def test_head_content_encoding_trailing_slash_and_malformed_http(models_dir: Pat
         async def scenario() -> dict[str, Any]:
             out: dict[str, Any] = {}
             for path in ("/healthz", "/readyz", "/v1/models"):
-                get = await timed(port, harness.encode_request("GET", path, port), 10)
-                head = await timed(port, harness.encode_request("HEAD", path, port), 10)
+                get = await harness.timed_request(port, harness.encode_request("GET", path, port), 10)
+                head = await harness.timed_request(port, harness.encode_request("HEAD", path, port), 10)
                 out[path] = (get, head)
             gz = gzip.compress(json.dumps(harness.tiny_image_body(1)).encode())
-            out["gzip"] = await timed(port, harness.post_bytes(ENCODE, port, gz, headers={
+            out["gzip"] = await harness.timed_request(port, harness.post_bytes(ENCODE, port, gz, headers={
                 "Content-Encoding": "gzip"}), 10)
-            out["slash"] = await timed(port, harness.encode_request("GET", "/v1/models/", port), 10)
-            out["slash_post"] = await timed(port, harness.encode_request(
+            out["slash"] = await harness.timed_request(
+                port, harness.encode_request("GET", "/v1/models/", port), 10)
+            out["slash_post"] = await harness.timed_request(port, harness.encode_request(
                 "POST", ENCODE + "/", port, harness.tiny_image_body(1)), 10)
-            out["bad_line"] = await timed(port, b"NOT A VALID REQUEST LINE\r\n\r\n", 10)
-            out["bad_header"] = await timed(
+            out["bad_line"] = await harness.timed_request(port, b"NOT A VALID REQUEST LINE\r\n\r\n", 10)
+            out["bad_header"] = await harness.timed_request(
                 port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 10)
             return out
 

@@ -91,18 +91,6 @@ def readyz(server: harness.Server) -> int | None:
         return None
 
 
-async def timed_request(port: int, request: bytes, timeout: float = 30.0
-                        ) -> tuple[int | None, dict[str, str], bytes, float]:
-    """(status or None when no HTTP answer, headers, body, seconds)."""
-    started = time.monotonic()
-    try:
-        status, raw = await harness.raw_request(port, request, timeout)
-    except (OSError, TimeoutError, ConnectionError):
-        return None, {}, b"", time.monotonic() - started
-    headers, body = harness.split_response(raw)
-    return status, headers, body, time.monotonic() - started
-
-
 def encode_request(port: int, n: int = 1, headers: dict[str, str] | None = None) -> bytes:
     return harness.encode_request("POST", ENCODE, port, harness.tiny_image_body(n), headers)
 
@@ -187,7 +175,7 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
 
         async def in_flight_then_kill() -> tuple[list, list[int | None], float]:
             request = encode_request(server.port)
-            tasks = [asyncio.create_task(timed_request(server.port, request)) for _ in range(n)]
+            tasks = [asyncio.create_task(harness.timed_request(server.port, request)) for _ in range(n)]
             for _ in range(200):  # until all n are inside the service (bounded)
                 if (await asyncio.to_thread(harness.scrape, server.url))["vae_inflight_requests"] >= n:
                     break
@@ -196,7 +184,7 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
             killed = time.monotonic()
             ready_codes = []
             for _ in range(40):  # readyz right after the kill (bounded: 2 s)
-                status, *_ = await timed_request(server.port, harness.encode_request(
+                status, *_ = await harness.timed_request(server.port, harness.encode_request(
                     "GET", "/readyz", server.port), 5)
                 ready_codes.append(status)
                 if status == 503:
@@ -230,7 +218,7 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
         print(f"ready again {back_s:.2f}s after the kill")
 
         async def four() -> list:
-            return await asyncio.gather(*(timed_request(server.port, encode_request(server.port))
+            return await asyncio.gather(*(harness.timed_request(server.port, encode_request(server.port))
                                           for _ in range(4)))
 
         assert [a[0] for a in asyncio.run(four())] == [200] * 4
@@ -308,7 +296,8 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
 
             async def one(i: int) -> int | None:
                 async with gate:
-                    status, *_ = await timed_request(server.port, encode_request(server.port, 1 + i % 3))
+                    request = encode_request(server.port, 1 + i % 3)
+                    status, *_ = await harness.timed_request(server.port, request)
                     return status
 
             return await asyncio.gather(*(one(i) for i in range(round_size)))
@@ -350,7 +339,8 @@ def test_deadline_aware_admission_refuses_fast_and_never_times_out_admitted_work
         port = server.port
 
         async def warm(n: int) -> list:
-            return await asyncio.gather(*(timed_request(port, encode_request(port)) for _ in range(n)))
+            request = encode_request(port)
+            return await asyncio.gather(*(harness.timed_request(port, request) for _ in range(n)))
 
         # The first 200 and the first 429 of each worker pay one-off costs (measured: ~0.2 s on this
         # machine); a first, unmeasured burst takes them, so the figures below are the steady state.
@@ -363,11 +353,11 @@ def test_deadline_aware_admission_refuses_fast_and_never_times_out_admitted_work
 
         async def burst() -> tuple[list, list]:
             request = encode_request(port)
-            tasks = [asyncio.create_task(timed_request(port, request)) for _ in range(BURST)]
+            tasks = [asyncio.create_task(harness.timed_request(port, request)) for _ in range(BURST)]
             await asyncio.sleep(0.6)  # the queue is busy now, and both workers have had load reports
             short = []
             for _ in range(4):
-                short.append(await timed_request(port, encode_request(port, headers={
+                short.append(await harness.timed_request(port, encode_request(port, headers={
                     "X-Request-Timeout": "0.05"})))
             return list(await asyncio.gather(*tasks)), short
 
