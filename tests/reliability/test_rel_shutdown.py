@@ -7,6 +7,7 @@ certainly in flight when the signal arrives.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -28,13 +29,27 @@ async def _in_flight_then_sigterm(server: harness.Server, n: int) -> dict:
         await asyncio.sleep(0.05)
     print(f"in flight after {time.monotonic() - t0:.2f}s")
     signalled = server.sigterm()
-    readyz = await harness.raw_request(port, harness.encode_request("GET", "/readyz", port), 10)
+    # The signal reaches the HTTP workers through the supervisor, so a probe sent in the first
+    # milliseconds may still meet a worker that has not seen it: poll as a load balancer would.
+    readyz = (0, b"")
+    while time.monotonic() - signalled < 5 and readyz[0] != 503:
+        readyz = await harness.raw_request(port, harness.encode_request("GET", "/readyz", port), 10)
+        await asyncio.sleep(0.01 if readyz[0] != 503 else 0)
     readyz_after_s = time.monotonic() - signalled
+    await _all_workers_draining(server, deadline_s=5)  # then no worker may take new work
     new_work = await harness.raw_request(port, request, 10)
     outcomes = await asyncio.gather(*in_flight)
     return {"readyz": readyz[0], "readyz_after_s": readyz_after_s, "new_work": new_work[0],
             "new_work_raw": new_work[1], "in_flight": sorted(str(o.status) for o in outcomes),
             "signalled": signalled}
+
+
+async def _all_workers_draining(server: harness.Server, deadline_s: float) -> None:
+    """Wait (bounded) until every HTTP worker has logged that it is draining."""
+    workers = int(re.search(r"(\d+) HTTP worker\(s\)", server.log()).group(1))
+    t0 = time.monotonic()
+    while server.log().count("draining (readyz 503") < workers and time.monotonic() - t0 < deadline_s:
+        await asyncio.sleep(0.01)
 
 
 def test_sigterm_under_load_drains_in_flight_and_exits_zero(models_dir: Path, tmp_path: Path) -> None:
