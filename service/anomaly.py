@@ -39,10 +39,19 @@ Scores (higher = more anomalous), all in nats, from per-image quantities the ser
   an empirical tail p-value p_j against its values on the validation digits (upper tail, or both
   tails), and the score is -2 sum_j log p_j. The statistics see different things: the complexity
   score (too likely for its compressed length), the latent nearest-neighbour distances (an unusual
-  code) and the compressed length of the grey input itself (too simple or too complex, e.g. blurry
-  upscaled images or thin pen strokes). The statistics are not independent, so -2 sum log p_j does
-  not follow Fisher's chi-square law; it does not need to: it is calibrated conformally like every
-  other score, which is what makes its false alarms <= alpha.
+  code), the compressed length of the grey input itself (too simple or too complex, e.g. blurry
+  upscaled images or thin pen strokes) and the orientation gain (below). The statistics are not
+  independent, so -2 sum log p_j does not follow Fisher's chi-square law; it does not need to: it is
+  calibrated conformally like every other score, which is what makes its false alarms <= alpha.
+* the orientation gain, one of fisher's statistics: d(x) - min_T d(T x), with d the latent
+  nearest-neighbour distance and T each of GEOMETRIC_TRANSFORMS (mirror images and quarter turns):
+  how much closer to the training codes the input gets once it is turned or mirrored back. A normal
+  digit is farther from the training codes when turned (gain < 0); a mirrored or rotated one comes
+  closer (gain > 0); a symmetric one (0, 8) is about the same both ways. It is the training-free
+  form of detecting anomalies by whether a model recognizes the transformation applied to an input
+  (Golan & El-Yaniv 2018, "Deep anomaly detection using geometric transformations"; Hendrycks et al.
+  2019, "Using self-supervised learning can improve model robustness and uncertainty"). It costs
+  len(GEOMETRIC_TRANSFORMS) more encodes per image, small next to k decoder passes.
 
 Calibration (conformal prediction; Vovk, Gammerman & Shafer 2005; Bates et al. 2023, "Testing for
 outliers with conformal p-values"): with scores s_1..s_n of a calibration split of normal data held
@@ -60,7 +69,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +83,8 @@ PAPERS = {
     "likelihood_ratio": "Ren et al. 2019, NeurIPS, arXiv:1906.02845",
     "combined": "max of typicality (Nalisnick et al. 2019) and standardized complexity (Serra et al. 2020)",
     "latent_knn": "Sun, Ming, Zhu & Li 2022, ICML, arXiv:2204.06507 (on the encoder means)",
-    "fisher": "Fisher 1925; Bergamin et al. 2022, AISTATS, arXiv:2203.01097 (combined statistical tests)",
+    "fisher": "Fisher 1925; Bergamin et al. 2022, AISTATS, arXiv:2203.01097 (combined statistical tests); "
+              "orientation statistic after Golan & El-Yaniv 2018, NeurIPS, arXiv:1805.10917",
 }
 # fisher's statistics and which tail of each is anomalous; their validation values are the reference.
 FISHER_STATISTICS: dict[str, str] = {
@@ -82,7 +92,17 @@ FISHER_STATISTICS: dict[str, str] = {
     "latent_knn": "upper",  # Euclidean distance of mu(x) to the nearest training code
     "latent_knn_cosine": "upper",  # cosine distance of mu(x) to its 5th nearest training code
     "input_complexity": "two_sided",  # L(x) of the grey input (before binarization)
+    "orientation": "upper",  # latent_knn(x) - min_T latent_knn(T x): closer to normal once turned back
 }
+# The orientation statistic's transforms of an (N, C, H, W) batch; quarter turns need square images.
+GEOMETRIC_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "hflip": lambda x: x[..., :, ::-1],
+    "vflip": lambda x: x[..., ::-1, :],
+    "rot90": lambda x: np.rot90(x, 1, axes=(-2, -1)),
+    "rot180": lambda x: np.rot90(x, 2, axes=(-2, -1)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(-2, -1)),
+}
+QUARTER_TURNS = frozenset({"rot90", "rot270"})
 KNN_K = 1  # latent_knn: the nearest neighbour (Sun et al.'s k is larger for their bigger banks)
 KNN_COSINE_K = 5
 NATS_PER_BYTE = 8.0 * math.log(2.0)
@@ -158,14 +178,47 @@ def tail_p_values(values: np.ndarray, reference: np.ndarray, tail: str) -> np.nd
     return np.minimum(1.0, 2.0 * np.minimum(upper, lower))
 
 
+def transform_names(height: int, width: int) -> tuple[str, ...]:
+    """The GEOMETRIC_TRANSFORMS that keep an H x W image's shape (quarter turns only when square)."""
+    return tuple(name for name in GEOMETRIC_TRANSFORMS if height == width or name not in QUARTER_TURNS)
+
+
+def geometric_transforms(images: np.ndarray) -> np.ndarray:
+    """Every shape-keeping transform of a batch: (N, C, H, W) -> (T, N, C, H, W), T = len(transform_names)."""
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise AnomalyError(f"expected images of shape (N, C, H, W), got {x.shape}")
+    return np.stack([np.ascontiguousarray(GEOMETRIC_TRANSFORMS[name](x))
+                     for name in transform_names(*x.shape[-2:])])
+
+
+def orientation_gain(latent_mean: np.ndarray, transformed_latent_means: np.ndarray,
+                     latent_bank: np.ndarray) -> np.ndarray:
+    """d(x) - min_T d(T x), d the nearest-neighbour distance to the bank.
+
+    latent_mean (N, D), transformed_latent_means (T, N, D), latent_bank (M, D) -> (N,) float64.
+    """
+    turned = np.asarray(transformed_latent_means)
+    mu = np.asarray(latent_mean)
+    if turned.ndim != 3 or turned.shape[1:] != mu.shape:
+        raise AnomalyError(f"transformed latent means {turned.shape} must be (T, N, D) for means {mu.shape}")
+    d_turned = knn_distance(turned.reshape(-1, turned.shape[2]), latent_bank, KNN_K).reshape(turned.shape[:2])
+    return knn_distance(mu, latent_bank, KNN_K) - d_turned.min(axis=0)
+
+
 def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarray, latent_mean: np.ndarray,
-                      latent_bank: np.ndarray) -> dict[str, np.ndarray]:
-    """The statistics of FISHER_STATISTICS, each (N,): the inputs of `fisher` and of its reference."""
+                      transformed_latent_means: np.ndarray, latent_bank: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of FISHER_STATISTICS, each (N,): the inputs of `fisher` and of its reference.
+
+    latent_mean: (N, D) encoder means of `images`; transformed_latent_means: (T, N, D) those of
+    geometric_transforms(images).
+    """
     return {
         "complexity": np.asarray(nll, dtype=np.float64) - complexity_nats(images),
         "latent_knn": knn_distance(latent_mean, latent_bank, KNN_K),
         "latent_knn_cosine": knn_distance(latent_mean, latent_bank, KNN_COSINE_K, "cosine"),
         "input_complexity": complexity_nats(raw_images),
+        "orientation": orientation_gain(latent_mean, transformed_latent_means, latent_bank),
     }
 
 
@@ -220,6 +273,7 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
                    typicality: TypicalityReference | None = None,
                    complexity_reference: TypicalityReference | None = None,
                    raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
+                   transformed_latent_means: np.ndarray | None = None,
                    latent_bank: np.ndarray | None = None,
                    fisher_reference: dict[str, Sequence[float]] | None = None) -> np.ndarray:
     """Scores of one method, (N,) float64; higher = more anomalous.
@@ -229,9 +283,10 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
     background_nll: (N,) -log p_bg(x) of the background model, needed by `likelihood_ratio`;
     typicality: the reference of `typicality` (and `combined`); complexity_reference: centre and upper
     scale of the complexity score on validation data (`combined`); raw_images: (N, C, H, W) the input
-    before binarization (`fisher`); latent_mean: (N, D) encoder means of `images`; latent_bank:
-    (M, D) encoder means of the training images (`latent_knn`, `fisher`); fisher_reference: the
-    validation values of each FISHER_STATISTICS statistic.
+    before binarization (`fisher`); latent_mean: (N, D) encoder means of `images`;
+    transformed_latent_means: (T, N, D) encoder means of geometric_transforms(images) (`fisher`);
+    latent_bank: (M, D) encoder means of the training images (`latent_knn`, `fisher`);
+    fisher_reference: the validation values of each FISHER_STATISTICS statistic.
     """
     v = np.asarray(nll, dtype=np.float64)
     if v.ndim != 1:
@@ -243,12 +298,14 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
             raise AnomalyError(f"{len(latent_mean)} latent means for {len(v)} scores")
         if method == "latent_knn":
             return knn_distance(latent_mean, latent_bank, KNN_K)
-        if images is None or raw_images is None or fisher_reference is None:
-            raise AnomalyError("fisher needs the images (model view and grey input) and its reference")
+        if images is None or raw_images is None or fisher_reference is None or \
+                transformed_latent_means is None:
+            raise AnomalyError("fisher needs the images (model view and grey input), the encoder means of "
+                               "their transforms and its reference")
         if len(images) != len(v) or len(raw_images) != len(v):
             raise AnomalyError(f"images for {len(v)} scores expected")
-        return fisher_score(fisher_statistics(v, images, raw_images, latent_mean, latent_bank),
-                            fisher_reference)
+        return fisher_score(fisher_statistics(v, images, raw_images, latent_mean, transformed_latent_means,
+                                              latent_bank), fisher_reference)
     if method == "nll":
         return v.copy()
     if method == "typicality":
@@ -360,13 +417,14 @@ class AnomalyResult:
 
 def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nll: np.ndarray, *,
                    images: np.ndarray | None = None, background_nll: np.ndarray | None = None,
-                   raw_images: np.ndarray | None = None,
-                   latent_mean: np.ndarray | None = None) -> list[AnomalyResult]:
+                   raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
+                   transformed_latent_means: np.ndarray | None = None) -> list[AnomalyResult]:
     """What a route returns per image: score, conformal p-value, threshold, decision at alpha.
 
     nll: (N,) -log p(x) with the calibration's k; images: (N, C, H, W) as the model scored them
     (complexity); background_nll: (N,) (likelihood_ratio); raw_images: (N, C, H, W) before
-    binarization and latent_mean: (N, D) encoder means of `images` (latent_knn, fisher).
+    binarization and latent_mean: (N, D) encoder means of `images` (latent_knn, fisher);
+    transformed_latent_means: (T, N, D) those of geometric_transforms(images) (fisher).
     """
     if calibration.method != method:
         raise AnomalyError(f"calibration is for {calibration.method!r}, not {method!r}")
@@ -374,6 +432,7 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
                             typicality=calibration.typicality,
                             complexity_reference=calibration.complexity_reference,
                             raw_images=raw_images, latent_mean=latent_mean,
+                            transformed_latent_means=transformed_latent_means,
                             latent_bank=calibration.latent_bank,
                             fisher_reference=calibration.fisher_reference)
     cal = np.asarray(calibration.scores, dtype=np.float64)

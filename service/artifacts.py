@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from service.anomaly import FISHER_STATISTICS, LATENT_METHODS, METHODS, MethodCalibration, TypicalityReference
+from service.anomaly import (
+    FISHER_STATISTICS,
+    LATENT_METHODS,
+    METHODS,
+    MethodCalibration,
+    TypicalityReference,
+    transform_names,
+)
 
 FORMAT_VERSION = 1  # what the exporter writes
 SUPPORTED_FORMAT_VERSIONS = {FORMAT_VERSION}
@@ -288,7 +295,7 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
     anomaly = None
     if raw.get("anomaly"):
         anomaly = _parse_anomaly(raw["anomaly"], graphs, directory, int(model["latent_dim"]),
-                                 raw.get("files") or {})
+                                 raw.get("files") or {}, (height, width))
     return Manifest(
         name=name,
         version=str(raw["version"]),
@@ -333,7 +340,7 @@ def _load_latent_bank(raw: dict[str, Any], directory: Path, latent_dim: int, fil
 
 
 def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec], directory: Path, latent_dim: int,
-                   files: dict) -> AnomalyCalibration:
+                   files: dict, image_size: tuple[int, int]) -> AnomalyCalibration:
     """The `anomaly` object (docs/artifact-format.md): methods unknown to this service are skipped."""
     methods: dict[str, MethodCalibration] = {}
     bank = None
@@ -359,6 +366,13 @@ def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec], directory:
         fisher = None
         if method == "fisher":
             stats = rec["statistics"]
+            if set(stats) != set(FISHER_STATISTICS):
+                raise ValueError(f"anomaly.methods.fisher was calibrated with statistics {sorted(stats)}; "
+                                 f"this service computes {sorted(FISHER_STATISTICS)}: re-export the model")
+            transforms = tuple(rec.get("transforms", ()))
+            if transforms != transform_names(*image_size):
+                raise ValueError(f"anomaly.methods.fisher.transforms {list(transforms)} differ from this "
+                                 f"service's {list(transform_names(*image_size))}: re-export the model")
             fisher = {name: tuple(float(v) for v in stats[name]["reference"]) for name in FISHER_STATISTICS}
             if not all(values and np.isfinite(values).all() for values in fisher.values()):
                 raise ValueError("anomaly.methods.fisher.statistics need non-empty, finite references")

@@ -209,7 +209,8 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     reference = anomaly.TypicalityReference.fit(val_nll)
     val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=val_view)
     complexity_reference = anomaly.TypicalityReference.fit(val_complexity)
-    fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, scorer.latent_means(val), bank)
+    fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, scorer.latent_means(val),
+                                                 scorer.transformed_latent_means(val), bank)
     references = ScoreReferences(reference, complexity_reference, bank,
                                  {name: tuple(np.sort(v)) for name, v in fisher_reference.items()})
     scores = scorer.all_scores(cal_images.numpy(), k, seed, anomaly.METHODS, references)
@@ -227,7 +228,8 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
         if method == "latent_knn":
             extra.update(k=anomaly.KNN_K, metric="euclidean")
         if method == "fisher":
-            extra.update(latent_knn_cosine_k=anomaly.KNN_COSINE_K)
+            extra.update(latent_knn_cosine_k=anomaly.KNN_COSINE_K,
+                         transforms=list(anomaly.transform_names(*val.shape[-2:])))
         methods[method] = anomaly.calibration_record(
             method, values, reference if method in ("typicality", "combined") else None,
             complexity_reference if method == "combined" else None,

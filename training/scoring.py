@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.anomaly import LATENT_METHODS, TypicalityReference, anomaly_scores
+from service.anomaly import LATENT_METHODS, TypicalityReference, anomaly_scores, geometric_transforms
 from service.artifacts import GRAPH_IO, AnomalyCalibration, Preprocessing
 from service.estimators import chunk_eps
 
@@ -120,6 +120,15 @@ class GraphScorer:
         return np.concatenate([self.sessions["encoder"].run(None, {name: x[i:i + batch]})[0]
                                for i in range(0, len(x), batch)]).astype(np.float32)
 
+    def transformed_latent_means(self, images: np.ndarray) -> np.ndarray:
+        """Encoder means of every geometric transform of the likelihood view: (N, C, H, W) -> (T, N, D).
+
+        Binarizing (per pixel) and transforming (moving pixels) commute, so this equals the service's
+        encoding of anomaly.geometric_transforms(view).
+        """
+        turned = geometric_transforms(np.asarray(images, dtype=np.float32))  # (T, N, C, H, W)
+        return self.latent_means(turned.reshape(-1, *turned.shape[2:])).reshape(*turned.shape[:2], -1)
+
     def all_scores(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
                    references: ScoreReferences) -> dict[str, np.ndarray]:
         """{method: (N,) scores} for the methods these references support, from one pass over the graphs.
@@ -132,9 +141,11 @@ class GraphScorer:
         view = self.preprocessing.likelihood_view(raw)
         wanted = [m for m in methods if references.available(m, self.has_background)]
         mu = self.latent_means(raw) if LATENT_METHODS & set(wanted) else None
+        turned = self.transformed_latent_means(raw) if "fisher" in wanted else None  # (T, N, D)
         return {method: anomaly_scores(method, nll, images=view, background_nll=bg,
                                        typicality=references.typicality,
                                        complexity_reference=references.complexity, raw_images=raw,
-                                       latent_mean=mu, latent_bank=references.latent_bank,
+                                       latent_mean=mu, transformed_latent_means=turned,
+                                       latent_bank=references.latent_bank,
                                        fisher_reference=references.fisher)
                 for method in wanted}

@@ -39,6 +39,7 @@ class AnomalyPlan:
     method: str
     alpha: float | None  # None: the percentile threshold of a model without per-method calibration
     k: int
+    encode_rows: int  # rows per engine encode call (VAE_MAX_IMAGES: a call any empty queue admits)
 
 
 def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alpha: float | None,
@@ -50,14 +51,27 @@ def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alp
             raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for "
                                f"method {method!r}; it offers ['nll']")
         legacy = manifest.calibration
-        return AnomalyPlan("nll", None, k or min(legacy.k if legacy else settings.default_k, settings.max_k))
+        return AnomalyPlan("nll", None, k or min(legacy.k if legacy else settings.default_k, settings.max_k),
+                           settings.max_images)
     if method is None:
         method = settings.anomaly_method if settings.anomaly_method in cal.methods else cal.default_method
     if method not in cal.methods:
         raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for method "
                            f"{method!r}; it offers {sorted(cal.methods)}")
     level = alpha if alpha is not None else settings.anomaly_alpha if settings.anomaly_alpha else cal.alpha
-    return AnomalyPlan(method, level, k or min(cal.k, settings.max_k))
+    return AnomalyPlan(method, level, k or min(cal.k, settings.max_k), settings.max_images)
+
+
+async def encode_rows(ref: ModelRef, images: np.ndarray, max_rows: int) -> np.ndarray:
+    """Encoder means of (R, C, H, W) images -> (R, D), in engine calls of at most max_rows rows.
+
+    A fisher request encodes each image 1 + T times; calls of at most VAE_MAX_IMAGES rows, one after
+    the other, each fit an empty queue (max_images <= max_queue_size), so no request is refused as
+    too big for the queue it would have alone. One image (6 rows) is one call.
+    """
+    parts = [(await ref.run("encode", {"x": images[i:i + max_rows]}))["mean"]
+             for i in range(0, len(images), max_rows)]
+    return np.concatenate(parts)
 
 
 async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, plan: AnomalyPlan, seed: int,
@@ -81,17 +95,22 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
                  "standard_error": e.standard_error} for s, pct, e in zip(nll, pcts, estimates, strict=True)]
     assert m.anomaly is not None
     view = m.preprocessing.likelihood_view(x)  # (N, C, H, W), what log_weights scored
-    background = latent_mean = None
+    background = latent_mean = turned_means = None
     if plan.method == "likelihood_ratio":
         background = -np.array([e.log_likelihood for e in await iw_estimates(
             ref, x, y, plan.k, seed, operation="background_log_weights")])
-    if plan.method in anomaly.LATENT_METHODS:
+    if plan.method == "latent_knn":
         # The bank holds encoder means of the training images' likelihood view; encode the same view.
-        latent_mean = (await ref.run("encode", {"x": view}))["mean"]  # (N, D)
+        latent_mean = await encode_rows(ref, view, plan.encode_rows)  # (N, D)
+    elif plan.method == "fisher":
+        turned = anomaly.geometric_transforms(view)  # (T, N, C, H, W)
+        means = await encode_rows(ref, np.concatenate([view[None], turned]).reshape(-1, *view.shape[1:]),
+                                  plan.encode_rows)  # ((1 + T) N, D)
+        latent_mean, turned_means = means[:len(view)], means[len(view):].reshape(len(turned), len(view), -1)
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
                                         images=view, background_nll=background, raw_images=x,
-                                        latent_mean=latent_mean)
+                                        latent_mean=latent_mean, transformed_latent_means=turned_means)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
     return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha,

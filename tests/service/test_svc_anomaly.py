@@ -25,10 +25,13 @@ from service.anomaly import (
     false_alarm_bound,
     fisher_score,
     fisher_statistics,
+    geometric_transforms,
     is_anomaly,
     knn_distance,
+    orientation_gain,
     score_and_test,
     tail_p_values,
+    transform_names,
 )
 from service.artifacts import LATENT_BANK_FILE, ArtifactError, load_manifest, sha256_file
 
@@ -200,23 +203,56 @@ def test_fisher_is_minus_two_sum_log_p_over_its_statistics() -> None:
     images = (rng.random((3, 1, 6, 6)) > 0.5).astype(np.float64)
     raw = images * 0.8
     nll, mu, bank = np.array([50.0, 60.0, 70.0]), rng.normal(size=(3, 2)), rng.normal(size=(8, 2))
-    stats = fisher_statistics(nll, images, raw, mu, bank)
+    turned = rng.normal(size=(5, 3, 2))  # (T, N, D)
+    stats = fisher_statistics(nll, images, raw, mu, turned, bank)
     assert set(stats) == set(anomaly.FISHER_STATISTICS)
     np.testing.assert_allclose(stats["complexity"], nll - complexity_nats(images))
     np.testing.assert_allclose(stats["latent_knn"], knn_distance(mu, bank, 1))
     np.testing.assert_allclose(stats["latent_knn_cosine"], knn_distance(mu, bank, 5, "cosine"))
     np.testing.assert_allclose(stats["input_complexity"], complexity_nats(raw))
+    np.testing.assert_allclose(stats["orientation"], orientation_gain(mu, turned, bank))
     reference = {name: rng.normal(size=20) * v.std() + v.mean() for name, v in stats.items()}
     expected = sum(-2 * np.log(tail_p_values(stats[n], reference[n], tail))
                    for n, tail in anomaly.FISHER_STATISTICS.items())
     np.testing.assert_allclose(fisher_score(stats, reference), expected)
     got = anomaly_scores("fisher", nll, images=images, raw_images=raw, latent_mean=mu, latent_bank=bank,
-                         fisher_reference=reference)
+                         transformed_latent_means=turned, fisher_reference=reference)
     np.testing.assert_allclose(got, expected)
     np.testing.assert_allclose(anomaly_scores("latent_knn", nll, latent_mean=mu, latent_bank=bank),
                                stats["latent_knn"])
     with pytest.raises(AnomalyError):
         fisher_score({k: v for k, v in stats.items() if k != "latent_knn"}, reference)
+    with pytest.raises(AnomalyError):  # fisher without the transforms' encoder means
+        anomaly_scores("fisher", nll, images=images, raw_images=raw, latent_mean=mu, latent_bank=bank,
+                       fisher_reference=reference)
+
+
+def test_geometric_transforms_by_hand() -> None:
+    x = np.arange(6.0).reshape(1, 1, 2, 3)  # [[0 1 2], [3 4 5]]: not square, so no quarter turns
+    assert transform_names(2, 3) == ("hflip", "vflip", "rot180")
+    hflip, vflip, rot180 = geometric_transforms(x)[:, 0, 0]
+    np.testing.assert_array_equal(hflip, [[2, 1, 0], [5, 4, 3]])
+    np.testing.assert_array_equal(vflip, [[3, 4, 5], [0, 1, 2]])
+    np.testing.assert_array_equal(rot180, [[5, 4, 3], [2, 1, 0]])
+    square = np.arange(4.0).reshape(1, 1, 2, 2)  # [[0 1], [2 3]]
+    assert transform_names(2, 2) == tuple(anomaly.GEOMETRIC_TRANSFORMS)
+    turned = geometric_transforms(square)[:, 0, 0]  # (T, H, W)
+    np.testing.assert_array_equal(turned[2], [[1, 3], [0, 2]])  # rot90: counter-clockwise
+    np.testing.assert_array_equal(turned[4], [[2, 0], [3, 1]])  # rot270
+    assert geometric_transforms(np.ones((4, 1, 5, 5))).shape == (5, 4, 1, 5, 5)
+    with pytest.raises(AnomalyError):
+        geometric_transforms(np.ones((5, 5)))
+
+
+def test_orientation_gain_by_hand() -> None:
+    """d(x) - min_T d(T x): positive when a transform brings the code closer to the bank."""
+    bank = np.array([[0.0, 0.0], [10.0, 0.0]])
+    mu = np.array([[0.0, 3.0], [10.0, 1.0]])  # distances 3 and 1 to the bank
+    turned = np.array([[[0.0, 1.0], [10.0, 4.0]],  # T1: first comes to distance 1, second goes to 4
+                       [[0.0, 5.0], [10.0, 2.0]]])  # T2: 5 and 2
+    np.testing.assert_allclose(orientation_gain(mu, turned, bank), [3.0 - 1.0, 1.0 - 2.0])
+    with pytest.raises(AnomalyError):
+        orientation_gain(mu, turned[:, :1], bank)  # (T, N, D) must match the N means
 
 
 def test_fisher_flags_an_outlier_in_any_one_statistic() -> None:
@@ -328,7 +364,8 @@ def _latent_record(bank_file: str = LATENT_BANK_FILE) -> dict:
     fisher_reference = {name: [0.0, 1.0, 2.0] for name in anomaly.FISHER_STATISTICS}
     return _record(methods={
         "latent_knn": calibration_record("latent_knn", [0.5, 1.0]),
-        "fisher": calibration_record("fisher", [1.0, 2.0, 3.0], fisher_reference=fisher_reference),
+        "fisher": calibration_record("fisher", [1.0, 2.0, 3.0], fisher_reference=fisher_reference,
+                                     transforms=list(transform_names(28, 28))),
     }, default_method="fisher", latent_bank={"file": bank_file, "n": 6, "dim": 32})
 
 
@@ -345,7 +382,8 @@ def test_manifest_latent_bank_and_fisher_reference_are_parsed(tmp_path: Path) ->
     assert out[0].score == pytest.approx(0.5 * math.sqrt(32)) and out[0].is_anomaly
 
 
-@pytest.mark.parametrize("case", ["no_checksum", "wrong_dim", "nan", "outside", "tails"])
+@pytest.mark.parametrize("case", ["no_checksum", "wrong_dim", "nan", "outside", "tails", "old_statistics",
+                                  "transforms"])
 def test_bad_latent_banks_are_refused(tmp_path: Path, case: str) -> None:
     bank = np.zeros((6, 32), dtype=np.float32)
     record = _latent_record()
@@ -357,5 +395,9 @@ def test_bad_latent_banks_are_refused(tmp_path: Path, case: str) -> None:
         record = _latent_record("../../../etc/passwd")
     if case == "tails":
         record["methods"]["fisher"]["statistics"]["latent_knn"]["tail"] = "two_sided"
+    if case == "old_statistics":  # an export from before the orientation statistic: re-export it
+        del record["methods"]["fisher"]["statistics"]["orientation"]
+    if case == "transforms":
+        record["methods"]["fisher"]["transforms"] = ["hflip", "vflip"]
     with pytest.raises(ArtifactError):
         load_manifest(_with_anomaly(tmp_path, record, bank, checksum=case != "no_checksum"), "onnx")

@@ -278,6 +278,25 @@ def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, art
         np.testing.assert_allclose([r["score"] for r in out.json()["results"]], expected[method], rtol=1e-5)
 
 
+def test_fisher_fits_a_queue_of_max_images(make_app: Any, artifacts: Any) -> None:
+    """fisher encodes each image 1 + T = 6 times; with a queue of only max_images rows a full request
+    (4 images: 24 encoder rows) still runs, in engine calls the queue admits, and scores as usual."""
+    from service import anomaly
+    from service.artifacts import load_manifest
+    from training.scoring import GraphScorer, ScoreReferences
+
+    x = artifacts.test_images[:4].numpy()
+    directory = artifacts.models_dir / "tiny" / "1"
+    m = load_manifest(directory, "onnx")
+    assert (1 + len(anomaly.GEOMETRIC_TRANSFORMS)) * len(x) > 4  # more rows than the queue holds
+    expected = GraphScorer.from_artifact(directory).all_scores(
+        x, 16, 5, ("fisher",), ScoreReferences.from_calibration(m.anomaly))["fisher"]
+    with TestClient(make_app(max_queue_size=4, max_images=4, max_n=4, max_batch_size=2)) as c:
+        out = c.post("/v1/models/tiny/anomaly-score?seed=5&method=fisher", json={"inputs": x.tolist()})
+    assert out.status_code == 200, out.text
+    np.testing.assert_allclose([r["score"] for r in out.json()["results"]], expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["typicality", "fisher"])
 def test_conformal_false_alarms_stay_near_alpha_on_unseen_digits(client: TestClient, artifacts: Any,
                                                                  method: str) -> None:
