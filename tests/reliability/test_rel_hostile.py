@@ -10,7 +10,8 @@ misbehave the way we need:
 4. decode amplification (compressible 3000x3000 PNGs) does not slow small encodes; a request over
    VAE_MAX_REQUEST_PIXELS is refused 413 from the headers;
 5. SIGTERM with a caller mid-upload: 503 JSON with its request id, exit status 0;
-6. HTTP hygiene: HEAD, Content-Encoding, trailing slash, malformed HTTP.
+6. HTTP hygiene: HEAD, Content-Encoding, trailing slash, malformed HTTP;
+7. a caller still uploading after its 408 reads the answer (lingering close), no reset.
 Every loop is bounded in count and time. The long variants: scripts/reliability/hostile.py.
 """
 
@@ -20,6 +21,7 @@ import asyncio
 import gzip
 import io
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -421,6 +423,47 @@ def test_head_content_encoding_trailing_slash_and_malformed_http(models_dir: Pat
         assert status == 400 and headers["content-type"] == "application/json", (name, status, headers, body)
         assert error_of(body)["code"] == "bad_request", body
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+
+
+# -- 7. lingering close ---------------------------------------------------------------------------------
+def _slow_upload_then_read(port: int, declared: int, pause_s: float) -> tuple[bytes, str]:
+    """An uploader that pauses (past the body deadline), then sends the rest of its body and only then
+    reads, as most HTTP clients do. Returns (everything read until the server's FIN, socket errors)."""
+    errors = []
+    with socket.create_connection((harness.HOST, port), timeout=10) as s:
+        s.sendall(f"POST {ENCODE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {declared}\r\n\r\n".encode() + b" " * 65536)
+        time.sleep(pause_s)  # the 408 arrives meanwhile
+        try:
+            for _ in range(declared // 65536 - 1):
+                s.sendall(b" " * 65536)
+        except OSError as exc:
+            errors.append(f"send: {exc!r}")
+        answer = b""
+        try:
+            while part := s.recv(65536):
+                answer += part
+        except OSError as exc:
+            errors.append(f"recv: {exc!r}")
+    return answer, "; ".join(errors)
+
+
+def test_a_caller_still_sending_after_its_408_gets_the_answer(models_dir: Path, tmp_path: Path) -> None:
+    """408 closes the connection while the body is still arriving. The server half-closes and discards
+    the rest of the upload (RFC 9112 section 9.6); closing at once would reset the caller in the middle
+    of its upload, so that its send fails and it never reads the 408."""
+    env = {**BASE_ENV, "VAE_BODY_TIMEOUT_S": "0.5", "VAE_MIN_UPLOAD_BYTES_PER_S": str(64 * 1024 * 1024)}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env) as server:
+        wait_connected(server)
+        answers = [_slow_upload_then_read(server.port, 2 * 1024 * 1024, pause_s=1.5) for _ in range(2)]
+        healthy = httpx.get(f"{server.url}/healthz", timeout=10).status_code
+        log = server.log()
+    for answer, errors in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        print(f"\n{head[:40]!r} ... {body[:100]!r}; socket errors: {errors or 'none'}")
+        assert errors == "" and head.startswith(b"HTTP/1.1 408"), (errors, answer[:300])
+        assert b"connection: close" in head.lower() and error_of(body)["code"] == "request_timeout", head
+    assert healthy == 200 and "Traceback" not in log, log[-3000:]
 
 
 # -- the body deadline when it passes between two reads (in-process: the race needs exact timing) --------
