@@ -17,8 +17,12 @@ ENV = {"VAE_MODELS": "tiny", "VAE_MAX_BATCH_SIZE": "4", "VAE_MAX_QUEUE_DELAY_MS"
        "VAE_WARMUP": "false"}  # warm-up would pay the simulated device time too
 
 
-async def _in_flight_then_sigterm(server: harness.Server, n: int) -> dict:
-    """n requests in flight, SIGTERM, then: how fast readyz turns 503, what new work and in-flight get."""
+async def _in_flight_then_sigterm(server: harness.Server, n: int, probe: bool = True) -> dict:
+    """n requests in flight, SIGTERM, then: how fast readyz turns 503, what new work and in-flight get.
+
+    probe=False: no readyz and new-work probes (without VAE_DRAIN_DELAY_S the port closes at once, so
+    a probe may find nobody listening).
+    """
     port = server.port
     request = harness.encode_request("POST", harness.ENCODE, port, harness.tiny_image_body(1))
     t0 = time.monotonic()
@@ -29,6 +33,9 @@ async def _in_flight_then_sigterm(server: harness.Server, n: int) -> dict:
         await asyncio.sleep(0.05)
     print(f"in flight after {time.monotonic() - t0:.2f}s")
     signalled = server.sigterm()
+    if not probe:
+        outcomes = await asyncio.gather(*in_flight)
+        return {"in_flight": sorted(str(o.status) for o in outcomes), "signalled": signalled}
     # The signal reaches the HTTP workers through the supervisor, so a probe sent in the first
     # milliseconds may still meet a worker that has not seen it: poll as a load balancer would.
     readyz = (0, b"")
@@ -72,7 +79,8 @@ def test_drain_timeout_answers_the_rest_503_and_exits_zero(models_dir: Path, tmp
     """Work that cannot finish within VAE_DRAIN_TIMEOUT_S is answered 503 (not cut off), then exit 0."""
     env = {**ENV, "VAE_DRAIN_TIMEOUT_S": "1", "VAE_REQUEST_TIMEOUT_S": "60"}
     with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=4.0) as server:
-        r = asyncio.run(_in_flight_then_sigterm(server, 8))  # 2 batches: 8 s of work, 1 s allowed
+        # 2 batches: 8 s of work, 1 s allowed
+        r = asyncio.run(_in_flight_then_sigterm(server, 8, probe=False))
         code = server.proc.wait(timeout=30)
         exited_after = time.monotonic() - r["signalled"]
         log = server.log()
