@@ -44,7 +44,7 @@ Scores (higher = more anomalous), all in nats, from per-image quantities the ser
   independent, so -2 sum log p_j does not follow Fisher's chi-square law; it does not need to: it is
   calibrated conformally like every other score, which is what makes its false alarms <= alpha.
 * the orientation gain, one of fisher's statistics: d(x) - min_T d(T x), with d the latent
-  nearest-neighbour distance and T each of GEOMETRIC_TRANSFORMS (mirror images and quarter turns):
+  nearest-neighbour distance and T each of GEOMETRIC_TRANSFORMS (mirror images, quarter and half turns):
   how much closer to the training codes the input gets once it is turned or mirrored back. A normal
   digit is farther from the training codes when turned (gain < 0); a mirrored or rotated one comes
   closer (gain > 0); a symmetric one (0, 8) is about the same both ways. It is the training-free
