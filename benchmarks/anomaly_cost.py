@@ -93,6 +93,7 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
 
     sys.path.insert(0, str(ROOT))
     from service import anomaly
+    from service.artifacts import load_manifest
     from service.estimators import chunk_eps
 
     options = ort.SessionOptions()
@@ -103,7 +104,8 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
     bank = np.load(directory / "latent_bank.npy")
     latent_dim = bank.shape[1]
     png = Image.open(io.BytesIO(digit_png()))
-    x = (np.asarray(png, dtype=np.float32)[None, None] / 255.0 >= 0.5).astype(np.float32)  # (1, 1, 28, 28)
+    view = load_manifest(directory, "onnx").preprocessing.likelihood_view
+    x = view(np.asarray(png, dtype=np.float32)[None, None] / 255.0)  # (1, 1, 28, 28), what the graphs see
     chunks = -(-k // chunk)
     eps = np.stack([chunk_eps(0, 0, c, chunk, latent_dim) for c in range(chunks)])  # (chunks, chunk, D)
     turned = anomaly.geometric_transforms(x)  # (T, 1, 1, 28, 28)

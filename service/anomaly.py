@@ -198,12 +198,18 @@ def orientation_gain(latent_mean: np.ndarray, transformed_latent_means: np.ndarr
 
     latent_mean (N, D), transformed_latent_means (T, N, D), latent_bank (M, D) -> (N,) float64.
     """
+    return _orientation_gain(knn_distance(latent_mean, latent_bank, KNN_K), transformed_latent_means,
+                             latent_bank)
+
+
+def _orientation_gain(distance: np.ndarray, transformed_latent_means: np.ndarray,
+                      latent_bank: np.ndarray) -> np.ndarray:
+    """orientation_gain from d(x) already known: (N,), (T, N, D), (M, D) -> (N,)."""
     turned = np.asarray(transformed_latent_means)
-    mu = np.asarray(latent_mean)
-    if turned.ndim != 3 or turned.shape[1:] != mu.shape:
-        raise AnomalyError(f"transformed latent means {turned.shape} must be (T, N, D) for means {mu.shape}")
+    if turned.ndim != 3 or turned.shape[1] != len(distance):
+        raise AnomalyError(f"transformed latent means {turned.shape} must be (T, N, D), N = {len(distance)}")
     d_turned = knn_distance(turned.reshape(-1, turned.shape[2]), latent_bank, KNN_K).reshape(turned.shape[:2])
-    return knn_distance(mu, latent_bank, KNN_K) - d_turned.min(axis=0)
+    return distance - d_turned.min(axis=0)
 
 
 def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarray, latent_mean: np.ndarray,
@@ -213,12 +219,13 @@ def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarra
     latent_mean: (N, D) encoder means of `images`; transformed_latent_means: (T, N, D) those of
     geometric_transforms(images).
     """
+    distance = knn_distance(latent_mean, latent_bank, KNN_K)  # d(x): latent_knn, and orientation's first term
     return {
         "complexity": np.asarray(nll, dtype=np.float64) - complexity_nats(images),
-        "latent_knn": knn_distance(latent_mean, latent_bank, KNN_K),
+        "latent_knn": distance,
         "latent_knn_cosine": knn_distance(latent_mean, latent_bank, KNN_COSINE_K, "cosine"),
         "input_complexity": complexity_nats(raw_images),
-        "orientation": orientation_gain(latent_mean, transformed_latent_means, latent_bank),
+        "orientation": _orientation_gain(distance, transformed_latent_means, latent_bank),
     }
 
 

@@ -39,7 +39,6 @@ class AnomalyPlan:
     method: str
     alpha: float | None  # None: the percentile threshold of a model without per-method calibration
     k: int
-    encode_rows: int  # rows per engine encode call (VAE_MAX_IMAGES: a call any empty queue admits)
 
 
 def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alpha: float | None,
@@ -51,24 +50,24 @@ def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alp
             raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for "
                                f"method {method!r}; it offers ['nll']")
         legacy = manifest.calibration
-        return AnomalyPlan("nll", None, k or min(legacy.k if legacy else settings.default_k, settings.max_k),
-                           settings.max_images)
+        return AnomalyPlan("nll", None, k or min(legacy.k if legacy else settings.default_k, settings.max_k))
     if method is None:
         method = settings.anomaly_method if settings.anomaly_method in cal.methods else cal.default_method
     if method not in cal.methods:
         raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for method "
                            f"{method!r}; it offers {sorted(cal.methods)}")
     level = alpha if alpha is not None else settings.anomaly_alpha if settings.anomaly_alpha else cal.alpha
-    return AnomalyPlan(method, level, k or min(cal.k, settings.max_k), settings.max_images)
+    return AnomalyPlan(method, level, k or min(cal.k, settings.max_k))
 
 
-async def encode_rows(ref: ModelRef, images: np.ndarray, max_rows: int) -> np.ndarray:
-    """Encoder means of (R, C, H, W) images -> (R, D), in engine calls of at most max_rows rows.
+async def encode_rows(ref: ModelRef, images: np.ndarray) -> np.ndarray:
+    """Encoder means of (R, C, H, W) images -> (R, D), in engine calls of at most VAE_MAX_IMAGES rows.
 
     A fisher request encodes each image 1 + T times; calls of at most VAE_MAX_IMAGES rows, one after
     the other, each fit an empty queue (max_images <= max_queue_size), so no request is refused as
     too big for the queue it would have alone. One image (6 rows) is one call.
     """
+    max_rows = ref.state.settings.max_images
     parts = [(await ref.run("encode", {"x": images[i:i + max_rows]}))["mean"]
              for i in range(0, len(images), max_rows)]
     return np.concatenate(parts)
@@ -101,11 +100,11 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
             ref, x, y, plan.k, seed, operation="background_log_weights")])
     if plan.method == "latent_knn":
         # The bank holds encoder means of the training images' likelihood view; encode the same view.
-        latent_mean = await encode_rows(ref, view, plan.encode_rows)  # (N, D)
+        latent_mean = await encode_rows(ref, view)  # (N, D)
     elif plan.method == "fisher":
         turned = anomaly.geometric_transforms(view)  # (T, N, C, H, W)
-        means = await encode_rows(ref, np.concatenate([view[None], turned]).reshape(-1, *view.shape[1:]),
-                                  plan.encode_rows)  # ((1 + T) N, D)
+        means = await encode_rows(ref, np.concatenate([view[None], turned]).reshape(-1, *view.shape[1:]))
+        # means: ((1 + T) N, D)
         latent_mean, turned_means = means[:len(view)], means[len(view):].reshape(len(turned), len(view), -1)
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
