@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/anomaly_cost.py [--seconds 8] [--rounds 1] [--concurrency 8] [--k 256]
 
 First, where the time goes: the device work of one request per component (log_weights at k, the
-encoder on 1 and on 1 + T rows, the nearest-neighbour searches, the compressor), each the median of
-many in-process ONNX Runtime calls on one thread, so short stalls of a shared machine do not move it.
+encoder on 1 and on 1 + T rows, the decoder on 1 + T rows, the nearest-neighbour searches, the
+compressor), each the median of many in-process ONNX Runtime calls on one thread, so short stalls of a
+shared machine do not move it.
 
 Then end to end: starts `python -m service` on 127.0.0.1 with its defaults (one HTTP worker per core,
 one inference process) serving only the default model (`--model mnist-vae --version 2`) and, `--rounds`
@@ -100,17 +101,19 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
     options.intra_op_num_threads = 1
     cpu = ["CPUExecutionProvider"]
     encoder = ort.InferenceSession(str(directory / "encoder.onnx"), options, providers=cpu)
+    decoder = ort.InferenceSession(str(directory / "decoder.onnx"), options, providers=cpu)
     log_weights = ort.InferenceSession(str(directory / "log_weights.onnx"), options, providers=cpu)
     bank = np.load(directory / "latent_bank.npy")
     latent_dim = bank.shape[1]
     png = Image.open(io.BytesIO(digit_png()))
-    view = load_manifest(directory, "onnx").preprocessing.likelihood_view
+    manifest = load_manifest(directory, "onnx")
+    view = manifest.preprocessing.likelihood_view
     x = view(np.asarray(png, dtype=np.float32)[None, None] / 255.0)  # (1, 1, 28, 28), what the graphs see
     chunks = -(-k // chunk)
     eps = np.stack([chunk_eps(0, 0, c, chunk, latent_dim) for c in range(chunks)])  # (chunks, chunk, D)
-    turned = anomaly.geometric_transforms(x)  # (T, 1, 1, 28, 28)
-    rows = np.concatenate([x[None], turned]).reshape(-1, *x.shape[1:])  # (1 + T, 1, 28, 28)
+    rows = anomaly.orientation_views(x)  # (1 + T, 1, 28, 28): the image and its transforms
     enc_in, (lw_x, lw_eps) = encoder.get_inputs()[0].name, [i.name for i in log_weights.get_inputs()]
+    dec_in = decoder.get_inputs()[0].name
     mu = encoder.run(None, {enc_in: x})[0]
     mus = encoder.run(None, {enc_in: rows})[0]
     return {
@@ -119,9 +122,12 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
         "encode 1 row (latent_knn)": _median_ms(lambda: encoder.run(None, {enc_in: x}), 201),
         f"encode {len(rows)} rows: the image and its transforms (fisher)": _median_ms(
             lambda: encoder.run(None, {enc_in: rows}), 201),
+        f"decode {len(rows)} rows and their reconstruction errors (fisher)": _median_ms(
+            lambda: anomaly.reconstruction_error(rows, decoder.run(None, {dec_in: mus})[0],
+                                                 manifest.likelihood), 201),
         "nearest neighbour of 1 code (latent_knn)": _median_ms(lambda: anomaly.knn_distance(mu, bank), 201),
-        f"fisher's searches: 1-NN of {len(rows)} codes and cosine 5-NN of 1": _median_ms(
-            lambda: (anomaly.knn_distance(mus, bank), anomaly.knn_distance(mu, bank, 5, "cosine")), 201),
+        "fisher's searches: 1-NN and cosine 5-NN of 1 code": _median_ms(
+            lambda: (anomaly.knn_distance(mu, bank), anomaly.knn_distance(mu, bank, 5, "cosine")), 201),
         "zlib complexity of the image (complexity, combined, fisher x2)": _median_ms(
             lambda: anomaly.complexity_nats(x), 201),
     }

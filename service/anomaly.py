@@ -43,15 +43,18 @@ Scores (higher = more anomalous), all in nats, from per-image quantities the ser
   upscaled images or thin pen strokes) and the orientation gain (below). The statistics are not
   independent, so -2 sum log p_j does not follow Fisher's chi-square law; it does not need to: it is
   calibrated conformally like every other score, which is what makes its false alarms <= alpha.
-* the orientation gain, one of fisher's statistics: d(x) - min_T d(T x), with d the latent
-  nearest-neighbour distance and T each of GEOMETRIC_TRANSFORMS (mirror images, quarter and half turns):
-  how much closer to the training codes the input gets once it is turned or mirrored back. A normal
-  digit is farther from the training codes when turned (gain < 0); a mirrored or rotated one comes
-  closer (gain > 0); a symmetric one (0, 8) is about the same both ways. It is the training-free
-  form of detecting anomalies by whether a model recognizes the transformation applied to an input
-  (Golan & El-Yaniv 2018, "Deep anomaly detection using geometric transformations"; Hendrycks et al.
-  2019, "Using self-supervised learning can improve model robustness and uncertainty"). It costs
-  len(GEOMETRIC_TRANSFORMS) more encodes per image, small next to k decoder passes.
+* the orientation gain, one of fisher's statistics: R(x) - min_T R(T x), with R the reconstruction
+  error -log p(x | z = mu(x)) at the encoder mean (reconstruction_error) and T each of
+  GEOMETRIC_TRANSFORMS (mirror images, quarter and half turns): how much better the model explains
+  the input once it is turned or mirrored back. A normal digit is explained worse when turned
+  (gain < 0); a mirrored or rotated one better (gain > 0). A transform only moves pixels, so x and
+  T x have the same ink and the same compressed length: the comparison is free of the complexity
+  bias that misleads -log p(x) itself, and it sees the fine cues (the slant of an upside-down 0 or 1)
+  that the latent distances blur. It is the training-free form of detecting anomalies by whether a
+  model recognizes the transformation applied to an input (Golan & El-Yaniv 2018, "Deep anomaly
+  detection using geometric transformations"; Hendrycks et al. 2019, "Using self-supervised learning
+  can improve model robustness and uncertainty"). It costs 1 + T encodes and decodes per image, small
+  next to the k decoder passes of -log p(x).
 
 Calibration (conformal prediction; Vovk, Gammerman & Shafer 2005; Bates et al. 2023, "Testing for
 outliers with conformal p-values"): with scores s_1..s_n of a calibration split of normal data held
@@ -84,7 +87,7 @@ PAPERS = {
     "combined": "max of typicality (Nalisnick et al. 2019) and standardized complexity (Serra et al. 2020)",
     "latent_knn": "Sun, Ming, Zhu & Li 2022, ICML, arXiv:2204.06507 (on the encoder means)",
     "fisher": "Fisher 1925; Bergamin et al. 2022, AISTATS, arXiv:2203.01097 (combined statistical tests); "
-              "orientation statistic after Golan & El-Yaniv 2018, NeurIPS, arXiv:1805.10917",
+              "orientation gain after Golan & El-Yaniv 2018, NeurIPS, arXiv:1805.10917",
 }
 # fisher's statistics and which tail of each is anomalous; their validation values are the reference.
 FISHER_STATISTICS: dict[str, str] = {
@@ -92,9 +95,10 @@ FISHER_STATISTICS: dict[str, str] = {
     "latent_knn": "upper",  # Euclidean distance of mu(x) to the nearest training code
     "latent_knn_cosine": "upper",  # cosine distance of mu(x) to its 5th nearest training code
     "input_complexity": "two_sided",  # L(x) of the grey input (before binarization)
-    "orientation": "upper",  # latent_knn(x) - min_T latent_knn(T x): closer to normal once turned back
+    # R(x) - min_T R(T x), R the reconstruction error at the encoder mean: better explained turned back
+    "orientation_gain": "upper",
 }
-# The orientation statistic's transforms of an (N, C, H, W) batch; quarter turns need square images.
+# The orientation gain's transforms of an (N, C, H, W) batch; quarter turns need square images.
 GEOMETRIC_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "hflip": lambda x: x[..., :, ::-1],
     "vflip": lambda x: x[..., ::-1, :],
@@ -105,6 +109,9 @@ GEOMETRIC_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 QUARTER_TURNS = frozenset({"rot90", "rot270"})
 KNN_K = 1  # latent_knn: the nearest neighbour (Sun et al.'s k is larger for their bigger banks)
 KNN_COSINE_K = 5
+# Bernoulli reconstruction errors clip the decoder's probabilities to [p, 1 - p]: a float32 sigmoid can
+# round to exactly 0 or 1, and one such pixel must cost a bounded ln(1 / p) = 13.8 nats, not infinity.
+BERNOULLI_CLIP = 1e-6
 NATS_PER_BYTE = 8.0 * math.log(2.0)
 ZLIB_LEVEL = 9
 _EPS = 1e-9  # alpha (n + 1) is compared with integers; guards 0.05 * 20 = 1.0000000000000002
@@ -192,40 +199,62 @@ def geometric_transforms(images: np.ndarray) -> np.ndarray:
                      for name in transform_names(*x.shape[-2:])])
 
 
-def orientation_gain(latent_mean: np.ndarray, transformed_latent_means: np.ndarray,
-                     latent_bank: np.ndarray) -> np.ndarray:
-    """d(x) - min_T d(T x), d the nearest-neighbour distance to the bank.
+def orientation_views(images: np.ndarray) -> np.ndarray:
+    """The image and its geometric transforms, rows stacked: (N, C, H, W) -> ((1 + T) N, C, H, W).
 
-    latent_mean (N, D), transformed_latent_means (T, N, D), latent_bank (M, D) -> (N,) float64.
+    Rows 0..N-1 are the images, then N rows per transform in transform_names order: what the orientation
+    gain encodes and decodes (reconstruction_errors of these rows, reshaped to (1 + T, N)).
     """
-    return _orientation_gain(knn_distance(latent_mean, latent_bank, KNN_K), transformed_latent_means,
-                             latent_bank)
+    x = np.asarray(images)
+    return np.concatenate([x[None], geometric_transforms(x)]).reshape(-1, *x.shape[1:])
 
 
-def _orientation_gain(distance: np.ndarray, transformed_latent_means: np.ndarray,
-                      latent_bank: np.ndarray) -> np.ndarray:
-    """orientation_gain from d(x) already known: (N,), (T, N, D), (M, D) -> (N,)."""
-    turned = np.asarray(transformed_latent_means)
-    if turned.ndim != 3 or turned.shape[1] != len(distance):
-        raise AnomalyError(f"transformed latent means {turned.shape} must be (T, N, D), N = {len(distance)}")
-    d_turned = knn_distance(turned.reshape(-1, turned.shape[2]), latent_bank, KNN_K).reshape(turned.shape[:2])
-    return distance - d_turned.min(axis=0)
+def reconstruction_error(images: np.ndarray, reconstructions: np.ndarray, likelihood: str) -> np.ndarray:
+    """-log p(x | z = mu(x)) in nats, up to a constant: (N, C, H, W), (N, C, H, W) -> (N,) float64.
+
+    images: the model's view x (binary for Bernoulli models); reconstructions: the decoder's mean
+    E[x | z] at the encoder mean. Bernoulli: the cross-entropy, probabilities clipped to BERNOULLI_CLIP.
+    Gaussian: half the squared error, which is -log p(x | z) times the decoder variance plus a constant:
+    the same order for a fixed or global variance (a per-pixel variance would weight pixels apart).
+    """
+    x = np.asarray(images, dtype=np.float64)
+    mean = np.asarray(reconstructions, dtype=np.float64)
+    if x.shape != mean.shape or x.ndim != 4:
+        raise AnomalyError(f"images {x.shape} and reconstructions {mean.shape} must both be (N, C, H, W)")
+    if likelihood == "bernoulli":
+        p = np.clip(mean, BERNOULLI_CLIP, 1.0 - BERNOULLI_CLIP)
+        per_pixel = -(x * np.log(p) + (1.0 - x) * np.log1p(-p))
+    elif likelihood == "gaussian":
+        per_pixel = 0.5 * (x - mean) ** 2
+    else:
+        raise AnomalyError(f"no reconstruction error for likelihood {likelihood!r} (bernoulli, gaussian)")
+    return per_pixel.reshape(len(x), -1).sum(axis=1)
+
+
+def orientation_gain(reconstruction_errors: np.ndarray) -> np.ndarray:
+    """R(x) - min_T R(T x): (1 + T, N) errors of the images (row 0) and their transforms -> (N,) float64."""
+    errors = np.asarray(reconstruction_errors, dtype=np.float64)
+    if errors.ndim != 2 or len(errors) < 2:
+        raise AnomalyError(f"reconstruction errors {errors.shape} must be (1 + T, N) with T >= 1")
+    return errors[0] - errors[1:].min(axis=0)
 
 
 def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarray, latent_mean: np.ndarray,
-                      transformed_latent_means: np.ndarray, latent_bank: np.ndarray) -> dict[str, np.ndarray]:
+                      reconstruction_errors: np.ndarray, latent_bank: np.ndarray) -> dict[str, np.ndarray]:
     """The statistics of FISHER_STATISTICS, each (N,): the inputs of `fisher` and of its reference.
 
-    latent_mean: (N, D) encoder means of `images`; transformed_latent_means: (T, N, D) those of
-    geometric_transforms(images).
+    latent_mean: (N, D) encoder means of `images`; reconstruction_errors: (1 + T, N) of
+    orientation_views(images), reshaped (row 0: the images, row t: transform t).
     """
-    distance = knn_distance(latent_mean, latent_bank, KNN_K)  # d(x): latent_knn, and orientation's first term
+    errors = np.asarray(reconstruction_errors)
+    if errors.ndim != 2 or errors.shape[1] != len(latent_mean):
+        raise AnomalyError(f"reconstruction errors {errors.shape} must be (1 + T, N), N = {len(latent_mean)}")
     return {
         "complexity": np.asarray(nll, dtype=np.float64) - complexity_nats(images),
-        "latent_knn": distance,
+        "latent_knn": knn_distance(latent_mean, latent_bank, KNN_K),
         "latent_knn_cosine": knn_distance(latent_mean, latent_bank, KNN_COSINE_K, "cosine"),
         "input_complexity": complexity_nats(raw_images),
-        "orientation": _orientation_gain(distance, transformed_latent_means, latent_bank),
+        "orientation_gain": orientation_gain(errors),
     }
 
 
@@ -280,7 +309,7 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
                    typicality: TypicalityReference | None = None,
                    complexity_reference: TypicalityReference | None = None,
                    raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
-                   transformed_latent_means: np.ndarray | None = None,
+                   reconstruction_errors: np.ndarray | None = None,
                    latent_bank: np.ndarray | None = None,
                    fisher_reference: dict[str, Sequence[float]] | None = None) -> np.ndarray:
     """Scores of one method, (N,) float64; higher = more anomalous.
@@ -291,8 +320,9 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
     typicality: the reference of `typicality` (and `combined`); complexity_reference: centre and upper
     scale of the complexity score on validation data (`combined`); raw_images: (N, C, H, W) the input
     before binarization (`fisher`); latent_mean: (N, D) encoder means of `images`;
-    transformed_latent_means: (T, N, D) encoder means of geometric_transforms(images) (`fisher`);
-    latent_bank: (M, D) encoder means of the training images (`latent_knn`, `fisher`);
+    reconstruction_errors: (1 + T, N) reconstruction errors of the images (row 0) and of each geometric
+    transform (`fisher`, see orientation_views); latent_bank: (M, D) encoder means of the training
+    images (`latent_knn`, `fisher`);
     fisher_reference: the validation values of each FISHER_STATISTICS statistic.
     """
     v = np.asarray(nll, dtype=np.float64)
@@ -305,13 +335,12 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
             raise AnomalyError(f"{len(latent_mean)} latent means for {len(v)} scores")
         if method == "latent_knn":
             return knn_distance(latent_mean, latent_bank, KNN_K)
-        if images is None or raw_images is None or fisher_reference is None or \
-                transformed_latent_means is None:
-            raise AnomalyError("fisher needs the images (model view and grey input), the encoder means of "
-                               "their transforms and its reference")
+        if images is None or raw_images is None or fisher_reference is None or reconstruction_errors is None:
+            raise AnomalyError("fisher needs the images (model view and grey input), the reconstruction "
+                               "errors of their transforms and its reference")
         if len(images) != len(v) or len(raw_images) != len(v):
             raise AnomalyError(f"images for {len(v)} scores expected")
-        return fisher_score(fisher_statistics(v, images, raw_images, latent_mean, transformed_latent_means,
+        return fisher_score(fisher_statistics(v, images, raw_images, latent_mean, reconstruction_errors,
                                               latent_bank), fisher_reference)
     if method == "nll":
         return v.copy()
@@ -425,13 +454,13 @@ class AnomalyResult:
 def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nll: np.ndarray, *,
                    images: np.ndarray | None = None, background_nll: np.ndarray | None = None,
                    raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
-                   transformed_latent_means: np.ndarray | None = None) -> list[AnomalyResult]:
+                   reconstruction_errors: np.ndarray | None = None) -> list[AnomalyResult]:
     """What a route returns per image: score, conformal p-value, threshold, decision at alpha.
 
     nll: (N,) -log p(x) with the calibration's k; images: (N, C, H, W) as the model scored them
     (complexity); background_nll: (N,) (likelihood_ratio); raw_images: (N, C, H, W) before
     binarization and latent_mean: (N, D) encoder means of `images` (latent_knn, fisher);
-    transformed_latent_means: (T, N, D) those of geometric_transforms(images) (fisher).
+    reconstruction_errors: (1 + T, N) those of the images and their transforms (fisher).
     """
     if calibration.method != method:
         raise AnomalyError(f"calibration is for {calibration.method!r}, not {method!r}")
@@ -439,7 +468,7 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
                             typicality=calibration.typicality,
                             complexity_reference=calibration.complexity_reference,
                             raw_images=raw_images, latent_mean=latent_mean,
-                            transformed_latent_means=transformed_latent_means,
+                            reconstruction_errors=reconstruction_errors,
                             latent_bank=calibration.latent_bank,
                             fisher_reference=calibration.fisher_reference)
     cal = np.asarray(calibration.scores, dtype=np.float64)

@@ -195,7 +195,7 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     """
     from training.scoring import GraphScorer, ScoreReferences
 
-    scorer = GraphScorer(directory, vae.config.latent_dim, prep)
+    scorer = GraphScorer(directory, vae.config.latent_dim, prep, vae.config.likelihood)
     if len(splits.calibration_images):
         cal_images, split = splits.calibration_images, "calibration"
     else:
@@ -210,7 +210,7 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=val_view)
     complexity_reference = anomaly.TypicalityReference.fit(val_complexity)
     fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, scorer.latent_means(val),
-                                                 scorer.transformed_latent_means(val), bank)
+                                                 scorer.reconstruction_errors(val), bank)
     references = ScoreReferences(reference, complexity_reference, bank,
                                  {name: tuple(np.sort(v)) for name, v in fisher_reference.items()})
     scores = scorer.all_scores(cal_images.numpy(), k, seed, anomaly.METHODS, references)

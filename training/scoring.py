@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.anomaly import LATENT_METHODS, TypicalityReference, anomaly_scores, geometric_transforms
+from service.anomaly import (
+    LATENT_METHODS,
+    TypicalityReference,
+    anomaly_scores,
+    orientation_views,
+    reconstruction_error,
+)
 from service.artifacts import GRAPH_IO, AnomalyCalibration, Preprocessing
 from service.estimators import chunk_eps
 
@@ -54,12 +60,13 @@ class ScoreReferences:
 class GraphScorer:
     """-log p(x) (IW bound) of the log_weights graphs of an artifact folder, in ONNX Runtime on CPU.
 
-    directory: a version folder (or an export's temporary folder) holding log_weights.onnx and, when
-    present, background_log_weights.onnx.
+    directory: a version folder (or an export's temporary folder) holding the encoder, decoder and
+    log_weights graphs and, when present, background_log_weights.onnx. likelihood: the decoder's
+    family ("bernoulli" or "gaussian"), for fisher's reconstruction errors.
     """
 
-    def __init__(self, directory: Path, latent_dim: int, preprocessing: Preprocessing, threads: int = 1,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, directory: Path, latent_dim: int, preprocessing: Preprocessing, likelihood: str,
+                 threads: int = 1, chunk: int = DEFAULT_CHUNK) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -67,13 +74,14 @@ class GraphScorer:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.sessions = {}
-        for graph in ("encoder", "log_weights", "background_log_weights"):
+        for graph in ("encoder", "decoder", "log_weights", "background_log_weights"):
             path = Path(directory) / f"{graph}.onnx"
             if path.is_file():
                 self.sessions[graph] = ort.InferenceSession(str(path), sess_options=options,
                                                             providers=["CPUExecutionProvider"])
         self.latent_dim = latent_dim
         self.preprocessing = preprocessing
+        self.likelihood = likelihood
         self.chunk = chunk
 
     @classmethod
@@ -82,7 +90,7 @@ class GraphScorer:
         from service.artifacts import load_manifest
 
         m = load_manifest(Path(directory), "onnx")
-        return cls(m.directory, m.latent_dim, m.preprocessing, threads=threads)
+        return cls(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads)
 
     @property
     def has_background(self) -> bool:
@@ -115,19 +123,28 @@ class GraphScorer:
 
     def latent_means(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
         """Encoder means of the likelihood view, as the service encodes it: (N, C, H, W) -> (N, D) float32."""
-        x = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        return self._encode(self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32)), batch)
+
+    def reconstruction_errors(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """fisher's reconstruction errors of the likelihood view and its transforms: (N, C, H, W) ->
+        (1 + T, N).
+
+        Binarizing (per pixel) and transforming (moving pixels) commute, so these are the service's
+        errors of anomaly.orientation_views(view), encoded and decoded the same way.
+        """
+        view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        rows = orientation_views(view)  # ((1 + T) N, C, H, W)
+        means = self._encode(rows, batch)
+        name = GRAPH_IO["decoder"][0][0]
+        recon = np.concatenate([self.sessions["decoder"].run(None, {name: means[i:i + batch]})[0]
+                                for i in range(0, len(means), batch)])
+        return reconstruction_error(rows, recon, self.likelihood).reshape(-1, len(view))
+
+    def _encode(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """Encoder means of model inputs (N, C, H, W) -> (N, D) float32, in batches."""
         name = GRAPH_IO["encoder"][0][0]
         return np.concatenate([self.sessions["encoder"].run(None, {name: x[i:i + batch]})[0]
                                for i in range(0, len(x), batch)]).astype(np.float32)
-
-    def transformed_latent_means(self, images: np.ndarray) -> np.ndarray:
-        """Encoder means of every geometric transform of the likelihood view: (N, C, H, W) -> (T, N, D).
-
-        Binarizing (per pixel) and transforming (moving pixels) commute, so this equals the service's
-        encoding of anomaly.geometric_transforms(view).
-        """
-        turned = geometric_transforms(np.asarray(images, dtype=np.float32))  # (T, N, C, H, W)
-        return self.latent_means(turned.reshape(-1, *turned.shape[2:])).reshape(*turned.shape[:2], -1)
 
     def all_scores(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
                    references: ScoreReferences) -> dict[str, np.ndarray]:
@@ -141,11 +158,11 @@ class GraphScorer:
         view = self.preprocessing.likelihood_view(raw)
         wanted = [m for m in methods if references.available(m, self.has_background)]
         mu = self.latent_means(raw) if LATENT_METHODS & set(wanted) else None
-        turned = self.transformed_latent_means(raw) if "fisher" in wanted else None  # (T, N, D)
+        errors = self.reconstruction_errors(raw) if "fisher" in wanted else None  # (1 + T, N)
         return {method: anomaly_scores(method, nll, images=view, background_nll=bg,
                                        typicality=references.typicality,
                                        complexity_reference=references.complexity, raw_images=raw,
-                                       latent_mean=mu, transformed_latent_means=turned,
+                                       latent_mean=mu, reconstruction_errors=errors,
                                        latent_bank=references.latent_bank,
                                        fisher_reference=references.fisher)
                 for method in wanted}

@@ -60,17 +60,33 @@ def anomaly_plan(manifest: Manifest, settings: Settings, method: str | None, alp
     return AnomalyPlan(method, level, k or min(cal.k, settings.max_k))
 
 
-async def encode_rows(ref: ModelRef, images: np.ndarray) -> np.ndarray:
-    """Encoder means of (R, C, H, W) images -> (R, D), in engine calls of at most VAE_MAX_IMAGES rows.
+async def run_rows(ref: ModelRef, operation: Operation, name: str, rows: np.ndarray,
+                   output: str) -> np.ndarray:
+    """One output of `operation` over (R, ...) rows, in engine calls of at most VAE_MAX_IMAGES rows.
 
-    A fisher request encodes each image 1 + T times; calls of at most VAE_MAX_IMAGES rows, one after
-    the other, each fit an empty queue (max_images <= max_queue_size), so no request is refused as
-    too big for the queue it would have alone. One image (6 rows) is one call.
+    A fisher request encodes and decodes each image 1 + T times; calls of at most VAE_MAX_IMAGES rows,
+    one after the other, each fit an empty queue (max_images <= max_queue_size), so no request is
+    refused as too big for the queue it would have alone. One image (6 rows) is one call.
     """
     max_rows = ref.state.settings.max_images
-    parts = [(await ref.run("encode", {"x": images[i:i + max_rows]}))["mean"]
-             for i in range(0, len(images), max_rows)]
+    parts = [(await ref.run(operation, {name: rows[i:i + max_rows]}))[output]
+             for i in range(0, len(rows), max_rows)]
     return np.concatenate(parts)
+
+
+async def encode_rows(ref: ModelRef, images: np.ndarray) -> np.ndarray:
+    """Encoder means of (R, C, H, W) images -> (R, D) float32 (see run_rows)."""
+    return await run_rows(ref, "encode", "x", images, "mean")
+
+
+async def orientation_inputs(ref: ModelRef, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fisher's model outputs for the likelihood view (N, C, H, W): the encoder means (N, D) and the
+    reconstruction errors (1 + T, N) of the view and its geometric transforms (anomaly.orientation_gain)."""
+    rows = anomaly.orientation_views(view)  # ((1 + T) N, C, H, W)
+    means = await encode_rows(ref, rows)  # ((1 + T) N, D)
+    reconstructions = await run_rows(ref, "decode", "z", means, "x_mean")  # ((1 + T) N, C, H, W)
+    errors = anomaly.reconstruction_error(rows, reconstructions, ref.manifest.likelihood)
+    return means[:len(view)], errors.reshape(-1, len(view))
 
 
 async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, plan: AnomalyPlan, seed: int,
@@ -94,7 +110,7 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
                  "standard_error": e.standard_error} for s, pct, e in zip(nll, pcts, estimates, strict=True)]
     assert m.anomaly is not None
     view = m.preprocessing.likelihood_view(x)  # (N, C, H, W), what log_weights scored
-    background = latent_mean = turned_means = None
+    background = latent_mean = errors = None
     if plan.method == "likelihood_ratio":
         background = -np.array([e.log_likelihood for e in await iw_estimates(
             ref, x, y, plan.k, seed, operation="background_log_weights")])
@@ -102,14 +118,11 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
         # The bank holds encoder means of the training images' likelihood view; encode the same view.
         latent_mean = await encode_rows(ref, view)  # (N, D)
     elif plan.method == "fisher":
-        turned = anomaly.geometric_transforms(view)  # (T, N, C, H, W)
-        means = await encode_rows(ref, np.concatenate([view[None], turned]).reshape(-1, *view.shape[1:]))
-        # means: ((1 + T) N, D)
-        latent_mean, turned_means = means[:len(view)], means[len(view):].reshape(len(turned), len(view), -1)
+        latent_mean, errors = await orientation_inputs(ref, view)  # (N, D), (1 + T, N)
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
                                         images=view, background_nll=background, raw_images=x,
-                                        latent_mean=latent_mean, transformed_latent_means=turned_means)
+                                        latent_mean=latent_mean, reconstruction_errors=errors)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
     return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha,

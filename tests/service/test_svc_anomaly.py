@@ -29,6 +29,8 @@ from service.anomaly import (
     is_anomaly,
     knn_distance,
     orientation_gain,
+    orientation_views,
+    reconstruction_error,
     score_and_test,
     tail_p_values,
     transform_names,
@@ -203,28 +205,30 @@ def test_fisher_is_minus_two_sum_log_p_over_its_statistics() -> None:
     images = (rng.random((3, 1, 6, 6)) > 0.5).astype(np.float64)
     raw = images * 0.8
     nll, mu, bank = np.array([50.0, 60.0, 70.0]), rng.normal(size=(3, 2)), rng.normal(size=(8, 2))
-    turned = rng.normal(size=(5, 3, 2))  # (T, N, D)
-    stats = fisher_statistics(nll, images, raw, mu, turned, bank)
+    errors = rng.normal(100.0, 10.0, size=(6, 3))  # (1 + T, N) reconstruction errors
+    stats = fisher_statistics(nll, images, raw, mu, errors, bank)
     assert set(stats) == set(anomaly.FISHER_STATISTICS)
     np.testing.assert_allclose(stats["complexity"], nll - complexity_nats(images))
     np.testing.assert_allclose(stats["latent_knn"], knn_distance(mu, bank, 1))
     np.testing.assert_allclose(stats["latent_knn_cosine"], knn_distance(mu, bank, 5, "cosine"))
     np.testing.assert_allclose(stats["input_complexity"], complexity_nats(raw))
-    np.testing.assert_allclose(stats["orientation"], orientation_gain(mu, turned, bank))
+    np.testing.assert_allclose(stats["orientation_gain"], orientation_gain(errors))
     reference = {name: rng.normal(size=20) * v.std() + v.mean() for name, v in stats.items()}
     expected = sum(-2 * np.log(tail_p_values(stats[n], reference[n], tail))
                    for n, tail in anomaly.FISHER_STATISTICS.items())
     np.testing.assert_allclose(fisher_score(stats, reference), expected)
     got = anomaly_scores("fisher", nll, images=images, raw_images=raw, latent_mean=mu, latent_bank=bank,
-                         transformed_latent_means=turned, fisher_reference=reference)
+                         reconstruction_errors=errors, fisher_reference=reference)
     np.testing.assert_allclose(got, expected)
     np.testing.assert_allclose(anomaly_scores("latent_knn", nll, latent_mean=mu, latent_bank=bank),
                                stats["latent_knn"])
     with pytest.raises(AnomalyError):
         fisher_score({k: v for k, v in stats.items() if k != "latent_knn"}, reference)
-    with pytest.raises(AnomalyError):  # fisher without the transforms' encoder means
+    with pytest.raises(AnomalyError):  # fisher without the transforms' reconstruction errors
         anomaly_scores("fisher", nll, images=images, raw_images=raw, latent_mean=mu, latent_bank=bank,
                        fisher_reference=reference)
+    with pytest.raises(AnomalyError):  # errors for 2 images, means for 3
+        fisher_statistics(nll, images, raw, mu, errors[:, :2], bank)
 
 
 def test_geometric_transforms_by_hand() -> None:
@@ -245,14 +249,38 @@ def test_geometric_transforms_by_hand() -> None:
 
 
 def test_orientation_gain_by_hand() -> None:
-    """d(x) - min_T d(T x): positive when a transform brings the code closer to the bank."""
-    bank = np.array([[0.0, 0.0], [10.0, 0.0]])
-    mu = np.array([[0.0, 3.0], [10.0, 1.0]])  # distances 3 and 1 to the bank
-    turned = np.array([[[0.0, 1.0], [10.0, 4.0]],  # T1: first comes to distance 1, second goes to 4
-                       [[0.0, 5.0], [10.0, 2.0]]])  # T2: 5 and 2
-    np.testing.assert_allclose(orientation_gain(mu, turned, bank), [3.0 - 1.0, 1.0 - 2.0])
+    """R(x) - min_T R(T x): positive when a transform makes the image better explained."""
+    errors = np.array([[30.0, 10.0],  # R(x) of two images
+                       [12.0, 40.0],  # T1: the first is explained better turned, the second worse
+                       [50.0, 20.0]])  # T2
+    np.testing.assert_allclose(orientation_gain(errors), [30.0 - 12.0, 10.0 - 20.0])
     with pytest.raises(AnomalyError):
-        orientation_gain(mu, turned[:, :1], bank)  # (T, N, D) must match the N means
+        orientation_gain(errors[:1])  # no transform
+    with pytest.raises(AnomalyError):
+        orientation_gain(errors[:, 0])  # not (1 + T, N)
+
+
+def test_orientation_views_stack_the_images_then_each_transform() -> None:
+    x = np.arange(2 * 4.0).reshape(2, 1, 2, 2)
+    rows = orientation_views(x)
+    assert rows.shape == (6 * 2, 1, 2, 2)  # (1 + T) N with T = 5 for square images
+    np.testing.assert_array_equal(rows[:2], x)
+    np.testing.assert_array_equal(rows.reshape(6, 2, 1, 2, 2)[1:], geometric_transforms(x))
+
+
+def test_reconstruction_error_by_hand() -> None:
+    """Bernoulli: cross-entropy in nats, saturated probabilities clipped; Gaussian: half the squared error."""
+    x = np.array([1.0, 0.0, 1.0, 0.0]).reshape(1, 1, 2, 2)
+    p = np.array([0.5, 0.25, 1.0, 1.0]).reshape(1, 1, 2, 2)  # the last pixel: p = 1 for a 0
+    clip = anomaly.BERNOULLI_CLIP
+    expected = -(math.log(0.5) + math.log(0.75) + math.log(1 - clip) + math.log(clip))
+    np.testing.assert_allclose(reconstruction_error(x, p, "bernoulli"), [expected])
+    assert np.isfinite(reconstruction_error(x, p, "bernoulli")).all()
+    np.testing.assert_allclose(reconstruction_error(x, p, "gaussian"), [0.5 * (0.25 + 0.0625 + 0 + 1.0)])
+    with pytest.raises(AnomalyError):
+        reconstruction_error(x, p[..., :1], "bernoulli")  # shapes differ
+    with pytest.raises(AnomalyError):
+        reconstruction_error(x, p, "poisson")
 
 
 def test_fisher_flags_an_outlier_in_any_one_statistic() -> None:
@@ -395,8 +423,9 @@ def test_bad_latent_banks_are_refused(tmp_path: Path, case: str) -> None:
         record = _latent_record("../../../etc/passwd")
     if case == "tails":
         record["methods"]["fisher"]["statistics"]["latent_knn"]["tail"] = "two_sided"
-    if case == "old_statistics":  # an export from before the orientation statistic: re-export it
-        del record["methods"]["fisher"]["statistics"]["orientation"]
+    if case == "old_statistics":  # an export with the latent-distance orientation statistic: re-export it
+        stats = record["methods"]["fisher"]["statistics"]
+        stats["orientation"] = stats.pop("orientation_gain")
     if case == "transforms":
         record["methods"]["fisher"]["transforms"] = ["hflip", "vflip"]
     with pytest.raises(ArtifactError):

@@ -261,8 +261,8 @@ def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
 
 
 def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, artifacts: Any) -> None:
-    """latent_knn and fisher as served (encoder means through the engine) are what ood-eval and the
-    calibration compute (training/scoring.py over the same ONNX graphs, same seed)."""
+    """latent_knn and fisher as served (encoder means and reconstructions through the engine) are what
+    ood-eval and the calibration compute (training/scoring.py over the same ONNX graphs, same seed)."""
     from service.artifacts import load_manifest
     from training.scoring import GraphScorer, ScoreReferences
 
@@ -279,8 +279,9 @@ def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, art
 
 
 def test_fisher_fits_a_queue_of_max_images(make_app: Any, artifacts: Any) -> None:
-    """fisher encodes each image 1 + T = 6 times; with a queue of only max_images rows a full request
-    (4 images: 24 encoder rows) still runs, in engine calls the queue admits, and scores as usual."""
+    """fisher encodes and decodes each image 1 + T = 6 times; with a queue of only max_images rows a full
+    request (4 images: 24 encoder and 24 decoder rows) still runs, in engine calls the queue admits, and
+    scores as usual."""
     from service import anomaly
     from service.artifacts import load_manifest
     from training.scoring import GraphScorer, ScoreReferences
