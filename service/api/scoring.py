@@ -4,9 +4,11 @@ The engine returns log importance weights (N, k); everything here is per-request
 float64 (service/estimators.py), so /v1 and /v2 give the same numbers for the same seed.
 """
 
+import asyncio
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -89,17 +91,60 @@ async def orientation_inputs(ref: ModelRef, view: np.ndarray) -> tuple[np.ndarra
     return means[:len(view)], errors.reshape(-1, len(view))
 
 
+async def method_inputs(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, view: np.ndarray,
+                        plan: AnomalyPlan, seed: int) -> dict[str, np.ndarray]:
+    """What the plan's method needs from the model besides -log p(x): score_and_test's keywords.
+
+    x: (N, C, H, W) the input; view: its likelihood view. The likelihood ratio runs the background graph
+    on the very same samples as -log p(x) (same seed).
+    """
+    if plan.alpha is None:  # uncalibrated models score -log p(x) alone
+        return {}
+    if plan.method == "likelihood_ratio":
+        background = await iw_estimates(ref, x, y, plan.k, seed, operation="background_log_weights")
+        return {"background_nll": -np.array([e.log_likelihood for e in background])}  # (N,)
+    if plan.method == "latent_knn":
+        # The bank holds encoder means of the training images' likelihood view; encode the same view.
+        return {"latent_mean": await encode_rows(ref, view)}  # (N, D)
+    if plan.method == "fisher":
+        latent_mean, errors = await orientation_inputs(ref, view)  # (N, D), (1 + T, N)
+        return {"latent_mean": latent_mean, "reconstruction_errors": errors}
+    return {}
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def _gather_or_cancel(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results, run concurrently; the first failure cancels the other, so a refused or failed
+    half does not leave the other half's rows queued for nobody."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        a, b = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return a, b
+
+
 async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, plan: AnomalyPlan, seed: int,
                           percentile: float) -> list[dict[str, Any]]:
     """One result per image: the method's score, its p-value, its percentile among the calibration
     scores, the threshold at alpha and the decision.
 
-    -log p(x) comes from the same seeded estimate as /log-likelihood; the likelihood ratio runs the
-    background graph on the very same samples. Models without per-method calibration keep the
-    percentile threshold of -log p(x).
+    -log p(x) comes from the same seeded estimate as /log-likelihood. Models without per-method
+    calibration keep the percentile threshold of -log p(x).
     """
     m = ref.manifest
-    estimates = await iw_estimates(ref, x, y, plan.k, seed)
+    view = m.preprocessing.likelihood_view(x)  # (N, C, H, W), what log_weights scores
+    # The method's own model work runs beside the log-weights, not after them: its rows queue on other
+    # batchers and run between log-weights slices, so its round trips to the inference process do not
+    # add to the latency (one after the other, fisher's encode and decode took its median at low load
+    # from nll's 107 ms to 124 ms).
+    estimates, inputs = await _gather_or_cancel(iw_estimates(ref, x, y, plan.k, seed),
+                                                method_inputs(ref, x, y, view, plan, seed))
     nll = np.array([-e.log_likelihood for e in estimates])  # (N,)
     legacy = m.calibration
     if plan.alpha is None:
@@ -109,20 +154,9 @@ async def anomaly_results(ref: ModelRef, x: np.ndarray, y: np.ndarray | None, pl
                  "threshold": threshold, "is_anomaly": None if threshold is None else bool(s > threshold),
                  "standard_error": e.standard_error} for s, pct, e in zip(nll, pcts, estimates, strict=True)]
     assert m.anomaly is not None
-    view = m.preprocessing.likelihood_view(x)  # (N, C, H, W), what log_weights scored
-    background = latent_mean = errors = None
-    if plan.method == "likelihood_ratio":
-        background = -np.array([e.log_likelihood for e in await iw_estimates(
-            ref, x, y, plan.k, seed, operation="background_log_weights")])
-    if plan.method == "latent_knn":
-        # The bank holds encoder means of the training images' likelihood view; encode the same view.
-        latent_mean = await encode_rows(ref, view)  # (N, D)
-    elif plan.method == "fisher":
-        latent_mean, errors = await orientation_inputs(ref, view)  # (N, D), (1 + T, N)
     try:
         tested = anomaly.score_and_test(plan.method, m.anomaly.methods[plan.method], plan.alpha, nll,
-                                        images=view, background_nll=background, raw_images=x,
-                                        latent_mean=latent_mean, reconstruction_errors=errors)
+                                        images=view, raw_images=x, **inputs)
     except anomaly.AnomalyError as exc:
         raise InferenceFailed(f"anomaly scoring failed: {exc}") from exc
     return [{"method": t.method, "score": t.score, "p_value": t.p_value, "alpha": t.alpha,

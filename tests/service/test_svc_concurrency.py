@@ -224,3 +224,35 @@ def test_client_disconnect_cancels_queued_work(make_app: Callable[..., FastAPI])
         assert 'status="499"' in (await client.get("/metrics")).text
 
     serve(make_app(), scenario)
+
+
+def test_fisher_failure_in_its_encoder_half_cancels_its_log_weights(make_app: Callable[..., FastAPI]) -> None:
+    """fisher runs its encode/decode beside the log-weights; when that half fails, the request answers
+    500 at once and its log-weights rows still queued are dropped, not computed for nobody."""
+
+    class SlowLogWeights(FaultyRuntime):
+        def __init__(self, inner: Any) -> None:
+            super().__init__(inner)
+            self.graph_calls: dict[str, int] = {}
+
+        def run(self, graph: str, inputs: Arrays) -> Arrays:
+            self.graph_calls[graph] = self.graph_calls.get(graph, 0) + 1
+            if graph == "log_weights":
+                time.sleep(0.2)  # one image's chunk per batch: 4 batches take 0.8 s
+            return super().run(graph, inputs)
+
+    async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
+        served = app.state.service.engine.registry.models[("tiny", "1")]
+        runtime = served.runtime = SlowLogWeights(served.runtime)
+        runtime.fail_next.add("encoder")
+        failed = await client.post("/v1/models/tiny/anomaly-score?method=fisher&k=16",
+                                   json={"inputs": grey_arrays(4)})
+        assert failed.status_code == 500 and failed.json()["error"]["code"] == "inference_failed"
+        await until(lambda: served.batchers["log_weights"].queued_rows == 0 and not
+                    served.batchers["log_weights"].busy)
+        assert runtime.graph_calls["log_weights"] < 4  # the rest of the 4 rows were cancelled
+        ok = await client.post("/v1/models/tiny/anomaly-score?method=fisher&k=16",
+                               json={"inputs": grey_arrays(2)})
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+    serve(make_app(max_batch_samples=128, iw_chunk_size=128), scenario)
