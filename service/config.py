@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # stalled or trickled uploads cannot hold a connection (and its memory) for long.
     body_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     min_upload_bytes_per_s: int = Field(256 * 1024, ge=1)
+    # A request's line and headers must arrive within header_timeout_s of its first byte (a connection's
+    # first request: of the connection opening), else 408; a connection that sends nothing in that time
+    # is closed: slowloris callers, who trickle headers or open connections and send nothing, cannot
+    # hold connections for long.
+    header_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     max_image_pixels: int = Field(16_000_000, ge=1)  # declared width*height, checked before decoding
     # Declared pixels of all images of one request, checked from the headers before decoding: bounds
     # the decode time one request can cost (about 1 s per 20M pixels of PNG on one core here).

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with two fixes: JSON errors for unparseable requests, and a lingering close.
+"""uvicorn's HTTP protocol with three fixes: JSON errors for unparseable requests, a lingering close,
+and a deadline for request headers.
 
 * uvicorn answers malformed HTTP (a bad request line, broken headers) with a text/plain 400 before any
   ASGI app sees the request; callers that parse every error as JSON then fail twice. The body here is
@@ -15,6 +16,14 @@
   (uvicorn waits until every connection is closed), so it takes at most LINGER_TOTAL_S longer.
   Early answers that keep the connection open (413 from the Content-Length, 429 before the body)
   need none of this: uvicorn reads and drops the rest of that body, then serves the next request.
+* uvicorn bounds the idle time between requests (keep-alive) and the app bounds the body
+  (middleware), but nothing bounds the request line and headers: a slowloris caller that sends a
+  header byte every few seconds, or opens connections and sends nothing, holds each connection (and
+  a file descriptor) forever. Here a request's line and headers must arrive within header_timeout_s
+  of its first byte (a connection's first request: of the connection opening), else 408 (JSON) and
+  close; a new connection that has not started a request within header_timeout_s is closed without
+  an answer (there is no request to answer), as nginx's client_header_timeout and Go's
+  ReadHeaderTimeout do.
 """
 
 from __future__ import annotations
@@ -52,13 +61,47 @@ class LingeringTransport:
 class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol whose 400 for unparseable requests is JSON and whose early answers linger."""
 
+    header_timeout_s = 10.0  # Settings.header_timeout_s, set by http_protocol()
     lingering = False
     _linger_timer: asyncio.TimerHandle | None = None
     _linger_until = 0.0
     _last_data = 0.0
+    _header_timer: asyncio.TimerHandle | None = None
+    _request_begun = False  # a request's first byte has arrived, its headers not all yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._start_header_timer()  # the first request must begin, and its headers arrive, in time
+
+    # -- header deadline ---------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_begun = True
+        if self._header_timer is None:  # a later request on a kept-alive connection
+            self._start_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._request_begun = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def _start_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._request_begun:
+            self._send_json_error(408, "request_timeout", f"the request line and headers did not arrive "
+                                  f"within {self.header_timeout_s:g} s (VAE_HEADER_TIMEOUT_S)")
+        else:  # a connection that never started a request: nothing to answer
+            self.transport.close()
 
     def should_linger(self) -> bool:
         """Linger only for an answer sent while the request body was still arriving."""
@@ -95,6 +138,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        self._cancel_header_timer()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -102,9 +146,12 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
             super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
-        body = orjson.dumps({"error": {"code": "bad_request", "message": f"malformed HTTP request: {msg}",
-                                       "request_id": None}})
-        content = [STATUS_LINE[400]]
+        self._send_json_error(400, "bad_request", f"malformed HTTP request: {msg}")
+
+    def _send_json_error(self, status: int, code: str, message: str) -> None:
+        """The /v1 error shape, then close: for requests the app never saw (no request id)."""
+        body = orjson.dumps({"error": {"code": code, "message": message, "request_id": None}})
+        content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend([b"content-type: application/json\r\n",
@@ -112,3 +159,8 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
                         b"connection: close\r\n", b"\r\n", body])
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+def http_protocol(header_timeout_s: float) -> type[JsonErrorHttpToolsProtocol]:
+    """The protocol class uvicorn instantiates per connection, with this service's header deadline."""
+    return type("HttpProtocol", (JsonErrorHttpToolsProtocol,), {"header_timeout_s": header_timeout_s})

@@ -19,7 +19,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.app import create_app
-from service.api.protocol import JsonErrorHttpToolsProtocol
+from service.api.protocol import http_protocol
 from service.api.state import AppState
 from service.config import Settings
 from service.engine.interface import WorkerSlot
@@ -85,7 +85,7 @@ class DrainingServer(uvicorn.Server):
 def uvicorn_config(app: object, settings: Settings, **kwargs: object) -> uvicorn.Config:
     return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
                           timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 2,
-                          http=JsonErrorHttpToolsProtocol, backlog=2048, **kwargs)  # type: ignore[arg-type]
+                          http=http_protocol(settings.header_timeout_s), backlog=2048, **kwargs)  # type: ignore[arg-type]
 
 
 def serve_single_process(settings: Settings) -> int:

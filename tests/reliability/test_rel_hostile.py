@@ -11,18 +11,22 @@ misbehave the way we need:
    VAE_MAX_REQUEST_PIXELS is refused 413 from the headers;
 5. SIGTERM with a caller mid-upload: 503 JSON with its request id, exit status 0;
 6. HTTP hygiene: HEAD, Content-Encoding, trailing slash, malformed HTTP;
-7. a caller still uploading after its 408 reads the answer (lingering close), no reset.
+7. a caller still uploading after its 408 reads the answer (lingering close), no reset;
+8. slowloris: callers trickling headers get 408 JSON and a close, silent connections are closed, both
+   within the header deadline, while normal and kept-alive callers are served.
 Every loop is bounded in count and time. The long variants: scripts/reliability/hostile.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import io
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +468,90 @@ def test_a_caller_still_sending_after_its_408_gets_the_answer(models_dir: Path, 
         assert errors == "" and head.startswith(b"HTTP/1.1 408"), (errors, answer[:300])
         assert b"connection: close" in head.lower() and error_of(body)["code"] == "request_timeout", head
     assert healthy == 200 and "Traceback" not in log, log[-3000:]
+
+
+# -- 8. slowloris ---------------------------------------------------------------------------------------
+HEADER_TIMEOUT_S = 1.0
+
+
+def _trickle_headers(port: int) -> tuple[bytes, float]:
+    """Send a request line, then one header byte every 0.2 s (never the blank line); returns what the
+    server sent until it closed, and how long that took."""
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection((harness.HOST, port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        s.settimeout(0.2)
+        for byte in (b"X-Slow: " + b"a" * 100):  # 108 bytes at 5/s would take 22 s
+            try:
+                s.sendall(bytes([byte]))
+                if part := s.recv(65536):
+                    answer += part
+                else:
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        s.settimeout(10)
+        try:
+            while part := s.recv(65536):
+                answer += part
+        except OSError:
+            pass
+    return answer, time.monotonic() - started
+
+
+def _silent(port: int) -> float:
+    """Open a connection and send nothing; seconds until the server closes it."""
+    started = time.monotonic()
+    with socket.create_connection((harness.HOST, port), timeout=10) as s, \
+            contextlib.suppress(ConnectionResetError):
+        assert s.recv(65536) == b""
+    return time.monotonic() - started
+
+
+def _two_requests_on_one_connection(port: int, gap_s: float) -> list[bytes]:
+    """Two GET /healthz on one kept-alive connection, `gap_s` apart (idle, not slow headers)."""
+    heads = []
+    with socket.create_connection((harness.HOST, port), timeout=10) as s:
+        for i in range(2):
+            if i:
+                time.sleep(gap_s)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += s.recv(65536)
+            heads.append(answer.split(b"\r\n", 1)[0])
+    return heads
+
+
+def test_slowloris_headers_get_408_and_silent_connections_are_closed(models_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    env = {**BASE_ENV, "VAE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env) as server:
+        wait_connected(server)
+        with ThreadPoolExecutor(max_workers=21) as pool:
+            tricklers = [pool.submit(_trickle_headers, server.port) for _ in range(10)]
+            silent = [pool.submit(_silent, server.port) for _ in range(10)]
+            time.sleep(0.3)  # all are connected and misbehaving: a normal caller is still served
+            during = httpx.get(f"{server.url}/healthz", timeout=10).status_code
+            trickled = [f.result() for f in tricklers]
+            closed_after = [f.result() for f in silent]
+        kept_alive = _two_requests_on_one_connection(server.port, gap_s=1.5 * HEADER_TIMEOUT_S)
+        log = server.log()
+    assert during == 200
+    for answer, seconds in trickled:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), answer[:300]
+        error = error_of(body)
+        assert error["code"] == "request_timeout" and "VAE_HEADER_TIMEOUT_S" in error["message"], error
+        assert HEADER_TIMEOUT_S * 0.9 <= seconds < HEADER_TIMEOUT_S + 3.0, seconds
+    assert all(HEADER_TIMEOUT_S * 0.9 <= t < HEADER_TIMEOUT_S + 3.0 for t in closed_after), closed_after
+    # the deadline covers a request's headers, not the idle time between kept-alive requests (uvicorn's
+    # keep-alive timeout, 5 s, does that)
+    assert kept_alive == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"], kept_alive
+    assert "Traceback" not in log, log[-3000:]
 
 
 # -- the body deadline when it passes between two reads (in-process: the race needs exact timing) --------
