@@ -91,13 +91,6 @@ class AnomalyCalibration:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    k: int
-    percentiles: tuple[float, ...]  # increasing, 0..100
-    values: tuple[float, ...]  # anomaly scores (-log p(x) nats) at those percentiles
-
-
-@dataclass(frozen=True)
 class GraphSpec:
     files: dict[str, str]  # runtime ("onnx" | "torchscript") -> file name inside the version folder
     inputs: tuple[str, ...]
@@ -119,10 +112,9 @@ class Manifest:
     likelihood: str
     labels: tuple[str, ...] | None
     preprocessing: Preprocessing
-    calibration: Calibration | None
     graphs: dict[str, GraphSpec]
     raw: dict[str, Any]
-    anomaly: AnomalyCalibration | None = None  # conformal calibration per method (absent in mnist-vae/1)
+    anomaly: AnomalyCalibration | None = None  # conformal calibration per method
 
     @property
     def conditional(self) -> bool:
@@ -284,14 +276,6 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         graphs[graph] = GraphSpec(files={r: str(spec[r]) for r in ("onnx", "torchscript") if r in spec},
                                   inputs=tuple(spec["inputs"]), outputs=tuple(spec["outputs"]))
         _inside(directory, graphs[graph].files[runtime])
-    calibration = None
-    if raw.get("calibration"):
-        cal = raw["calibration"]
-        percentiles = tuple(float(p) for p in cal["percentiles"])
-        values = tuple(float(v) for v in cal["values"])
-        if len(percentiles) != len(values) or len(values) < 2 or list(percentiles) != sorted(percentiles):
-            raise ValueError("calibration percentiles and values must be equally long, increasing lists")
-        calibration = Calibration(k=int(cal["k"]), percentiles=percentiles, values=values)
     anomaly = None
     if raw.get("anomaly"):
         anomaly = _parse_anomaly(raw["anomaly"], graphs, directory, int(model["latent_dim"]),
@@ -314,7 +298,6 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
             resample=str(prep.get("resample", "bilinear")),
             binarize_threshold=None if threshold is None else float(threshold),
         ),
-        calibration=calibration,
         graphs=graphs,
         raw=raw,
         anomaly=anomaly,

@@ -96,7 +96,6 @@ class Settings(BaseSettings):
     # the decode time one request can cost (about 1 s per 20M pixels of PNG on one core here).
     max_request_pixels: int = Field(16_000_000, ge=1)
     decode_threads: int = Field(1, ge=1, le=64)  # per HTTP worker: the pool that decodes large images
-    anomaly_percentile: float = Field(99.0, ge=0.0, le=100.0)  # threshold of models without `anomaly`
     # Models with per-method calibration (manifest `anomaly`): the default method (if the model has
     # it; else the manifest's default) and level alpha (else the manifest's); callers may override both.
     anomaly_method: str | None = Field(None, max_length=32)

@@ -1,4 +1,4 @@
-"""Importance-weighted likelihood estimates, seeded noise, and anomaly percentiles: pure numpy.
+"""Importance-weighted likelihood estimates: pure numpy.
 
 log p(x) >= log (1/K) sum_k w_k with w_k = p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (the IWAE bound,
 Burda et al. 2016); it tightens as K grows. The ELBO is the K = 1 bound averaged: mean_k log w_k.
@@ -45,45 +45,23 @@ def iw_estimate(log_w: np.ndarray) -> IWEstimate:
     return IWEstimate(logsumexp(log_w) - math.log(k), float(log_w.mean()), se, k)
 
 
+def iw_estimates(log_w: np.ndarray) -> dict[str, np.ndarray]:
+    """log_w (N, K) -> log_likelihood, elbo, standard_error (N,) float64: iw_estimate of each row at once.
+
+    standard_error is NaN for K = 1 (undefined).
+    """
+    log_w = np.asarray(log_w, dtype=np.float64)
+    assert log_w.ndim == 2 and log_w.shape[1] >= 1, f"expected (N, K) log weights, got shape {log_w.shape}"
+    k = log_w.shape[1]
+    top = log_w.max(axis=1, keepdims=True)  # (N, 1)
+    finite = np.isfinite(top)
+    w = np.exp(log_w - np.where(finite, top, 0.0))  # (N, K), max 1 per finite row
+    mean_w = w.mean(axis=1)
+    log_likelihood = np.where(finite[:, 0], top[:, 0] + np.log(mean_w), top[:, 0])
+    se = w.std(axis=1, ddof=1) / (math.sqrt(k) * mean_w) if k > 1 else np.full(len(log_w), np.nan)
+    return {"log_likelihood": log_likelihood, "elbo": log_w.mean(axis=1), "standard_error": se}
+
+
 def bits_per_dim(log_likelihood: float, dims: int) -> float:
     """Negative log-likelihood in bits per data dimension."""
     return -log_likelihood / (dims * LN2)
-
-
-def chunk_eps(seed: int, image: int, chunk: int, size: int, latent_dim: int) -> np.ndarray:
-    """Standard-normal noise (size, D) for one chunk of one image.
-
-    Seeded by (seed, image index in its request, chunk index) alone, so the numbers do not depend on
-    how requests are batched, and the first chunks are shared by every k (k=128 is a prefix of k=256).
-    """
-    rng = np.random.default_rng([seed, image, chunk])
-    return rng.standard_normal((size, latent_dim), dtype=np.float32)
-
-
-def prior_latents(seed: int, n: int, latent_dim: int, temperature: float) -> np.ndarray:
-    """z_i = temperature * eps_i, eps_i ~ N(0, I) seeded by (seed, i): (n, D) float32."""
-    z = np.stack([np.random.default_rng([seed, i]).standard_normal(latent_dim) for i in range(n)])
-    return (temperature * z).astype(np.float32)
-
-
-def percentile_of(score: float, percentiles: tuple[float, ...], values: tuple[float, ...]) -> float:
-    """Where `score` falls in the calibration distribution, 0-100, linear between calibration points.
-
-    Scores below the smallest calibration value get 0 and above the largest 100. Where several
-    percentiles share a value (ties in the calibration set) the highest of them is reported.
-    """
-    vals = np.asarray(values, dtype=np.float64)
-    pcts = np.asarray(percentiles, dtype=np.float64)
-    if score <= vals[0]:
-        return float(pcts[0])
-    if score >= vals[-1]:
-        return float(pcts[-1])
-    i = int(np.searchsorted(vals, score, side="right"))  # vals[i-1] <= score < vals[i]
-    lo, hi = vals[i - 1], vals[i]
-    frac = 0.0 if hi == lo else (score - lo) / (hi - lo)
-    return float(pcts[i - 1] + frac * (pcts[i] - pcts[i - 1]))
-
-
-def value_at(percentile: float, percentiles: tuple[float, ...], values: tuple[float, ...]) -> float:
-    """The calibration score at `percentile` (linear interpolation): the anomaly threshold."""
-    return float(np.interp(percentile, percentiles, values))

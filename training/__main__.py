@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(exported as background_log_weights)")
     ex.add_argument("--anomaly-method", default="nll", help="default anomaly score recorded in the manifest")
 
+    from training.calibrate import add_parser as add_calibrate_parser
     from training.ood import add_parser as add_ood_parser
 
     add_ood_parser(sub)
+    add_calibrate_parser(sub)
 
     tri = sub.add_parser("triton-repo", help="write an NVIDIA Triton model repository from exported models "
                                              "(docs/triton-and-kserve.md)")
@@ -202,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             from training.ood import main_from_args
 
             main_from_args(args)
+        elif args.command == "calibrate":
+            from training.calibrate import main_from_args as calibrate_from_args
+
+            calibrate_from_args(args)
         elif args.command == "triton-repo":
             from training.triton_repo import TritonOptions, export_triton_repo
 

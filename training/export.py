@@ -37,11 +37,12 @@ from service.artifacts import (
     Preprocessing,
     sha256_file,
 )
-from training import losses
+from service.families import noise
 from training.data import DataSplits
 from training.evaluate import json_safe
 from training.graphs import build_graphs, example_inputs, input_names, output_names
 from training.models import VAE
+from training.scoring import GraphScorer, ScoreReferences
 
 ONNX_OPSET = 18
 ABS_TOLERANCE = 1e-4  # encoder / decoder outputs: max abs error
@@ -50,7 +51,6 @@ ABS_TOLERANCE = 1e-4  # encoder / decoder outputs: max abs error
 # by ~3e-5 on the default model. It is compared numpy.allclose-style: |diff| <= atol + rtol * |log_w|.
 LOG_WEIGHTS_ATOL = 1e-4
 LOG_WEIGHTS_RTOL = 2e-5
-CALIBRATION_PERCENTILES = [round(p * 0.5, 1) for p in range(201)]  # 0, 0.5, ..., 100
 ANOMALY_ALPHA = 0.01  # the suggested default level written into the manifest
 
 log = logging.getLogger(__name__)
@@ -145,45 +145,7 @@ def service_view(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(prep.likelihood_view(images.numpy()))
 
 
-@torch.no_grad()
-def anomaly_scores(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None, k: int, seed: int,
-                   batch_size: int = 100) -> torch.Tensor:
-    """-log p(x) by the IW bound with k samples, (N,). The service computes the same quantity."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        y = None if labels is None else labels[start:start + batch_size]
-        eps = torch.randn(x.shape[0], k, vae.config.latent_dim, generator=gen)
-        out.append(-losses.iwae_bound(vae.log_weights(x, eps, y)))
-    return torch.cat(out)
-
-
-def calibrate(vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: int) -> dict:
-    """Quantiles of -log p(x) on held-out normal data (format 1's `calibration`, read by every service).
-
-    The calibration split when the data has one (held out of training and model selection), else the
-    validation split; never the test set.
-    """
-    if len(splits.calibration_images):
-        split, images, labels = "calibration", splits.calibration_images, splits.calibration_labels
-    else:
-        split, images, labels = "validation", splits.val_images, splits.val_labels
-    labels = labels if vae.config.num_classes else None
-    scores = anomaly_scores(vae, service_view(images, prep), labels, k, seed).numpy().astype(np.float64)
-    return {
-        "score": "negative_log_likelihood_nats",
-        "source": f"{splits.name} {split} split ({len(scores)} images)",
-        "k": k,
-        "n": len(scores),
-        "mean": float(scores.mean()),
-        "std": float(scores.std()),
-        "percentiles": CALIBRATION_PERCENTILES,
-        "values": [float(v) for v in np.percentile(scores, CALIBRATION_PERCENTILES)],
-    }
-
-
-def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Preprocessing, k: int, seed: int,
+def calibrate_anomaly(directory: Path, scorer: GraphScorer, splits: DataSplits, k: int, seed: int,
                       default_method: str, alpha: float = ANOMALY_ALPHA) -> dict:
     """The manifest's `anomaly` object: conformal calibration of every score (service/anomaly.py).
 
@@ -193,27 +155,29 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     held out of selection). The typicality reference comes from the validation split, never from the
     calibration scores, so calibration and new scores stay exchangeable.
     """
-    from training.scoring import GraphScorer, ScoreReferences
+    conditional = scorer.family.conditional
 
-    scorer = GraphScorer(directory, vae.config.latent_dim, prep, vae.config.likelihood)
+    def labels(tensor: torch.Tensor) -> np.ndarray | None:  # conditional models score each image's class
+        return tensor.numpy().astype(np.int64) if conditional else None
+
     if len(splits.calibration_images):
-        cal_images, split = splits.calibration_images, "calibration"
+        cal_images, cal_labels, split = splits.calibration_images, splits.calibration_labels, "calibration"
     else:
-        cal_images, split = splits.val_images, "validation"
+        cal_images, cal_labels, split = splits.val_images, splits.val_labels, "validation"
     # The latent bank of latent_knn and fisher: encoder means of the training images, (M, D) float32.
-    bank = scorer.latent_means(splits.train_images.numpy())
+    bank = scorer.latent_means(splits.train_images.numpy(), labels(splits.train_labels))
     np.save(directory / LATENT_BANK_FILE, bank, allow_pickle=False)
-    val = splits.val_images.numpy()
-    val_view = prep.likelihood_view(val)
-    val_nll = scorer.nll(val, k, seed + 1)  # (M,)
+    val, val_y = splits.val_images.numpy(), labels(splits.val_labels)
+    val_inputs = scorer.anomaly_inputs(val, k, seed + 1, ("fisher",), val_y)
+    val_nll, val_view = val_inputs["nll"], val_inputs["images"]  # (M,), (M, C, H, W)
     reference = anomaly.TypicalityReference.fit(val_nll)
     val_complexity = anomaly.anomaly_scores("complexity", val_nll, images=val_view)
     complexity_reference = anomaly.TypicalityReference.fit(val_complexity)
-    fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, scorer.latent_means(val),
-                                                 scorer.reconstruction_errors(val), bank)
+    fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, val_inputs["latent_mean"],
+                                                 val_inputs["reconstruction_errors"], bank)
     references = ScoreReferences(reference, complexity_reference, bank,
                                  {name: tuple(np.sort(v)) for name, v in fisher_reference.items()})
-    scores = scorer.all_scores(cal_images.numpy(), k, seed, anomaly.METHODS, references)
+    scores = scorer.all_scores(cal_images.numpy(), k, seed, anomaly.METHODS, references, labels(cal_labels))
     if default_method not in scores:
         raise ExportError(f"default anomaly method {default_method!r} is not available "
                           f"(have: {sorted(scores)}; likelihood_ratio needs --background)")
@@ -238,7 +202,7 @@ def calibrate_anomaly(directory: Path, vae: VAE, splits: DataSplits, prep: Prepr
     return {
         "k": k,
         "seed": seed,
-        "iw_chunk_size": scorer.chunk,
+        "noise": noise.SCHEME,
         "alpha": alpha,
         "default_method": default_method,
         "p_value": "(1 + #{calibration scores >= s}) / (n + 1); is_anomaly = p <= alpha",
@@ -310,16 +274,14 @@ def export_model(
             export_onnx(module, inputs, names, output_names(graph), tmp / f"{graph}.onnx")
         parity = check_parity(vae, tmp, _real_inputs(vae, splits, prep, seed, background is not None),
                               background)
-        calibration = calibrate(vae, splits, prep, calibration_k, seed)
-        # Conditional models would need the label in every score; they keep format 1's calibration only.
-        anomaly_record = None if conditional else calibrate_anomaly(
-            tmp, vae, splits, prep, calibration_k, seed, anomaly_method)
+        scorer = GraphScorer(tmp, vae.config.latent_dim, prep, vae.config.likelihood,
+                             input_shape=vae.config.input_shape, conditional=conditional)
+        anomaly_record = calibrate_anomaly(tmp, scorer, splits, calibration_k, seed, anomaly_method)
         if report_dir and Path(report_dir).is_dir():
             shutil.copytree(report_dir, tmp / "report")
-        manifest = _manifest(vae, name, version, prep, splits, parity, calibration, metrics, training,
+        manifest = _manifest(vae, name, version, prep, splits, parity, metrics, training,
                              graphs=tuple(graphs), background=background)
-        if anomaly_record is not None:
-            manifest["anomaly"] = anomaly_record
+        manifest["anomaly"] = anomaly_record
         manifest["files"] = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
@@ -358,7 +320,7 @@ def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing, seed: int,
 
 
 def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: DataSplits, parity: dict,
-              calibration: dict, metrics: dict | None, training: dict | None,
+              metrics: dict | None, training: dict | None,
               graphs: tuple[str, ...] = ("encoder", "decoder", "log_weights"),
               background: VAE | None = None) -> dict:
     cfg = vae.config
@@ -400,7 +362,6 @@ def _manifest(vae: VAE, name: str, version: str, prep: Preprocessing, splits: Da
         "labels": list(cfg.labels) if conditional else None,
         "graphs": graph_specs,
         "parity": parity,
-        "calibration": calibration,
         "data": {"name": splits.name, "description": splits.description, "split": _split_record(splits)},
         "metrics": metrics or {},
         "training": training or {},

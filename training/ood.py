@@ -331,7 +331,8 @@ def run_ood_eval(artifact: Path, out_dir: Path, *, split: str = "test", per_shif
         digits, labels = digits[:max_normal], labels[:max_normal]
     suite = build_suite(digits, per_shift, seed, shifts)
     sources = suite_sources(len(digits), per_shift, seed, shifts)
-    scorer = GraphScorer(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads)
+    scorer = GraphScorer(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads,
+                         input_shape=m.input_shape)
     references = ScoreReferences.from_calibration(cal)
     methods = tuple(cal.methods) if cal else ("nll",)
     started = time.perf_counter()

@@ -1,31 +1,23 @@
-"""Anomaly scores of an exported artifact, computed the way the service computes them.
+"""Scores of an exported artifact, computed by the service's own pipelines.
 
-The exported ONNX graphs run in ONNX Runtime, noise comes from the service's own seeded generator
-(service.estimators.chunk_eps: rows of `chunk` samples per (seed, image, chunk)), inputs get the
-manifest's likelihood view (binarized for Bernoulli models) and the scores come from service.anomaly.
-So the calibration written at export and the numbers of `python -m training ood-eval` are what a
-served model gives, up to the per-request seed.
+The exported ONNX graphs run in ONNX Runtime and the model math is the service's model family
+(service/families): the same code that serves a request, with a runner that calls the graphs directly
+instead of through the batchers. So the calibration written at export and the numbers of
+`python -m training ood-eval` are exactly what a served model gives, up to the per-request seed.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service.anomaly import (
-    LATENT_METHODS,
-    TypicalityReference,
-    anomaly_scores,
-    orientation_views,
-    reconstruction_error,
-)
+from service.anomaly import TypicalityReference, anomaly_scores
 from service.artifacts import GRAPH_IO, AnomalyCalibration, Preprocessing
-from service.estimators import chunk_eps
-
-DEFAULT_CHUNK = 128  # the service's default VAE_IW_CHUNK_SIZE
+from service.families import DEFAULT_CHUNK, Arrays
+from service.families.gaussian import METHOD_NEEDS, GaussianLatentVAE
 
 
 @dataclass(frozen=True)
@@ -58,15 +50,17 @@ class ScoreReferences:
 
 
 class GraphScorer:
-    """-log p(x) (IW bound) of the log_weights graphs of an artifact folder, in ONNX Runtime on CPU.
+    """The operations of an artifact folder's graphs, in ONNX Runtime on CPU, one call at a time.
 
     directory: a version folder (or an export's temporary folder) holding the encoder, decoder and
     log_weights graphs and, when present, background_log_weights.onnx. likelihood: the decoder's
-    family ("bernoulli" or "gaussian"), for fisher's reconstruction errors.
+    family ("bernoulli" or "gaussian"), for fisher's reconstruction errors. batch_rows: rows per graph
+    call (results do not depend on it).
     """
 
     def __init__(self, directory: Path, latent_dim: int, preprocessing: Preprocessing, likelihood: str,
-                 threads: int = 1, chunk: int = DEFAULT_CHUNK) -> None:
+                 threads: int = 1, chunk: int = DEFAULT_CHUNK, batch_rows: int = 256,
+                 input_shape: tuple[int, int, int] | None = None, conditional: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -79,10 +73,11 @@ class GraphScorer:
             if path.is_file():
                 self.sessions[graph] = ort.InferenceSession(str(path), sess_options=options,
                                                             providers=["CPUExecutionProvider"])
-        self.latent_dim = latent_dim
+        shape = input_shape or (preprocessing.channels, preprocessing.height, preprocessing.width)
+        self.family = GaussianLatentVAE(latent_dim=latent_dim, input_shape=shape, preprocessing=preprocessing,
+                                        likelihood=likelihood, conditional=conditional, chunk=chunk)
         self.preprocessing = preprocessing
-        self.likelihood = likelihood
-        self.chunk = chunk
+        self.batch_rows = batch_rows
 
     @classmethod
     def from_artifact(cls, directory: Path, threads: int = 1) -> GraphScorer:
@@ -90,79 +85,60 @@ class GraphScorer:
         from service.artifacts import load_manifest
 
         m = load_manifest(Path(directory), "onnx")
-        return cls(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads)
+        return cls(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads,
+                   input_shape=m.input_shape, conditional=m.conditional)
 
     @property
     def has_background(self) -> bool:
         return "background_log_weights" in self.sessions
 
+    async def _run_graph(self, graph: str, feeds: Arrays) -> Arrays:
+        """The family's GraphRunner: rows in calls of at most batch_rows, as the device thread runs them."""
+        session, names = self.sessions[graph], GRAPH_IO[graph]
+        rows = len(next(iter(feeds.values())))
+        parts = []
+        for i in range(0, rows, self.batch_rows):
+            batch = self.family.device_feeds(graph, {k: v[i:i + self.batch_rows] for k, v in feeds.items()})
+            parts.append(dict(zip(names[1], session.run(None, {n: batch[n] for n in names[0]}), strict=True)))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def nll(self, images: np.ndarray, k: int, seed: int, graph: str = "log_weights",
-            batch_rows: int = 64) -> np.ndarray:
-        """-log p(x) in nats by the IW bound with k samples. images: (N, C, H, W) in [0, 1] -> (N,) float64.
+            labels: np.ndarray | None = None) -> np.ndarray:
+        """-log p(x) in nats by the IW bound with k samples: (N, C, H, W) in [0, 1] -> (N,) float64.
 
-        The images are put in the likelihood view first; image i gets the noise rows
-        chunk_eps(seed, i, c, chunk, D), c = 0..ceil(k / chunk) - 1, of which the first k are used,
-        exactly as the service draws them for image i of a request.
+        Image i gets the noise of image i of a request with this seed, as the service draws it.
+        labels: (N,) int64 classes of a conditional model.
         """
-        x = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
-        session = self.sessions[graph]
-        names = GRAPH_IO[graph][0]
-        chunks = math.ceil(k / self.chunk)
-        out = np.empty(len(x))
-        per_batch = max(1, batch_rows // chunks)
-        for start in range(0, len(x), per_batch):
-            xb = x[start:start + per_batch]  # (b, C, H, W)
-            rows_x = np.repeat(xb, chunks, axis=0)  # (b * chunks, C, H, W)
-            eps = np.stack([chunk_eps(seed, start + i, c, self.chunk, self.latent_dim)
-                            for i in range(len(xb)) for c in range(chunks)])  # (b * chunks, chunk, D)
-            log_w = session.run(None, {names[0]: rows_x, names[1]: eps})[0]  # (b * chunks, chunk)
-            log_w = log_w.reshape(len(xb), chunks * self.chunk)[:, :k].astype(np.float64)  # (b, k)
-            top = log_w.max(axis=1, keepdims=True)
-            out[start:start + len(xb)] = -(top[:, 0] + np.log(np.exp(log_w - top).mean(axis=1)))
-        return out
+        x = np.asarray(images, dtype=np.float32)
+        out = asyncio.run(self.family.log_likelihood(self._run_graph, x, labels, k, seed, graph))
+        return -out["log_likelihood"]
 
-    def latent_means(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    def latent_means(self, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Encoder means of the likelihood view, as the service encodes it: (N, C, H, W) -> (N, D) float32."""
-        return self._encode(self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32)), batch)
-
-    def reconstruction_errors(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
-        """fisher's reconstruction errors of the likelihood view and its transforms: (N, C, H, W) ->
-        (1 + T, N).
-
-        Binarizing (per pixel) and transforming (moving pixels) commute, so these are the service's
-        errors of anomaly.orientation_views(view), encoded and decoded the same way.
-        """
         view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
-        rows = orientation_views(view)  # ((1 + T) N, C, H, W)
-        means = self._encode(rows, batch)
-        name = GRAPH_IO["decoder"][0][0]
-        recon = np.concatenate([self.sessions["decoder"].run(None, {name: means[i:i + batch]})[0]
-                                for i in range(0, len(means), batch)])
-        return reconstruction_error(rows, recon, self.likelihood).reshape(-1, len(view))
+        return asyncio.run(self.family.encode(self._run_graph, view, labels))["mean"]
 
-    def _encode(self, x: np.ndarray, batch: int) -> np.ndarray:
-        """Encoder means of model inputs (N, C, H, W) -> (N, D) float32, in batches."""
-        name = GRAPH_IO["encoder"][0][0]
-        return np.concatenate([self.sessions["encoder"].run(None, {name: x[i:i + batch]})[0]
-                               for i in range(0, len(x), batch)]).astype(np.float32)
+    def anomaly_inputs(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
+                       labels: np.ndarray | None = None) -> dict:
+        """The family's anomaly_inputs for every method in `methods` at once (one pass over the graphs)."""
+        needs = set().union(*(METHOD_NEEDS.get(m, frozenset()) for m in methods))
+        if not self.has_background:
+            needs.discard("background_nll")
+        x = np.asarray(images, dtype=np.float32)
+        return asyncio.run(self.family.anomaly_inputs(self._run_graph, x, labels, k, seed, needs))
 
     def all_scores(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
-                   references: ScoreReferences) -> dict[str, np.ndarray]:
+                   references: ScoreReferences, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """{method: (N,) scores} for the methods these references support, from one pass over the graphs.
 
         images: (N, C, H, W) in [0, 1], the preprocessed input before the likelihood view.
         """
-        raw = np.asarray(images, dtype=np.float32)
-        nll = self.nll(raw, k, seed)
-        bg = self.nll(raw, k, seed, "background_log_weights") if self.has_background else None
-        view = self.preprocessing.likelihood_view(raw)
-        wanted = [m for m in methods if references.available(m, self.has_background)]
-        mu = self.latent_means(raw) if LATENT_METHODS & set(wanted) else None
-        errors = self.reconstruction_errors(raw) if "fisher" in wanted else None  # (1 + T, N)
-        return {method: anomaly_scores(method, nll, images=view, background_nll=bg,
-                                       typicality=references.typicality,
-                                       complexity_reference=references.complexity, raw_images=raw,
-                                       latent_mean=mu, reconstruction_errors=errors,
-                                       latent_bank=references.latent_bank,
-                                       fisher_reference=references.fisher)
+        wanted = tuple(m for m in methods if references.available(m, self.has_background))
+        inputs = self.anomaly_inputs(images, k, seed, wanted, labels)
+        nll = inputs.pop("nll")
+        inputs.pop("standard_error")
+        return {method: anomaly_scores(method, nll, typicality=references.typicality,
+                                       complexity_reference=references.complexity,
+                                       latent_bank=references.latent_bank, fisher_reference=references.fisher,
+                                       **inputs)
                 for method in wanted}

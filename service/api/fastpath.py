@@ -17,7 +17,6 @@ disagree on what is an error.
 from __future__ import annotations
 
 import hmac
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,6 @@ from service.engine.interface import EngineError
 _PATH = re.compile(r"/v1/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                    r"/(?P<op>encode|log-likelihood|anomaly-score)")
 _INT = re.compile(r"[0-9]{1,19}")
-_NUMBER = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,12})?")
 
 
 @dataclass(frozen=True)
@@ -94,11 +92,6 @@ class FastPath:
         params["k"] = None if k is None else int(k)
         if "method" in given or "alpha" in given:
             return None  # rarer options: FastAPI validates them
-        pct = given.get("threshold_percentile")
-        if pct is not None and not (_NUMBER.fullmatch(pct) and 0.0 <= float(pct) <= 100.0
-                                    and math.isfinite(float(pct))):
-            return None
-        params["threshold_percentile"] = None if pct is None else float(pct)
         return params
 
     def _authorized(self, scope: Scope) -> bool:
@@ -126,9 +119,8 @@ class FastPath:
                 response = await self.operations.log_likelihood(request, ref, params["k"], params["seed"],
                                                                  params["label"])
             else:
-                pct = params["threshold_percentile"]
                 response = await self.operations.anomaly_score(request, ref, params["k"], params["seed"],
-                                                               params["label"], pct)
+                                                               params["label"])
         except StarletteHTTPException as exc:  # e.g. too many multipart files: what FastAPI would answer
             response = http_error_response(exc, scope["path"])
         except EngineError as exc:

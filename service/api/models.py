@@ -10,7 +10,8 @@ from service.api.errors import InvalidInput, ModelNotFound, Unavailable
 from service.api.state import AppState
 from service.artifacts import MODEL_NAME_RE, VERSION_RE, Manifest
 from service.config import Settings
-from service.engine.interface import ModelInfo, Operation, default_version
+from service.engine.interface import ModelInfo, default_version
+from service.families import NO_OPTIONS, Operation, Options
 
 TIMEOUT_HEADER = "x-request-timeout"
 
@@ -29,15 +30,16 @@ class ModelRef:
     def manifest(self) -> Manifest:
         return self.info.manifest
 
-    def admit(self, operation: Operation, items: int = 1, k: int = 0) -> None:
+    def admit(self, operation: Operation, items: int = 1, options: Options = NO_OPTIONS) -> None:
         """Refuse at once (before the body is read) work the engine cannot finish in time."""
         self.state.engine.check_admission(self.name, self.version, operation, deadline=self.deadline,
-                                          items=items, k=k)
+                                          items=items, options=options)
 
-    async def run(self, operation: Operation, inputs: dict[str, np.ndarray], k: int = 0,
-                  seed: int = 0) -> dict[str, np.ndarray]:
+    async def run(self, operation: Operation, inputs: dict[str, np.ndarray],
+                  options: Options = NO_OPTIONS) -> dict[str, np.ndarray]:
+        """One operation of this request, run whole by the engine."""
         return await self.state.engine.infer(self.name, self.version, operation, inputs,
-                                             deadline=self.deadline, k=k, seed=seed)
+                                             deadline=self.deadline, options=options)
 
 
 def request_deadline(request: Request, settings: Settings) -> float:

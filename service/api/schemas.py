@@ -82,12 +82,11 @@ class BatchingInfo(BaseModel):
 class LimitsInfo(BaseModel):
     default_k: int
     max_k: int
-    anomaly_default_k: int
+    anomaly_default_k: int | None = Field(description="k of the anomaly calibration (null: none)")
     max_n: int
     max_images: int
     max_upload_bytes: int
     max_image_pixels: int
-    anomaly_threshold_percentile: float
 
 
 class ModelSummary(BaseModel):
@@ -106,7 +105,8 @@ class ModelDetail(ModelSummary):
     created_at: str | None
     architecture: str | None
     preprocessing: dict[str, Any]
-    calibration: dict[str, Any] | None = Field(description="anomaly calibration summary (k, n, mean, std)")
+    anomaly: dict[str, Any] | None = Field(description="anomaly calibration summary: k, alpha, default_method, "
+                                           "methods with their calibration size n")
     metrics: dict[str, Any] = Field(description="test-set metrics recorded at export")
     training: dict[str, Any]
     runtime: str = Field(examples=["onnx"])
@@ -199,28 +199,25 @@ class LogLikelihoodResponse(_Response):
 class AnomalyResult(BaseModel):
     method: str = Field(description="the scoring method that produced `score`", examples=["complexity"])
     score: float = Field(description="the method's score (higher = more anomalous); nll: -log p(x) in nats")
-    p_value: float | None = Field(None, description="conformal p-value (1 + #{calibration scores >= score}) "
-                                  "/ (n + 1); null for a model without per-method calibration")
-    alpha: float | None = Field(None, description="the level: is_anomaly = p_value <= alpha")
-    percentile: float | None = Field(description="0-100 of -log p(x) against the percentile calibration; "
-                                     "null if the model has none")
+    p_value: float = Field(description="conformal p-value (1 + #{calibration scores >= score}) / (n + 1)")
+    alpha: float = Field(description="the level: is_anomaly = p_value <= alpha")
+    percentile: float = Field(description="0-100: the share of calibration scores below this score")
     threshold: float | None = Field(description="is_anomaly <=> score > threshold (null: cannot flag at "
                                     "this alpha)")
-    is_anomaly: bool | None = Field(description="score > threshold")
+    is_anomaly: bool = Field(description="p_value <= alpha, i.e. score > threshold")
     standard_error: float | None = Field(description="standard error of the -log p(x) estimate")
 
 
 class AnomalyResponse(_Response):
-    model_config = _example({"k": 256, "seed": 7, "calibration_k": 256, "threshold_percentile": 99.0,
-                             "results": [{"score": 151.8, "percentile": 99.7, "threshold": 142.5,
-                                          "is_anomaly": True, "standard_error": 0.4}]})
+    model_config = _example({"k": 256, "seed": 7, "method": "fisher", "alpha": 0.01, "calibration_k": 256,
+                             "results": [{"method": "fisher", "score": 9.1, "p_value": 0.002, "alpha": 0.01,
+                                          "percentile": 99.9, "threshold": 6.2, "is_anomaly": True,
+                                          "standard_error": 0.4}]})
     k: int
     seed: int
     method: str
-    alpha: float | None = Field(None, description="level of is_anomaly (per-method calibration)")
-    calibration_k: int | None = Field(description="k of the calibration; scores compare best at equal k")
-    threshold_percentile: float | None = Field(None, description="threshold percentile (models without "
-                                               "per-method calibration)")
+    alpha: float = Field(description="level of is_anomaly")
+    calibration_k: int = Field(description="k of the calibration; scores compare best at equal k")
     results: list[AnomalyResult]
 
 

@@ -7,6 +7,7 @@ serialised with orjson straight from numpy arrays (the response models only docu
 """
 
 
+import math
 import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from service.api.errors import InferenceFailed, Unavailable
 from service.api.images import encode_png_base64, grid_png
 from service.api.inputs import read_images, read_latents, resolve_labels
 from service.api.models import ModelRef, resolve_model
+from service.api.options import anomaly_options
 from service.api.schemas import (
     AnomalyResponse,
     DecodeResponse,
@@ -32,11 +34,11 @@ from service.api.schemas import (
     SampleResponse,
     error_responses,
 )
-from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
 from service.api.state import AppState, app_state
 from service.config import Settings
 from service.engine.interface import ModelInfo, default_version
-from service.estimators import bits_per_dim, prior_latents
+from service.estimators import bits_per_dim
+from service.families import Options
 
 MAX_SEED = 2**63 - 1
 
@@ -90,14 +92,15 @@ def _summary(name: str, info: ModelInfo, versions: list[str]) -> dict[str, Any]:
 
 def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
     m, raw = ref.manifest, ref.manifest.raw
-    cal = raw.get("calibration") or None
     versions = sorted(ref.state.engine.models[ref.name])
     return {
         **_summary(ref.name, ref.info, versions),
         "created_at": raw.get("created_at"),
         "architecture": (raw.get("model") or {}).get("architecture"),
         "preprocessing": raw.get("preprocessing", {}),
-        "calibration": {k: cal.get(k) for k in ("k", "n", "mean", "std", "source")} if cal else None,
+        "anomaly": None if m.anomaly is None else {
+            "k": m.anomaly.k, "alpha": m.anomaly.alpha, "default_method": m.anomaly.default_method,
+            "methods": {name: {"n": c.n} for name, c in m.anomaly.methods.items()}},
         "metrics": raw.get("metrics") or {},
         "training": raw.get("training") or {},
         "runtime": ref.info.runtime,
@@ -111,10 +114,9 @@ def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
         },
         "limits": {
             "default_k": settings.default_k, "max_k": settings.max_k,
-            "anomaly_default_k": m.calibration.k if m.calibration else settings.default_k,
+            "anomaly_default_k": m.anomaly.k if m.anomaly else None,
             "max_n": settings.max_n, "max_images": settings.max_images,
             "max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
-            "anomaly_threshold_percentile": settings.anomaly_percentile,
         },
     }
 
@@ -147,32 +149,38 @@ class ImageOperations:
     async def log_likelihood(self, request: Request, ref: ModelRef, k: int, seed: int | None,
                              label: str | None) -> Response:
         m = ref.manifest
-        ref.admit("log_weights", k=k)
+        options = Options(k=k, seed=secrets.randbits(63) if seed is None else seed)
+        ref.admit("log_likelihood", options=options)
         batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
-        seed = secrets.randbits(63) if seed is None else seed
-        estimates = await iw_estimates(ref, batch.x, batch.y, k, seed)
-        results = [{"log_likelihood": e.log_likelihood, "elbo": e.elbo, "k": e.k,
-                    "bits_per_dim": bits_per_dim(e.log_likelihood, m.data_dims),
-                    "standard_error": e.standard_error} for e in estimates]
+        out = await ref.run("log_likelihood", _with_labels({"x": batch.x}, batch.y), options)
+        se = out["standard_error"]
+        results = [{"log_likelihood": ll, "elbo": elbo, "k": k, "bits_per_dim": bits_per_dim(ll, m.data_dims),
+                    "standard_error": None if np.isnan(s) else s}
+                   for ll, elbo, s in zip(out["log_likelihood"].tolist(), out["elbo"].tolist(), se.tolist(),
+                                          strict=True)]
         binarized = m.preprocessing.binarize_threshold is not None
-        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": seed,
+        return json_response({"model": ref.name, "version": ref.version, "k": k, "seed": options.seed,
                               "binarized": binarized, "results": results})
 
     async def anomaly_score(self, request: Request, ref: ModelRef, k: int | None, seed: int | None,
-                            label: str | None, threshold_percentile: float | None,
-                            method: str | None = None, alpha: float | None = None) -> Response:
+                            label: str | None, method: str | None = None,
+                            alpha: float | None = None) -> Response:
         m = ref.manifest
-        plan = anomaly_plan(m, self.settings, method, alpha, k)
-        ref.admit("log_weights", k=plan.k)
+        options = anomaly_options(m, self.settings, method, alpha, k,
+                                  secrets.randbits(63) if seed is None else seed)
+        ref.admit("anomaly_score", options=options)
         batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
-        seed = secrets.randbits(63) if seed is None else seed
-        pct = self.settings.anomaly_percentile if threshold_percentile is None else threshold_percentile
-        results = await anomaly_results(ref, batch.x, batch.y, plan, seed, pct)
-        cal_k = m.anomaly.k if m.anomaly else m.calibration.k if m.calibration else None
-        return json_response({"model": ref.name, "version": ref.version, "k": plan.k, "seed": seed,
-                              "method": plan.method, "alpha": plan.alpha,
-                              "threshold_percentile": pct if plan.alpha is None else None,
-                              "calibration_k": cal_k, "results": results})
+        out = await ref.run("anomaly_score", _with_labels({"x": batch.x}, batch.y), options)
+        results = [{"method": options.method, "score": score, "p_value": p, "alpha": options.alpha,
+                    "percentile": pct, "threshold": t if math.isfinite(t) else None, "is_anomaly": flag,
+                    "standard_error": None if math.isnan(se) else se}
+                   for score, p, pct, t, flag, se in zip(
+                       *(out[name].tolist() for name in ("score", "p_value", "percentile", "threshold",
+                                                         "is_anomaly", "standard_error")), strict=True)]
+        assert m.anomaly is not None
+        return json_response({"model": ref.name, "version": ref.version, "k": options.k, "seed": options.seed,
+                              "method": options.method, "alpha": options.alpha, "calibration_k": m.anomaly.k,
+                              "results": results})
 
 
 def build_v1_router(settings: Settings, operations: ImageOperations | None = None) -> APIRouter:
@@ -252,14 +260,14 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     ) -> Response:
         """Samples from the prior, decoded to E[x|z]; without label a conditional model cycles the classes."""
         m = ref.manifest
-        ref.admit("decode", items=n)
-        seed = secrets.randbits(63) if seed is None else seed
-        z = prior_latents(seed, n, m.latent_dim, temperature)  # (n, D)
+        options = Options(n=n, seed=secrets.randbits(63) if seed is None else seed, temperature=temperature)
+        ref.admit("sample", items=n, options=options)
         if m.labels is not None and label is None:
             y: np.ndarray | None = np.arange(n, dtype=np.int64) % len(m.labels)
         else:
             y = resolve_labels(m, n, label, None)
-        x = (await ref.run("decode", _with_labels({"z": z}, y)))["x_mean"]
+        out = await ref.run("sample", _with_labels({}, y), options)
+        x, z, seed = out["x_mean"], out["z"], options.seed
         if format == "grid":
             png = grid_png(_finite(x, "pixels"))
             return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
@@ -278,12 +286,10 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     async def reconstruct_images(request: Request, ref: Model, label: LabelQ = None,
                                  format: FormatQ = "png") -> Response:
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
-        ref.admit("encode")
+        ref.admit("reconstruct")
         batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
-        mean = (await ref.run("encode", _with_labels({"x": batch.x}, batch.y)))["mean"]
-        x_hat = (await ref.run("decode", _with_labels({"z": mean}, batch.y)))["x_mean"]
-        sq = (x_hat.astype(np.float64) - batch.x.astype(np.float64)) ** 2  # (N, C, H, W)
-        sse = _finite(sq.reshape(len(batch), -1).sum(axis=1), "errors")
+        out = await ref.run("reconstruct", _with_labels({"x": batch.x}, batch.y))
+        x_hat, sse = out["x_mean"], _finite(out["sse"], "errors")  # (N, C, H, W), (N,)
         dims = ref.manifest.data_dims
         results = [{**r, "mse": float(s / dims), "sse": float(s)}
                    for r, s in zip(_images(x_hat, format), sse, strict=True)]
@@ -303,11 +309,6 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
         k: Annotated[int | None, Query(ge=1, le=settings.max_k,
                                        description="default: the manifest's calibration k")] = None,
         seed: SeedQ = None, label: LabelQ = None,
-        threshold_percentile: Annotated[float | None, Query(
-            ge=0.0, le=100.0, allow_inf_nan=False,
-            description="models without per-method calibration: calibration percentile of the threshold "
-                        f"(default {settings.anomaly_percentile})",
-        )] = None,
         method: Annotated[str | None, Query(
             max_length=32, description="nll, typicality, complexity, likelihood_ratio or combined, as the "
                                        "model's calibration offers (default: the model's)")] = None,
@@ -318,5 +319,4 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     ) -> Response:
         """An anomaly score per image (the method is in the answer), its conformal p-value against held-out
         normal data, the threshold at level alpha and the decision."""
-        return await operations.anomaly_score(request, ref, k, seed, label, threshold_percentile, method,
-                                              alpha)
+        return await operations.anomaly_score(request, ref, k, seed, label, method, alpha)

@@ -7,10 +7,9 @@ Each served VAE appears as four V2 models (the operation after the last dot):
     {model}.decode          latents FP32 [N, D]  -> images FP32 [N, C, H, W]
     {model}.log_likelihood  images (or png)      -> log_likelihood, elbo, standard_error FP64 [N]
                             parameters: k, seed
-    {model}.anomaly_score   images (or png)      -> score, percentile, p_value FP64 [N] (NaN: not
-                            applicable), is_anomaly BOOL [N]; parameters: k, seed, method, alpha,
-                            threshold_percentile. Responses carry k, seed (and method, alpha) as
-                            parameters.
+    {model}.anomaly_score   images (or png)      -> score, percentile, p_value FP64 [N],
+                            is_anomaly BOOL [N]; parameters: k, seed, method, alpha. Responses carry
+                            k, seed, method and alpha as parameters.
 Conditional models take `labels` INT64 [N] as well. The routes parse with service/api/v2_codec.py and
 call the same engine, scoring and limits as /v1, so a seeded log-likelihood is the same number on
 both. Errors answer {"error": "<message>"} (errors.py picks the shape by path).
@@ -32,15 +31,17 @@ from service.api.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Una
 from service.api.images import ImageError, ImageTooLarge, decode_image
 from service.api.inputs import resolve_labels
 from service.api.models import ModelRef, resolve_model
+from service.api.options import anomaly_options
 from service.api.schemas import v2_error_responses
-from service.api.scoring import anomaly_plan, anomaly_results, iw_estimates
 from service.api.state import AppState, app_state
 from service.config import Settings
-from service.engine.interface import ModelInfo, Operation
+from service.engine.interface import ModelInfo
+from service.families import Operation, Options
 
 OPERATIONS = ("encode", "decode", "log_likelihood", "anomaly_score")
 ENGINE_OPERATION: dict[str, Operation] = {"encode": "encode", "decode": "decode",
-                                          "log_likelihood": "log_weights", "anomaly_score": "log_weights"}
+                                          "log_likelihood": "log_likelihood",
+                                          "anomaly_score": "anomaly_score"}
 SERVER_NAME = "vae-serve"
 SERVER_VERSION = "1"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
@@ -205,31 +206,21 @@ async def _run(v2: V2Model, request: codec.InferRequest,
         return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)], {}
     seed = _parameter(request, "seed", int, None, 0, 2**63 - 1)
     seed = secrets.randbits(63) if seed is None else seed
+    inputs = {"x": x} if y is None else {"x": x, "y": y}
     if v2.operation == "log_likelihood":
-        k = _parameter(request, "k", int, settings.default_k, 1, settings.max_k)
-        estimates = await iw_estimates(ref, x, y, k, seed)
-        return [("log_likelihood", np.array([e.log_likelihood for e in estimates])),
-                ("elbo", np.array([e.elbo for e in estimates])),
-                ("standard_error", np.array([np.nan if e.standard_error is None else e.standard_error
-                                             for e in estimates]))], {"k": k, "seed": seed}
-    if ref.manifest.calibration is None and ref.manifest.anomaly is None:
-        raise InvalidInput(f"model {ref.name} version {ref.version} has no anomaly calibration")
+        options = Options(k=_parameter(request, "k", int, settings.default_k, 1, settings.max_k), seed=seed)
+        out = await ref.run("log_likelihood", inputs, options)
+        return [(name, out[name]) for name in ("log_likelihood", "elbo", "standard_error")
+                ], {"k": options.k, "seed": seed}
     method = request.parameters.get("method")
     if method is not None and not isinstance(method, str):
         raise InvalidInput(f"parameter 'method' must be a string, got {method!r}")
     alpha = _parameter(request, "alpha", float, None, 1e-9, 1.0 - 1e-9)
-    plan = anomaly_plan(ref.manifest, settings, method, alpha,
-                        _parameter(request, "k", int, None, 1, settings.max_k))
-    pct = _parameter(request, "threshold_percentile", float, settings.anomaly_percentile, 0.0, 100.0)
-    results = await anomaly_results(ref, x, y, plan, seed, pct)
-
-    def column(name: str) -> np.ndarray:  # null (not applicable) travels as NaN in FP64 tensors
-        return np.array([np.nan if r[name] is None else r[name] for r in results], dtype=np.float64)
-
-    return [("score", column("score")), ("percentile", column("percentile")),
-            ("is_anomaly", np.array([bool(r["is_anomaly"]) for r in results], dtype=bool)),
-            ("p_value", column("p_value"))], {"k": plan.k, "seed": seed, "method": plan.method,
-                                              **({} if plan.alpha is None else {"alpha": plan.alpha})}
+    options = anomaly_options(ref.manifest, settings, method, alpha,
+                              _parameter(request, "k", int, None, 1, settings.max_k), seed)
+    out = await ref.run("anomaly_score", inputs, options)
+    return [(name, out[name]) for name in ("score", "percentile", "is_anomaly", "p_value")
+            ], {"k": options.k, "seed": seed, "method": options.method, "alpha": options.alpha}
 
 
 def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: Settings
@@ -307,7 +298,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Mod
         ref = v2.ref
         # Before the body is read, admit as the cheapest request of this operation (k arrives in the
         # body); the engine checks the real cost again when the work is submitted.
-        ref.admit(ENGINE_OPERATION[v2.operation], k=1)
+        ref.admit(ENGINE_OPERATION[v2.operation], options=Options(k=1))
         header_length = codec.parse_header_length(request.headers.get(codec.HEADER_LENGTH_HEADER))
         body = await request.body()
         if len(body) > OFF_LOOP_BYTES:

@@ -7,28 +7,19 @@ Two implementations:
 - `RemoteEngine` (engine/remote.py): a client of the inference process (engine/server.py), used by
   each HTTP worker process, so rows from every worker share the same batches.
 
-Operations (rows first, shapes per row):
-    encode:      {"x": (N, C, H, W) f32 [, "y": (N,) i64]}  -> {"mean", "log_var": (N, D) f32}
-    decode:      {"z": (N, D) f32 [, "y": (N,) i64]}        -> {"x_mean": (N, C, H, W) f32}
-    log_weights: {"x": (N, C, H, W) f32 [, "y": (N,) i64]}, k, seed -> {"log_w": (N, k) f64}
-    background_log_weights: the same with the artifact's optional background model (likelihood ratio)
+Operations are those of the model families (service/families/base.py has their inputs, options and
+outputs): encode, decode, sample, reconstruct, log_likelihood, anomaly_score. Each runs whole in the
+process that owns the device, so a request crosses the process boundary once each way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-import numpy as np
+from typing import Any, Protocol
 
 from service.artifacts import Manifest
-
-Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
-Operation = Literal["encode", "decode", "log_weights", "background_log_weights"]
-OPERATIONS: tuple[Operation, ...] = ("encode", "decode", "log_weights", "background_log_weights")
-GRAPH_OF: dict[Operation, str] = {"encode": "encoder", "decode": "decoder", "log_weights": "log_weights",
-                                  "background_log_weights": "background_log_weights"}
+from service.families import NO_OPTIONS, Arrays, Operation, Options
 
 
 # -- errors: HTTP-agnostic; service/api/errors.py maps each to one status ------------------------------------
@@ -68,8 +59,13 @@ class UnknownModel(EngineError):
     """No such model (or version) is served."""
 
 
+class OperationFailed(EngineError):
+    """The operation ran but its result cannot be used (e.g. the model gave non-finite log-likelihoods)."""
+
+
 ERROR_TYPES: dict[str, type[EngineError]] = {cls.__name__: cls for cls in (
-    QueueFull, TooExpensive, DeadlineExceeded, BatchFailed, EngineClosed, EngineUnavailable, UnknownModel)}
+    QueueFull, TooExpensive, DeadlineExceeded, BatchFailed, EngineClosed, EngineUnavailable, UnknownModel,
+    OperationFailed)}
 
 
 @dataclass(frozen=True)
@@ -82,6 +78,7 @@ class ModelInfo:
     runtime_details: dict[str, Any] = field(default_factory=dict)
     # Measured at warm-up and while serving: seconds of device time per row of each graph.
     seconds_per_row: dict[str, float] = field(default_factory=dict)
+    chunk: int = 128  # importance samples per log-weights row (the family's work() needs it)
 
 
 def version_key(version: str) -> tuple[int, int | str]:
@@ -108,14 +105,14 @@ class Engine(Protocol):
         ...
 
     def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
-                        items: int = 1, k: int = 0) -> None:
-        """Cheap early check before the body is read (`items` images or latents, `k` samples each):
-        raise QueueFull / TooExpensive / EngineClosed / EngineUnavailable at once."""
+                        items: int = 1, options: Options = NO_OPTIONS) -> None:
+        """Cheap early check before the body is read (`items` images, latents or samples): raise
+        QueueFull / TooExpensive / EngineClosed / EngineUnavailable at once."""
         ...
 
     async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
-                    deadline: float, k: int = 0, seed: int = 0) -> Arrays:
-        """Run one operation on rows of one request; `deadline` is a time.monotonic() value."""
+                    deadline: float, options: Options = NO_OPTIONS) -> Arrays:
+        """Run one operation of one request; `deadline` is a time.monotonic() value."""
         ...
 
     async def start(self) -> None: ...

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from service.config import Settings
-from service.engine.interface import Arrays, EngineUnavailable, ModelInfo, Operation
+from service.engine.interface import EngineUnavailable, ModelInfo
 from service.engine.registry import ModelRegistry
+from service.families import NO_OPTIONS, Arrays, Operation, Options
 from service.metrics import Metrics
 
 
@@ -45,13 +46,12 @@ class LocalEngine:
         return self.registry
 
     def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
-                        items: int = 1, k: int = 0) -> None:
-        served = self._registry().get(model, version)
-        served.check_admission(operation, served.rows_of(operation, items, k), deadline)
+                        items: int = 1, options: Options = NO_OPTIONS) -> None:
+        self._registry().get(model, version).check_admission(operation, items, options, deadline)
 
     async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
-                    deadline: float, k: int = 0, seed: int = 0) -> Arrays:
-        return await self._registry().get(model, version).infer(operation, inputs, deadline, k, seed)
+                    deadline: float, options: Options = NO_OPTIONS) -> Arrays:
+        return await self._registry().get(model, version).infer(operation, inputs, deadline, options)
 
     def refresh_infos(self) -> dict[str, dict[str, ModelInfo]]:
         """Model infos with the current measured costs (sent to HTTP workers on request)."""

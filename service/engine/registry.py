@@ -1,12 +1,8 @@
-"""Loaded models: runtime + one batcher per graph, and the async operations the routes call.
+"""Loaded models: a runtime, the model's family and one batcher per graph.
 
-    encode:      x (N, C, H, W) [, y (N,)]    -> mean, log_var (N, D)        via the encoder batcher
-    decode:      z (N, D) [, y (N,)]          -> x_mean (N, C, H, W)         via the decoder batcher
-    log_weights: x (N, C, H, W), k, seed      -> log_w (N, k) float64        via the log_weights batcher
-
-Importance sampling goes in chunks: image i with k samples becomes ceil(k / chunk) rows of the
-log_weights graph, row j holding x_i and eps (chunk, D) drawn from the seed (seed, i, j). Rows of
-any requests stack into one (B, chunk, D) batch; outputs beyond k (the padding) are dropped.
+An operation (service/families) runs whole here: its pipeline submits rows to the batchers of the
+graphs it calls, so rows of every request and every HTTP worker share batches, and the HTTP side
+sends one message per request and gets one back.
 """
 
 from __future__ import annotations
@@ -22,10 +18,10 @@ import numpy as np
 
 from service.artifacts import OPTIONAL_GRAPHS, ArtifactError, Manifest, discover, load_manifest
 from service.config import Settings
-from service.engine.batching import Arrays, Batcher, DeviceWorker, RunFn
-from service.engine.interface import GRAPH_OF, ModelInfo, Operation, UnknownModel
+from service.engine.batching import Arrays, Batcher, DeviceWorker
+from service.engine.interface import ModelInfo, OperationFailed, UnknownModel
 from service.engine.runtime import Runtime, load_runtime
-from service.estimators import chunk_eps
+from service.families import Family, FamilyError, Operation, Options, family_for
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,114 +35,85 @@ class ServedModel:
         self.manifest = manifest
         self.runtime = runtime
         self.worker = worker
-        self.chunk = settings.iw_chunk_size
+        self.family: Family = family_for(manifest, settings.iw_chunk_size)
         delay = settings.max_queue_delay_ms / 1000.0
         name = manifest.name
         label = f"{name}:{manifest.version}"
 
-        def batcher(graph: str, run: RunFn, rows: int, queue: int, slice_s: float | None = None) -> Batcher:
+        def batcher(graph: str, rows: int, queue: int, slice_s: float | None = None) -> Batcher:
             observer = metrics.observer(name, manifest.version, graph)
             observer.limit(queue)
-            return Batcher(run=run, worker=worker, max_batch_rows=rows, max_queue_rows=queue,
-                           max_delay_s=delay, observer=observer, name=f"{label}/{graph}",
-                           max_batch_seconds=slice_s, admission_share=settings.admission_share)
+            return Batcher(run=partial(self._run, graph), worker=worker, max_batch_rows=rows,
+                           max_queue_rows=queue, max_delay_s=delay, observer=observer,
+                           name=f"{label}/{graph}", max_batch_seconds=slice_s,
+                           admission_share=settings.admission_share)
 
         # log_weights batches are time-sliced so encode/decode batches never wait behind more than
         # one slice of log-likelihood work (see batching's module docstring).
         slice_s = settings.log_weights_slice_ms / 1000.0 if settings.log_weights_slice_ms > 0 else None
-        self.batchers = {
-            "encoder": batcher("encoder", partial(self._run, "encoder"), settings.max_batch_size,
-                               settings.max_queue_size),
-            "decoder": batcher("decoder", partial(self._run, "decoder"), settings.max_batch_size,
-                               settings.max_queue_size),
-            "log_weights": batcher("log_weights", self._run_log_weights, settings.log_weights_batch_rows,
+        self.batchers: dict[str, Batcher] = {
+            "encoder": batcher("encoder", settings.max_batch_size, settings.max_queue_size),
+            "decoder": batcher("decoder", settings.max_batch_size, settings.max_queue_size),
+            "log_weights": batcher("log_weights", settings.log_weights_batch_rows,
                                    settings.log_weights_queue_rows, slice_s),
         }
         for graph in OPTIONAL_GRAPHS:  # the likelihood-ratio background model, when the artifact has one
             if graph in manifest.graphs:
-                run = partial(self._run_log_weights, graph=graph)
-                self.batchers[graph] = batcher(graph, run, settings.log_weights_batch_rows,
+                self.batchers[graph] = batcher(graph, settings.log_weights_batch_rows,
                                                settings.log_weights_queue_rows, slice_s)
 
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.manifest, self.runtime.name, self.runtime.device, dict(self.runtime.details),
-                         {g: b.seconds_per_row for g, b in self.batchers.items()})
+                         {g: b.seconds_per_row for g, b in self.batchers.items()}, self.family.chunk)
 
-    def rows_of(self, operation: Operation, rows: int, k: int = 0) -> int:
-        """Batcher rows of a request of `rows` items (log_weights: one row per image and chunk)."""
-        return rows * math.ceil(k / self.chunk) if operation == "log_weights" else rows
+    async def infer(self, operation: Operation, inputs: Arrays, deadline: float, options: Options) -> Arrays:
+        """One operation of one request, its graph calls through the batchers (see service/families)."""
+        try:
+            return await self.family.run(operation, partial(self._submit, deadline=deadline), inputs, options)
+        except FamilyError as exc:
+            raise OperationFailed(str(exc)) from None
 
-    async def infer(self, operation: Operation, inputs: Arrays, deadline: float, k: int = 0,
-                    seed: int = 0) -> Arrays:
-        """The engine interface's operations (see engine/interface.py for shapes)."""
-        y = inputs.get("y")
-        if operation == "encode":
-            mean, log_var = await self.encode(inputs["x"], y, deadline)
-            return {"mean": mean, "log_var": log_var}
-        if operation == "decode":
-            return {"x_mean": await self.decode(inputs["z"], y, deadline)}
-        return {"log_w": await self.log_weights(inputs["x"], y, k, seed, deadline, GRAPH_OF[operation])}
-
-    def check_admission(self, operation: Operation, rows: int, deadline: float) -> None:
-        """Raise QueueFull at once if `rows` batcher rows would overflow the queue or miss the deadline.
+    def check_admission(self, operation: Operation, items: int, options: Options, deadline: float) -> None:
+        """Raise QueueFull / TooExpensive at once if this request's rows would overflow a queue or miss
+        the deadline on any graph it uses.
 
         Called before the body is read or any image decoded, so under overload the 429 costs almost
-        nothing; `submit` checks again with the real row count.
+        nothing; each submission is checked again with its real rows.
         """
-        batcher = self.batchers[GRAPH_OF[operation]]
-        batcher.check_capacity(rows)
-        batcher.check_deadline(rows, deadline)
+        for graph, rows in self.family.work(operation, items, options).items():
+            batcher = self._batcher(graph)
+            batcher.check_capacity(min(rows, batcher.max_queue_rows))  # larger work goes in parts
+            batcher.check_deadline(rows, deadline)
 
-    # -- operations ------------------------------------------------------------------------------------------
-    async def encode(self, x: np.ndarray, y: np.ndarray | None,
-                     deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        """x (N, C, H, W) -> mean, log_var (N, D) float32."""
-        out = await self.batchers["encoder"].submit(self._with_labels({"x": x}, y), deadline)
-        return out["mean"], out["log_var"]
+    async def _submit(self, graph: str, feeds: Arrays, deadline: float) -> Arrays:
+        """The GraphRunner of one request: its rows of `graph` through that graph's batcher.
 
-    async def decode(self, z: np.ndarray, y: np.ndarray | None, deadline: float) -> np.ndarray:
-        """z (N, D) -> E[x|z] (N, C, H, W) float32."""
-        out = await self.batchers["decoder"].submit(self._with_labels({"z": z}, y), deadline)
-        return out["x_mean"]
+        Work larger than the queue (fisher encodes 1 + T views of every image) goes in parts of at most
+        the queue's size, one after the other, so no request is refused as too big for a queue it would
+        have alone.
+        """
+        batcher = self._batcher(graph)
+        rows = len(next(iter(feeds.values())))
+        step = batcher.max_queue_rows
+        if rows <= step:
+            return await batcher.submit(feeds, deadline)
+        parts = [await batcher.submit({k: v[i:i + step] for k, v in feeds.items()}, deadline)
+                 for i in range(0, rows, step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    async def log_weights(self, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
-                          deadline: float, graph: str = "log_weights") -> np.ndarray:
-        """x (N, C, H, W) -> log importance weights (N, k) float64, seeded per (seed, image, chunk)."""
-        n = x.shape[0]
-        chunks = math.ceil(k / self.chunk)
-        keys = np.empty((n, chunks, 3), dtype=np.int64)  # (seed, image, chunk) per row
-        keys[..., 0] = seed
-        keys[..., 1] = np.arange(n)[:, None]
-        keys[..., 2] = np.arange(chunks)[None, :]
-        rows: Arrays = {"x": np.repeat(x, chunks, axis=0), "eps_key": keys.reshape(n * chunks, 3)}
-        if y is not None:
-            rows["y"] = np.repeat(y, chunks)
+    def _batcher(self, graph: str) -> Batcher:
         batcher = self.batchers.get(graph)
         if batcher is None:
             raise UnknownModel(f"{self.manifest.name}:{self.manifest.version} has no {graph} graph")
-        out = await batcher.submit(rows, deadline)
-        return out["log_w"].reshape(n, chunks * self.chunk)[:, :k].astype(np.float64)
-
-    def _with_labels(self, inputs: Arrays, y: np.ndarray | None) -> Arrays:
-        if self.manifest.conditional:
-            assert y is not None, "conditional models need labels (checked when parsing the request)"
-            inputs["y"] = y
-        return inputs
+        return batcher
 
     def _run(self, graph: str, feeds: Arrays) -> Arrays:
-        # Looked up per call (not bound once), so a runtime can be swapped or wrapped while serving.
-        return self.runtime.run(graph, feeds)
+        """On the device thread: the family's last step (e.g. noise from keys), then the runtime.
 
-    def _run_log_weights(self, feeds: Arrays, graph: str = "log_weights") -> Arrays:
-        """On the device thread: draw each row's eps from its key, then run the graph.
-
-        The background graph gets the very same eps for the same keys, as the likelihood ratio needs.
+        The runtime is looked up per call (not bound once), so it can be swapped or wrapped while serving.
         """
-        keys = feeds.pop("eps_key")  # (B, 3)
-        d = self.manifest.latent_dim
-        feeds["eps"] = np.stack([chunk_eps(int(s), int(i), int(c), self.chunk, d) for s, i, c in keys])
-        return self.runtime.run(graph, feeds)
+        return self.runtime.run(graph, self.family.device_feeds(graph, feeds))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def warm_up_sync(self) -> None:
@@ -159,36 +126,19 @@ class ServedModel:
         for graph, batcher in self.batchers.items():
             timings = []
             for rows in sorted({1, batcher.max_batch_rows}):
+                feeds, expected = self.family.warm_feeds(graph, rows)
                 started = time.perf_counter()
-                out = self._warm_run(graph, rows)
-                if graph == "encoder":
-                    expected = {"mean": (rows, m.latent_dim), "log_var": (rows, m.latent_dim)}
-                elif graph == "decoder":
-                    expected = {"x_mean": (rows, *m.input_shape)}
-                else:
-                    expected = {"log_w": (rows, self.chunk)}
+                out = self._run(graph, feeds)
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 if shapes != expected:
                     raise RuntimeError(f"{m.name}: {graph} returned shapes {shapes}, expected {expected}")
                 timings.append((rows, time.perf_counter() - started))
             # The first run of a graph includes one-off allocations: time the smallest batch again.
+            feeds, _ = self.family.warm_feeds(graph, 1)
             started = time.perf_counter()
-            self._warm_run(graph, 1)
+            self._run(graph, feeds)
             timings[0] = (1, time.perf_counter() - started)
             batcher.calibrate(timings[0], timings[-1])
-
-    def _warm_run(self, graph: str, rows: int) -> Arrays:
-        """One batch of zeros through `graph` (log_weights graphs draw their eps as in serving)."""
-        m = self.manifest
-        y = np.zeros(rows, dtype=np.int64)
-        if graph == "encoder":
-            return self.runtime.run(graph, self._with_labels({"x": np.zeros((rows, *m.input_shape),
-                                                                            np.float32)}, y))
-        if graph == "decoder":
-            return self.runtime.run(graph, self._with_labels({"z": np.zeros((rows, m.latent_dim),
-                                                                            np.float32)}, y))
-        return self._run_log_weights(self._with_labels({"x": np.zeros((rows, *m.input_shape), np.float32),
-                                                        "eps_key": np.zeros((rows, 3), np.int64)}, y), graph)
 
     def warn_if_limits_exceed_deadline(self, settings: Settings) -> None:
         """Say at start-up which documented maximum requests cannot finish before the deadline here.
@@ -197,10 +147,11 @@ class ServedModel:
         """
         batcher = self.batchers["log_weights"]
         budget = settings.request_timeout_s * settings.admission_share
-        chunks = math.ceil(settings.max_k / self.chunk)
-        largest = math.ceil(settings.max_images * chunks / batcher.batch_rows()) * batcher.batch_seconds()
+        rows_per_image = math.ceil(settings.max_k / self.family.chunk)
+        batches = math.ceil(settings.max_images * rows_per_image / batcher.batch_rows())
+        largest = batches * batcher.batch_seconds()
         if largest > budget:
-            fits = max(0, int(budget / batcher.batch_seconds()) * batcher.batch_rows() // chunks)
+            fits = max(0, int(budget / batcher.batch_seconds()) * batcher.batch_rows() // rows_per_image)
             log.warning("%s:%s: the largest log-likelihood request (%d images at k=%d) needs about %.0fs of "
                         "device time here, more than the %.0fs deadline allows; such requests are refused "
                         "with 422 (at k=%d, up to %d images fit). Raise VAE_REQUEST_TIMEOUT_S or lower "

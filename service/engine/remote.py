@@ -25,18 +25,16 @@ from zmq.utils.monitor import parse_monitor_message
 from service.config import Settings
 from service.engine.interface import (
     ERROR_TYPES,
-    GRAPH_OF,
-    Arrays,
     DeadlineExceeded,
     EngineClosed,
     EngineError,
     EngineUnavailable,
     ModelInfo,
-    Operation,
     QueueFull,
     TooExpensive,
 )
 from service.engine.ipc import Outbox, messages, unpack
+from service.families import NO_OPTIONS, Arrays, Family, Operation, Options, family_for
 from service.logs import request_id_var
 from service.metrics import Metrics
 
@@ -63,12 +61,13 @@ class RemoteEngine:
         self._described = False
         self._describing: asyncio.Task[None] | None = None
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
-        # (model, version, op) -> (seconds until that queue drains, seconds per row, when estimated)
+        # (model, version, graph) -> (seconds until that queue drains, seconds per row, when estimated)
         self._load: dict[tuple[str, str, str], tuple[float, float, float]] = {}
         self._outbox = Outbox(self._send_now)
-        # Rows this worker has in the engine per (model, version, op), for admission before any load
+        # Rows this worker has in the engine per (model, version, graph), for admission before any load
         # report has come back (a burst arrives faster than the engine can answer).
         self._own_rows: dict[tuple[str, str, str], int] = {}
+        self._families: dict[tuple[str, str], Family] = {}  # the cost formula of each served model
 
     # -- Engine interface ---------------------------------------------------------------------------------
     @property
@@ -104,36 +103,36 @@ class RemoteEngine:
             await asyncio.sleep(0.01)
 
     def check_admission(self, model: str, version: str, operation: Operation, *, deadline: float,
-                        items: int = 1, k: int = 0) -> None:
-        """Refuse at once when the engine's last load report says this queue drains after the deadline."""
+                        items: int = 1, options: Options = NO_OPTIONS) -> None:
+        """Refuse at once when the engine's last load report says a queue this request needs drains
+        after its deadline. Rows per graph come from the model family's work(), as in the engine."""
         if not self.ready:
             raise EngineUnavailable("the inference process is not ready (starting or restarting)")
-        key = (model, version, operation)
         info = self._infos.get(model, {}).get(version)
-        graph = GRAPH_OF[operation]
-        per_row_s = info.seconds_per_row.get(graph, 0.0) if info is not None else 0.0
-        drain_s, at = 0.0, time.monotonic()
-        reported = self._load.get(key)
-        if reported is not None:
-            drain_s, per_row_s, at = reported
+        family = self._families.get((model, version))
+        if info is None or family is None:
+            return  # unknown here: the engine answers 404
         now = time.monotonic()
-        rows = self._rows(operation, items, k)
-        # The larger of: the queue as last reported (drained since at the same pace), and what this
-        # worker alone has sent since, counted once per worker (its peers see a similar share of load).
-        own = self._own_rows.get(key, 0) * per_row_s * max(1, self.settings.worker_processes)
-        alone = rows * per_row_s
         left = (deadline - now) * self.settings.admission_share
-        if alone > left:  # even on an idle device: retrying cannot help (what the engine answers too)
-            self._count_refusal(model, version, graph, "too_expensive_before_body")
-            raise TooExpensive(f"{model}:{version}/{operation}: this request needs about {alone:.2f}s of "
-                               f"device time, more than its deadline allows ({left:.2f}s); send fewer images "
-                               "or a smaller k")
-        remaining = max(drain_s - (now - at), own) + alone
-        if remaining > left:
-            self._count_refusal(model, version, graph, "queue_estimate_before_body")
-            raise QueueFull(f"{model}:{version}/{operation}: the queue needs about {remaining:.1f}s "
-                            f"to drain, after this request's deadline ({left:.1f}s left)",
-                            max(1, min(60, math.ceil(remaining - left))))
+        for graph, rows in family.work(operation, items, options).items():
+            key = (model, version, graph)
+            drain_s, per_row_s, at = self._load.get(key, (0.0, info.seconds_per_row.get(graph, 0.0), now))
+            # The larger of: the queue as last reported (drained since at the same pace), and what this
+            # worker alone has sent since, counted once per worker (its peers see a similar share of load).
+            own = self._own_rows.get(key, 0) * per_row_s * max(1, self.settings.worker_processes)
+            alone = rows * per_row_s
+            if alone > left:  # even on an idle device: retrying cannot help (what the engine answers too)
+                self._count_refusal(model, version, graph, "too_expensive_before_body")
+                raise TooExpensive(f"{model}:{version}/{operation}: this request needs about {alone:.2f}s of "
+                                   f"device time, more than its deadline allows ({left:.2f}s); send fewer "
+                                   "images or a smaller k")
+            remaining = max(drain_s - (now - at), own) + alone
+            if remaining > left:
+                self._count_refusal(model, version, graph, "queue_estimate_before_body")
+                raise QueueFull(f"{model}:{version}/{operation}: the {graph} queue needs about "
+                                f"{remaining:.1f}s "
+                                f"to drain, after this request's deadline ({left:.1f}s left)",
+                                max(1, min(60, math.ceil(remaining - left))))
 
     def _count_refusal(self, model: str, version: str, graph: str, reason: str) -> None:
         """vae_rejections_total for a refusal this worker makes from load reports, before the body is
@@ -142,19 +141,20 @@ class RemoteEngine:
             self._metrics.rejections.labels(model=model, version=version, graph=graph, reason=reason).inc()
 
     async def infer(self, model: str, version: str, operation: Operation, inputs: Arrays, *,
-                    deadline: float, k: int = 0, seed: int = 0) -> Arrays:
+                    deadline: float, options: Options = NO_OPTIONS) -> Arrays:
         if not self.ready or self._socket is None:
             raise EngineUnavailable("the inference process is not ready (starting or restarting); "
                                     "retry shortly")
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        key, rows = (model, version, operation), self._rows(operation, len(next(iter(inputs.values()))), k)
-        self._own_rows[key] = self._own_rows.get(key, 0) + rows
+        work = self._work(model, version, operation, inputs, options)
+        for key, rows in work.items():
+            self._own_rows[key] = self._own_rows.get(key, 0) + rows
         try:
             self._outbox.put((), {
                 "kind": "infer", "id": request_id, "model": model, "version": version, "op": operation,
-                "inputs": inputs, "deadline": deadline, "k": k, "seed": seed,
+                "inputs": inputs, "deadline": deadline, "options": options,
                 "request_id": request_id_var.get()})
             timeout = max(0.0, deadline - time.monotonic()) + REPLY_GRACE_S
             try:
@@ -168,7 +168,8 @@ class RemoteEngine:
                 raise
         finally:
             self._pending.pop(request_id, None)
-            self._own_rows[key] -= rows
+            for key, rows in work.items():
+                self._own_rows[key] -= rows
         if "error" in reply:
             name, message, retry_after = reply["error"]
             cls = ERROR_TYPES.get(name, EngineError)
@@ -189,9 +190,15 @@ class RemoteEngine:
             self._ctx.destroy(linger=0)  # closes the DEALER and its monitor socket too
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _rows(self, operation: Operation, items: int, k: int) -> int:
-        """Batcher rows of `items` images or latents (log_weights: one row per image and chunk)."""
-        return items * math.ceil(k / self.settings.iw_chunk_size) if operation == "log_weights" else items
+    def _work(self, model: str, version: str, operation: Operation, inputs: Arrays,
+              options: Options) -> dict[tuple[str, str, str], int]:
+        """(model, version, graph) -> rows this request puts on the engine's batchers."""
+        family = self._families.get((model, version))
+        if family is None:
+            return {}
+        items = options.n if operation == "sample" else len(next(iter(inputs.values())))
+        work = family.work(operation, items, options)
+        return {(model, version, graph): rows for graph, rows in work.items()}
 
     def _cancel(self, request_id: int) -> None:
         if self._connected:
@@ -265,6 +272,8 @@ class RemoteEngine:
         finally:
             self._pending.pop(request_id, None)
         self._infos, self._refused = reply["models"], reply["refused"]
+        self._families = {(name, version): family_for(info.manifest, info.chunk)
+                          for name, versions in self._infos.items() for version, info in versions.items()}
         self._described = self._connected
         self.on_ready_change(self.ready)
         log.info("connected to the inference process: %s", ", ".join(

@@ -3,12 +3,13 @@
 It loads and warms up every model (a LocalEngine), then binds its ROUTER socket, so an HTTP worker
 that is connected is talking to a ready engine. Every `infer` message becomes a task on this
 process's event loop that submits rows to the shared batchers, so rows of all HTTP workers share
-batches. Replies carry a small load report (estimated drain time per graph) that the workers use to
+batches. The message carries a whole operation (service/families), which runs here with all its graph
+calls. Replies carry a small load report (estimated drain time per graph) that the workers use to
 refuse hopeless requests before reading their bodies.
 
 Messages (engine/ipc.py), worker -> engine:
     {"kind": "describe", "id"}                         -> {"id", "models", "refused"}
-    {"kind": "infer", "id", "model", "version", "op", "inputs", "deadline", "k", "seed", "request_id"}
+    {"kind": "infer", "id", "model", "version", "op", "inputs", "deadline", "options", "request_id"}
                                                        -> {"id", "outputs"} | {"id", "error"}
     {"kind": "cancel", "id"}                           (the caller left: drop its queued rows)
 """
@@ -100,7 +101,7 @@ class EngineServer:
         try:
             reply["outputs"] = await self.engine.infer(
                 message["model"], message["version"], message["op"], message["inputs"],
-                deadline=message["deadline"], k=message.get("k", 0), seed=message.get("seed", 0))
+                deadline=message["deadline"], options=message["options"])
         except asyncio.CancelledError:
             return  # the caller cancelled: nobody waits for a reply
         except EngineError as exc:
@@ -115,17 +116,16 @@ class EngineServer:
         self._send(identity, reply)
 
     def load(self) -> dict[tuple[str, str, str], tuple[float, float, float]]:
-        """(model, version, operation) -> (seconds until its queue has drained, seconds per row, now)."""
+        """(model, version, graph) -> (seconds until its queue has drained, seconds per row, now)."""
         registry = self.engine.registry
         if registry is None:
             return {}
         now = time.monotonic()
         report = {}
         for (name, version), served in registry.models.items():
-            for op, graph in (("encode", "encoder"), ("decode", "decoder"), ("log_weights", "log_weights")):
-                batcher = served.batchers[graph]
+            for graph, batcher in served.batchers.items():
                 drain = batcher.estimate_s(0) if batcher.busy else 0.0
-                report[(name, version, op)] = (drain, batcher.seconds_per_row, now)
+                report[(name, version, graph)] = (drain, batcher.seconds_per_row, now)
         return report
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:

@@ -1,0 +1,85 @@
+"""What a model family is: its graphs and its operations, as small pipelines over graph calls.
+
+A family turns one request's inputs into outputs by calling its graphs through a `GraphRunner`:
+- in the service's inference process the runner submits rows to that graph's dynamic batcher, so the
+  rows of every request share batches, and a request crosses the process boundary once each way;
+- in training (evaluation, export calibration, ood-eval) the runner calls ONNX Runtime directly.
+Both run the very same pipeline code, so served scores equal the exporter's calibration by
+construction. A family never sees HTTP, processes or batchers.
+
+Operations (rows first; shapes per request of N items):
+    encode:         x (N, C, H, W) [, y (N,)]         -> mean, log_var (N, D) f32
+    decode:         z (N, D) [, y (N,)]               -> x_mean (N, C, H, W) f32
+    sample:         [y (n,)]; n, seed, temperature    -> z (n, D), x_mean (n, C, H, W) f32
+    reconstruct:    x [, y]                           -> x_mean (N, C, H, W) f32, sse (N,) f64
+    log_likelihood: x [, y]; k, seed [, graph]        -> log_likelihood, elbo, standard_error (N,) f64
+    anomaly_score:  x [, y]; k, seed, method, alpha   -> score, p_value, percentile, threshold,
+                                                         standard_error (N,) f64, is_anomaly (N,) bool
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]  # name -> (rows, ...)
+Operation = Literal["encode", "decode", "sample", "reconstruct", "log_likelihood", "anomaly_score"]
+OPERATIONS: tuple[Operation, ...] = ("encode", "decode", "sample", "reconstruct", "log_likelihood",
+                                     "anomaly_score")
+
+
+class GraphRunner(Protocol):
+    """Runs rows of one graph (any number of rows) and returns the outputs of exactly those rows."""
+
+    async def __call__(self, graph: str, feeds: Arrays) -> Arrays: ...
+
+
+class FamilyError(Exception):
+    """The model produced something no answer can be made of (e.g. non-finite log-likelihoods)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of one operation, already validated against the service's limits.
+
+    k, seed: importance samples and noise seed (log_likelihood, anomaly_score); graph: which
+    log-weights graph (log_likelihood: "background_log_weights" scores the background model);
+    n, temperature: samples and prior scale (sample); method, alpha: the anomaly score and level.
+    """
+
+    k: int = 0
+    seed: int = 0
+    graph: str = "log_weights"
+    n: int = 0
+    temperature: float = 1.0
+    method: str = "nll"
+    alpha: float = 0.01
+
+
+class Family(Protocol):
+    """A model family (one module in service/families/); every served artifact gets one instance."""
+
+    name: str
+    chunk: int  # rows of importance sampling carry this many samples each (an execution detail)
+
+    def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
+        """Graph -> rows one request of `items` items submits: the one cost formula of admission."""
+        ...
+
+    def device_feeds(self, graph: str, feeds: Arrays) -> Arrays:
+        """On the device thread before a batch runs: e.g. draw the noise of keyed rows."""
+        ...
+
+    def warm_feeds(self, graph: str, rows: int) -> tuple[Arrays, dict[str, tuple[int, ...]]]:
+        """A warm-up batch of `graph` and the output shapes it must give."""
+        ...
+
+    async def run(self, operation: Operation, runner: GraphRunner, inputs: Arrays,
+                  options: Options) -> Arrays:
+        """One operation of one request."""
+        ...
+
+
+NO_OPTIONS = Options()  # operations without options (encode, decode, reconstruct)
