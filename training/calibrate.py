@@ -15,9 +15,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
-from service.artifacts import LATENT_BANK_FILE, load_manifest, sha256_file
+from service.artifacts import load_manifest, sha256_file
 from training.evaluate import json_safe
 from training.export import ANOMALY_ALPHA, calibrate_anomaly
 from training.scoring import GraphScorer
@@ -39,20 +40,46 @@ def recalibrate(artifact: Path, *, k: int | None = None, seed: int | None = None
     method = anomaly_method or old.get("default_method", "nll")
     alpha = alpha or old.get("alpha", ANOMALY_ALPHA)
     splits = load_dataset_for(config)
-    scorer = GraphScorer.from_artifact(m.directory, threads=threads)
     log.info("calibrating %s:%s (k=%d, seed=%d, default method %s)", m.name, m.version, k, seed, method)
-    record = calibrate_anomaly(m.directory, scorer, splits, k, seed, method, alpha)
-    raw = dict(m.raw)
-    raw.pop("calibration", None)  # the retired percentile calibration
-    raw["anomaly"] = record
-    files = dict(raw["files"])
-    files[LATENT_BANK_FILE] = sha256_file(m.directory / LATENT_BANK_FILE)
-    raw["files"] = dict(sorted(files.items()))
-    tmp = m.directory / "manifest.json.tmp"
-    tmp.write_text(json.dumps(json_safe(raw), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, m.directory / "manifest.json")
-    load_manifest(m.directory, "onnx")  # the rewritten artifact still verifies
+    # Work on a copy, so a service or test reading the folder meanwhile never sees a half-written
+    # artifact (the latent bank is written long before the manifest); a folder named ".*" is never served.
+    staging = m.directory.parent.parent / ".recalibrating"
+    work = staging / m.name / m.version  # the manifest's name and version must match the folders
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(m.directory, work)
+    try:
+        scorer = GraphScorer.from_artifact(work, threads=threads)
+        record = calibrate_anomaly(work, scorer, splits, k, seed, method, alpha)
+        raw = dict(m.raw)
+        raw.pop("calibration", None)  # the retired percentile calibration
+        raw["anomaly"] = record
+        write_manifest(work, raw)
+        old = m.directory.parent / f".{m.directory.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(m.directory, old)
+        os.rename(work, m.directory)
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def write_manifest(directory: Path, raw: dict) -> None:
+    """Replace manifest.json atomically, with the checksums of every file in the folder (as the exporter
+    lists them), then check that the artifact verifies."""
+    raw = dict(raw)
+    raw["files"] = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+                    if p.is_file() and p.name not in ("manifest.json", "manifest.json.tmp")}
+    tmp = directory / "manifest.json.tmp"
+    tmp.write_text(json.dumps(json_safe(raw), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, directory / "manifest.json")
+    load_manifest(directory, "onnx")
+
+
+def rehash(artifact: Path) -> None:
+    """Re-checksum an artifact after its report changed (e.g. ood-eval wrote report/ood)."""
+    raw = json.loads((Path(artifact) / "manifest.json").read_text())
+    write_manifest(Path(artifact), raw)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,9 +92,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--anomaly-method", help="default anomaly method (default: the artifact's, else nll)")
     cal.add_argument("--alpha", type=float, help="suggested level (default: the artifact's, else 0.01)")
     cal.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    cal.add_argument("--checksums-only", action="store_true",
+                     help="only re-checksum the folder's files (after a report was updated)")
 
 
 def main_from_args(args: argparse.Namespace) -> None:
+    if args.checksums_only:
+        rehash(args.artifact)
+        return
     record = recalibrate(args.artifact, k=args.k, seed=args.seed, anomaly_method=args.anomaly_method,
                          alpha=args.alpha, threads=args.threads)
     print(json.dumps({"artifact": str(args.artifact), "default_method": record["default_method"],

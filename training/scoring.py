@@ -94,12 +94,13 @@ class GraphScorer:
 
     async def _run_graph(self, graph: str, feeds: Arrays) -> Arrays:
         """The family's GraphRunner: rows in calls of at most batch_rows, as the device thread runs them."""
-        session, names = self.sessions[graph], GRAPH_IO[graph]
+        session, (inputs, outputs) = self.sessions[graph], GRAPH_IO[graph]
+        inputs += ("y",) if self.family.conditional else ()
         rows = len(next(iter(feeds.values())))
         parts = []
         for i in range(0, rows, self.batch_rows):
             batch = self.family.device_feeds(graph, {k: v[i:i + self.batch_rows] for k, v in feeds.items()})
-            parts.append(dict(zip(names[1], session.run(None, {n: batch[n] for n in names[0]}), strict=True)))
+            parts.append(dict(zip(outputs, session.run(None, {n: batch[n] for n in inputs}), strict=True)))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def nll(self, images: np.ndarray, k: int, seed: int, graph: str = "log_weights",

@@ -215,18 +215,13 @@ def _read_log_likelihood(body: Any, request_id: str | None) -> LogLikelihoodResu
 
 def _read_anomaly(body: Any, request_id: str | None) -> AnomalyResult:
     rows = body["results"]
-    calibrated = bool(rows) and rows[0].get("is_anomaly") is not None
     threshold = rows[0].get("threshold") if rows else None  # one threshold for the whole request
-    percentile, alpha = body.get("threshold_percentile"), body.get("alpha")
     return AnomalyResult(
         body["model"], str(body["version"]), request_id, k=int(body["k"]), seed=int(body["seed"]),
-        calibration_k=body.get("calibration_k"), method=str(body.get("method", "nll")),
-        alpha=None if alpha is None else float(alpha),
-        threshold_percentile=None if percentile is None else float(percentile),
+        calibration_k=int(body["calibration_k"]), method=str(body["method"]), alpha=float(body["alpha"]),
         threshold=None if threshold is None else float(threshold), score=_floats([r["score"] for r in rows]),
-        p_value=_floats([r.get("p_value") for r in rows]),
-        percentile=_floats([r.get("percentile") for r in rows]),
-        is_anomaly=np.array([bool(r["is_anomaly"]) for r in rows]) if calibrated else None,
+        p_value=_floats([r["p_value"] for r in rows]), percentile=_floats([r["percentile"] for r in rows]),
+        is_anomaly=np.array([bool(r["is_anomaly"]) for r in rows], dtype=bool),
         standard_error=_floats([r.get("standard_error") for r in rows]))
 
 

@@ -161,10 +161,9 @@ class VAEClient(ClientBase):
                       label: Labels = None, model: str | None = None, version: Version = None,
                       request_id: str | None = None, timeout: Timeout = UNSET, **params: Any
                       ) -> AnomalyResult:
-        """Anomaly score per image, its conformal p-value (or calibration percentile) and is_anomaly.
+        """Anomaly score per image, its conformal p-value and is_anomaly (p_value <= alpha).
 
-        Further query parameters the service accepts go in `params`, e.g. method="fisher", alpha=0.05
-        (models with a calibration per method) or threshold_percentile=99.5 (mnist-vae/1).
+        Further query parameters the service accepts go in `params`, e.g. method="fisher", alpha=0.05.
         """
         call = calls.anomaly_score(self._target(model, version), images, k, seed, label, params,
                                    Options(request_id, timeout))

@@ -128,25 +128,23 @@ class LogLikelihoodResult(_Result):
 
 @dataclass(frozen=True, eq=False)
 class AnomalyResult(_Result):
-    """Anomaly scores per image (N,) of one method.
+    """Anomaly scores per image (N,) of one method, with conformal p-values.
 
-    Models with a conformal calibration per method (mnist-vae/2 on): `method` names the score, `alpha`
-    the level, `p_value` the conformal p-value and is_anomaly = p_value <= alpha; threshold_percentile
-    is None. Older models (mnist-vae/1): method "nll", alpha None, p_value nan, is_anomaly against the
-    threshold_percentile of the calibration scores (None without a calibration).
+    `method` names the score, `alpha` the level, `p_value` the conformal p-value against the model's
+    calibration scores, `percentile` the share of calibration scores below the score, and
+    is_anomaly = p_value <= alpha (equivalently score > threshold).
     """
 
     k: int
     seed: int
-    calibration_k: int | None
+    calibration_k: int
     method: str
-    alpha: float | None
-    threshold_percentile: float | None
-    threshold: float | None  # is_anomaly <=> score > threshold (None: cannot flag, or no calibration)
+    alpha: float
+    threshold: float | None  # is_anomaly <=> score > threshold (None: nothing can be flagged at alpha)
     score: np.ndarray
-    p_value: np.ndarray  # (N,) nan without conformal calibration
+    p_value: np.ndarray  # (N,)
     percentile: np.ndarray
-    is_anomaly: np.ndarray | None  # bool (N,)
+    is_anomaly: np.ndarray  # bool (N,)
     standard_error: np.ndarray
 
     def __len__(self) -> int:

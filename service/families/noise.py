@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+# Recorded in a calibration (manifest `anomaly.noise`), so a reader knows which numbers a seed gives.
+SCHEME = "philox4x64 key (seed, image) counter sample*ceil(D/4); box-muller cosine of 32-bit halves"
 TWO_PI = 2.0 * math.pi
 _HALF = np.float64(2.0**-32)
 

@@ -205,18 +205,18 @@ def test_log_likelihood_and_anomaly_match_direct(client: VAEClient, direct: http
         np.testing.assert_array_equal(getattr(ll, field), [r[field] for r in reference["results"]])
     assert (ll.log_likelihood >= ll.elbo).all()  # the IW bound is at least the ELBO of the same samples
 
-    # mnist-vae/1: -log p(x) against a percentile of its calibration scores
-    scores = client.anomaly_score(arrays, k=32, seed=5, threshold_percentile=95.0, version="1")
+    # mnist-vae/1 with method nll: the score is -log p(x) of the same estimate
+    scores = client.anomaly_score(arrays, k=32, seed=5, method="nll", version="1")
     reference = _post(direct, "versions/1/anomaly-score", {"inputs": arrays.tolist()}, k=32, seed=5,
-                      threshold_percentile=95.0)
-    assert (scores.k, scores.seed, scores.threshold_percentile) == (32, 5, 95.0)
-    assert scores.method == "nll" and scores.alpha is None and np.isnan(scores.p_value).all()
-    assert scores.calibration_k == reference["calibration_k"]
+                      method="nll")
+    assert (scores.k, scores.seed, scores.method) == (32, 5, "nll")
+    assert scores.calibration_k == reference["calibration_k"] and scores.alpha == reference["alpha"]
     rows = reference["results"]
     np.testing.assert_array_equal(scores.score, [r["score"] for r in rows])
     np.testing.assert_array_equal(scores.percentile, [r["percentile"] for r in rows])
+    np.testing.assert_array_equal(scores.p_value, [r["p_value"] for r in rows])
     assert scores.threshold == rows[0]["threshold"]
-    assert scores.is_anomaly is not None and scores.is_anomaly.tolist() == [r["is_anomaly"] for r in rows]
+    assert scores.is_anomaly.tolist() == [r["is_anomaly"] for r in rows]
     ll1 = client.log_likelihood(arrays, k=32, seed=5, version="1")
     np.testing.assert_array_equal(scores.score, -ll1.log_likelihood)  # same k and seed: same estimate
 
@@ -227,7 +227,7 @@ def test_conformal_anomaly_scores_of_the_default_model(client: VAEClient, direct
     scores = client.anomaly_score(arrays, seed=5, method="fisher", alpha=0.05)
     reference = _post(direct, "anomaly-score", {"inputs": arrays.tolist()}, seed=5, method="fisher",
                       alpha=0.05)
-    assert (scores.method, scores.alpha, scores.threshold_percentile) == ("fisher", 0.05, None)
+    assert (scores.method, scores.alpha) == ("fisher", 0.05)
     rows = reference["results"]
     np.testing.assert_array_equal(scores.p_value, [r["p_value"] for r in rows])
     np.testing.assert_array_equal(scores.score, [r["score"] for r in rows])

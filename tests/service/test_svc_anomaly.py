@@ -329,9 +329,11 @@ def test_calibration_record() -> None:
 
 
 # -- the manifest record -------------------------------------------------------------------------------
-def test_mnist_vae_1_still_loads_without_anomaly_record() -> None:
+def test_mnist_vae_1_is_calibrated_conformally() -> None:
+    """The retired percentile calibration is gone from every committed model (re-calibrated, weights kept)."""
     m = load_manifest(REPO_ROOT / "models" / "mnist-vae" / "1", "onnx")
-    assert m.anomaly is None and m.calibration is not None and "background_log_weights" not in m.graphs
+    assert m.anomaly is not None and "calibration" not in m.raw and "background_log_weights" not in m.graphs
+    assert "likelihood_ratio" not in m.anomaly.methods and m.anomaly.default_method in m.anomaly.methods
 
 
 def _with_anomaly(models: Path, record: dict, bank: np.ndarray | None = None, checksum: bool = True) -> Path:

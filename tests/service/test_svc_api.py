@@ -41,7 +41,8 @@ def test_model_detail_has_manifest_and_runtime_settings(client: TestClient) -> N
     assert detail["runtime"] == "onnx" and detail["device"] == "cpu"
     assert detail["batching"]["max_batch_size"] == 16
     assert detail["limits"]["anomaly_default_k"] == 16  # the calibration k of the fixture
-    assert detail["calibration"]["k"] == 16 and "metrics" in detail
+    assert detail["anomaly"]["k"] == 16 and "metrics" in detail
+    assert detail["anomaly"]["methods"]["nll"]["n"] > 0
 
 
 def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
@@ -220,22 +221,19 @@ def test_smaller_k_is_a_prefix_of_the_same_samples(client: TestClient) -> None:
     assert one["log_likelihood"] == pytest.approx(one["elbo"]) and one["standard_error"] is None
 
 
-def test_anomaly_score_uses_calibration(client: TestClient) -> None:
-    """tinyc has only the percentile calibration of -log p(x) (no per-method `anomaly` record)."""
+def test_conditional_anomaly_score_is_calibrated_with_labels(client: TestClient) -> None:
+    """tinyc (conditional) is calibrated on its calibration images with their labels: conformal p-values of
+    -log p(x | y), the same estimate /log-likelihood gives for that label."""
     body = {"inputs": grey_arrays(3, seed=8)}
-    out = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3", json=body).json()
-    assert out["k"] == out["calibration_k"] == 16 and out["threshold_percentile"] == 99.0
-    assert out["method"] == "nll" and out["alpha"] is None
+    out = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3&method=nll", json=body).json()
+    assert out["k"] == out["calibration_k"] == 16 and out["method"] == "nll" and out["alpha"] == 0.01
     ll = client.post("/v1/models/tinyc/log-likelihood?seed=2&k=16&label=3", json=body).json()["results"]
     for r, estimate in zip(out["results"], ll, strict=True):
         assert r["score"] == pytest.approx(-estimate["log_likelihood"])
-        assert 0.0 <= r["percentile"] <= 100.0 and r["p_value"] is None
-        assert r["is_anomaly"] == (r["score"] > r["threshold"])
-    url = "/v1/models/tinyc/anomaly-score?seed=2&label=3"
-    low = client.post(f"{url}&threshold_percentile=0", json=body).json()
-    assert low["results"][0]["threshold"] < out["results"][0]["threshold"]
-    other = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3&method=complexity", json=body)
-    assert other.status_code == 422 and "offers ['nll']" in other.json()["error"]["message"]
+        assert 0.0 <= r["percentile"] <= 100.0 and 0.0 < r["p_value"] <= 1.0
+        assert r["is_anomaly"] == (r["p_value"] <= 0.01)
+    other = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3&method=regret", json=body)
+    assert other.status_code == 422 and "no calibration for method 'regret'" in other.json()["error"]["message"]
 
 
 def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
@@ -385,10 +383,10 @@ def test_sample_query_limits(client: TestClient, query: str) -> None:
     assert_error(client.get(f"/v1/models/tiny/sample?{query}"), 422, "invalid_input")
 
 
-@pytest.mark.parametrize("query", ["k=0", "k=5001", "k=abc", "seed=-3", "threshold_percentile=101"])
+@pytest.mark.parametrize("query", ["k=0", "k=5001", "k=abc", "seed=-3", "alpha=1.5"])
 def test_k_and_seed_limits(client: TestClient, query: str) -> None:
     body = {"inputs": grey_arrays(1)}
-    path = "anomaly-score" if "threshold" in query else "log-likelihood"
+    path = "anomaly-score" if "alpha" in query else "log-likelihood"
     assert_error(client.post(f"/v1/models/tiny/{path}?{query}", json=body), 422, "invalid_input")
 
 

@@ -37,7 +37,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"max_queue_samples": 1000}, "max_queue_samples"),
     ({"api_keys": "short"}, "16 characters"),
     ({"models": "../etc"}, "model reference"),
-    ({"anomaly_percentile": 101}, "anomaly_percentile"),
+    ({"anomaly_alpha": 1.5}, "anomaly_alpha"),
 ])
 def test_invalid_settings_are_refused(overrides: dict, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -74,7 +74,7 @@ def test_discover_picks_latest_numeric_version_or_the_one_asked_for(repo: Path) 
 def test_manifest_is_read_and_verified(repo: Path) -> None:
     m = load_manifest(repo / "tiny" / "1", "onnx")
     assert m.name == "tiny" and m.input_shape == (1, 8, 8) and m.latent_dim == 4
-    assert m.preprocessing.binarize_threshold == 0.5 and m.calibration is not None and m.calibration.k == 16
+    assert m.preprocessing.binarize_threshold == 0.5 and m.anomaly is not None and m.anomaly.k == 16
 
 
 def test_modified_file_is_refused(repo: Path) -> None:

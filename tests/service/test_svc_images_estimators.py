@@ -12,15 +12,8 @@ from svc_helpers import image_bytes
 
 from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, encode_png, grid_png
 from service.artifacts import Preprocessing
-from service.estimators import (
-    bits_per_dim,
-    chunk_eps,
-    iw_estimate,
-    logsumexp,
-    percentile_of,
-    prior_latents,
-    value_at,
-)
+from service.estimators import bits_per_dim, iw_estimate, iw_estimates, logsumexp
+from service.families.noise import prior_latents, rows_eps, sample_eps
 
 NOISE_PNG = image_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
 GREY = Preprocessing("L", 8, 8, "bilinear", None)
@@ -155,23 +148,40 @@ def test_bits_per_dim() -> None:
     assert bits_per_dim(-64 * math.log(2), 64) == pytest.approx(1.0)
 
 
-def test_noise_is_seeded_per_image_and_chunk() -> None:
-    a = chunk_eps(7, 0, 0, 128, 4)
-    assert a.shape == (128, 4) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, chunk_eps(7, 0, 0, 128, 4))
-    assert not np.array_equal(a, chunk_eps(7, 1, 0, 128, 4))
-    assert not np.array_equal(a, chunk_eps(7, 0, 1, 128, 4))
-    assert abs(float(np.concatenate([chunk_eps(1, 0, c, 128, 4) for c in range(40)]).std()) - 1) < 0.05
+def test_iw_estimates_of_many_rows_match_each_row() -> None:
+    log_w = np.random.default_rng(0).normal(-90.0, 3.0, size=(5, 40))
+    log_w[2, 0] = -1e5  # one negligible weight
+    out = iw_estimates(log_w)
+    for i, row in enumerate(log_w):
+        e = iw_estimate(row)
+        assert out["log_likelihood"][i] == pytest.approx(e.log_likelihood, abs=1e-12)
+        assert out["elbo"][i] == pytest.approx(e.elbo)
+        assert out["standard_error"][i] == pytest.approx(e.standard_error)
+    assert np.isnan(iw_estimates(log_w[:, :1])["standard_error"]).all()  # undefined for k = 1
+
+
+def test_noise_depends_on_seed_image_and_sample_only() -> None:
+    a = sample_eps(7, 0, 0, 300, 5)
+    assert a.shape == (300, 5) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, sample_eps(7, 0, 0, 300, 5))
+    # Any range of samples is drawn directly: how the work is cut does not change a number.
+    np.testing.assert_array_equal(a[128:256], sample_eps(7, 0, 128, 128, 5))
+    np.testing.assert_array_equal(a[37:38], sample_eps(7, 0, 37, 1, 5))
+    keys = np.array([[7, 0, 0], [7, 0, 100], [7, 0, 200]])
+    np.testing.assert_array_equal(rows_eps(keys, 100, 5).reshape(300, 5), a)
+    assert not np.array_equal(a, sample_eps(7, 1, 0, 300, 5))
+    assert not np.array_equal(a, sample_eps(8, 0, 0, 300, 5))
     z = prior_latents(3, 5, 4, temperature=0.5)
     np.testing.assert_array_equal(z[2], prior_latents(3, 3, 4, temperature=0.5)[2])  # independent of n
     np.testing.assert_allclose(prior_latents(3, 5, 4, temperature=1.0), 2 * z, rtol=1e-6)
 
 
-def test_percentiles_interpolate_and_clamp() -> None:
-    pct = (0.0, 50.0, 100.0)
-    vals = (10.0, 20.0, 40.0)
-    assert percentile_of(15.0, pct, vals) == pytest.approx(25.0)
-    assert percentile_of(30.0, pct, vals) == pytest.approx(75.0)
-    assert percentile_of(5.0, pct, vals) == 0.0 and percentile_of(50.0, pct, vals) == 100.0
-    assert value_at(99.0, pct, vals) == pytest.approx(39.6)
-    assert percentile_of(20.0, (0.0, 25.0, 50.0, 100.0), (10.0, 20.0, 20.0, 40.0)) == 50.0  # ties: highest
+def test_noise_is_standard_normal() -> None:
+    eps = sample_eps(1, 0, 0, 50_000, 4).astype(np.float64).ravel()  # 200k draws
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1.0) < 0.01
+    # Tail masses of N(0, 1): P(|e| > 1.96) = 0.05, P(|e| > 3) = 0.0027.
+    assert abs((np.abs(eps) > 1.96).mean() - 0.05) < 0.003
+    assert abs((np.abs(eps) > 3.0).mean() - 0.0027) < 0.0006
+    # Latent dimensions are uncorrelated.
+    corr = np.corrcoef(sample_eps(2, 0, 0, 20_000, 4).T)
+    assert np.abs(corr - np.eye(4)).max() < 0.03

@@ -121,8 +121,8 @@ def test_seeded_log_likelihood_matches_v1(server: harness.Server,
 
 def test_anomaly_score_matches_v1(server: harness.Server, client: triton.InferenceServerClient) -> None:
     x = images(2, seed=5)
-    result = infer(client, "tiny.anomaly_score", {"images": x}, seed=2, threshold_percentile=50.0)
-    expected = v1(server, "tiny/anomaly-score?seed=2&threshold_percentile=50", {"inputs": x.tolist()})
+    result = infer(client, "tiny.anomaly_score", {"images": x}, seed=2, alpha=0.5)
+    expected = v1(server, "tiny/anomaly-score?seed=2&alpha=0.5", {"inputs": x.tolist()})
     np.testing.assert_allclose(result.as_numpy("score"), [r["score"] for r in expected["results"]], rtol=1e-6)
     np.testing.assert_allclose(result.as_numpy("percentile"), [r["percentile"] for r in expected["results"]],
                                rtol=1e-6)
