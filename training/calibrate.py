@@ -35,8 +35,9 @@ def recalibrate(artifact: Path, *, k: int | None = None, seed: int | None = None
     if not config:
         raise ValueError(f"{artifact}: the manifest has no training config, so its data split is unknown")
     old = m.raw.get("anomaly") or {}
-    k = k or old.get("k") or 256
-    seed = seed if seed is not None else old.get("seed", 0)
+    retired = m.raw.get("calibration") or {}  # the percentile calibration of older artifacts
+    k = k or old.get("k") or retired.get("k") or 256
+    seed = seed if seed is not None else old.get("seed", config.get("seed", 0))  # export: the training seed
     method = anomaly_method or old.get("default_method", "nll")
     alpha = alpha or old.get("alpha", ANOMALY_ALPHA)
     splits = load_dataset_for(config)
@@ -88,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("artifact", type=Path, help="a version folder, e.g. models/mnist-vae/1")
     cal.add_argument("--k", type=int, help="importance samples per score (default: the artifact's, else 256)")
     cal.add_argument("--seed", type=int,
-                     help="noise seed of the calibration (default: the artifact's, else 0)")
+                     help="noise seed of the calibration (default: the artifact's, else its training seed)")
     cal.add_argument("--anomaly-method", help="default anomaly method (default: the artifact's, else nll)")
     cal.add_argument("--alpha", type=float, help="suggested level (default: the artifact's, else 0.01)")
     cal.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")

@@ -120,12 +120,13 @@ def test_manifest_fields(exported: tuple[VAE, Path], digits8: DataSplits) -> Non
         assert entry["tolerance"] == ("0.0001 + 2e-05 * |log_w|" if graph == "log_weights" else "0.0001")
         for runtime in ("onnx", "torchscript"):
             assert 0 <= entry["max_abs_error"][runtime] <= limit, (graph, runtime)
-    cal = manifest["calibration"]
-    assert cal["score"] == "negative_log_likelihood_nats" and cal["k"] == 8
-    assert cal["n"] == len(digits8.val_images) and "validation" in cal["source"]
-    assert cal["percentiles"] == [i / 2 for i in range(201)]
-    assert len(cal["values"]) == 201 and cal["values"] == sorted(cal["values"])
-    assert cal["values"][0] <= cal["mean"] <= cal["values"][-1]
+    cal = manifest["anomaly"]  # conformal calibration of every method (conditional models score with y)
+    assert "calibration" not in manifest and cal["k"] == 8 and cal["default_method"] == "nll"
+    assert cal["calibration_split"] == {**cal["calibration_split"], "name": "validation",
+                                        "n": len(digits8.val_images), "held_out_of_model_selection": False}
+    assert {"nll", "typicality", "complexity", "combined", "latent_knn", "fisher"} <= set(cal["methods"])
+    scores = cal["methods"]["nll"]["scores"]
+    assert len(scores) == len(digits8.val_images) and scores == sorted(scores)
     assert manifest["data"]["name"] == "digits8"
     assert manifest["metrics"] == {"test_nll": 12.5} and manifest["training"] == {"data": "digits8"}
     _verify_files(path, manifest)

@@ -13,7 +13,7 @@ import torch
 
 import service.artifacts as contract
 from service import anomaly
-from training import ood
+from training import losses, ood
 from training.data import load_dataset
 from training.train import (
     TrainConfig,
@@ -124,7 +124,7 @@ def test_export_writes_background_graph_and_calibration(exported: dict) -> None:
     assert rec["calibration_split"]["held_out_of_model_selection"]
     splits = load_dataset("digits8", calibration_fraction=0.2)
     assert all(c.n == len(splits.calibration_images) for c in m.anomaly.methods.values())
-    assert m.raw["calibration"]["source"].startswith("digits8 calibration split")
+    assert "calibration" not in m.raw  # the retired percentile calibration
     assert m.raw["data"]["split"]["calibration"] == len(splits.calibration_images)
 
 
@@ -141,10 +141,10 @@ def test_calibration_scores_are_what_the_scorer_gives(exported: dict) -> None:
     np.testing.assert_allclose(np.sort(nll - bg), m.anomaly.methods["likelihood_ratio"].scores, rtol=1e-9)
     # And those nll agree with eager PyTorch's IW bound on the binarized images (other noise, same k):
     vae, _ = model_from_checkpoint(exported["main"])
-    from training.export import anomaly_scores as eager_nll
-
     x = torch.from_numpy((cal >= 0.5).astype(np.float32))
-    eager = eager_nll(vae, x, None, 2000, 0).numpy()
+    with torch.no_grad():
+        eps = torch.randn(len(x), 2000, vae.config.latent_dim, generator=torch.Generator().manual_seed(0))
+        eager = -losses.iwae_bound(vae.log_weights(x, eps, None)).numpy()
     assert abs(float(np.mean(nll - eager))) < 1.0  # k = 16 vs 2000: a small, positive bias
 
 
@@ -294,3 +294,25 @@ def test_add_to_report_replaces_its_own_section(tmp_path: Path) -> None:
     text = report.read_text()
     assert text.startswith("# Evaluation\n\nNLL 90.\n") and text.count(ood.REPORT_MARKER) == 1
     assert "| noise | 0.750 (0.50) |" in text and "ood/figures/ood_auroc.png" in text
+
+
+def test_recalibrating_in_place_reproduces_the_export_calibration(exported: dict, tmp_path: Path) -> None:
+    """`python -m training calibrate` on a copy whose calibration was removed (as the retired percentile
+    models were) writes back the very calibration the export wrote: same split, pipeline, k and seed."""
+    import shutil
+
+    from training.__main__ import main as cli
+
+    models = tmp_path / "models"
+    copy = models / "tiny" / "1"
+    shutil.copytree(exported["path"], copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    original = raw.pop("anomaly")
+    raw["calibration"] = {"k": 16, "percentiles": [0.0, 100.0], "values": [1.0, 2.0]}  # the retired form
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    assert cli(["calibrate", str(copy), "--anomaly-method", "likelihood_ratio"]) == 0
+    m = contract.load_manifest(copy, "onnx")  # verifies every checksum, the new latent bank's included
+    assert "calibration" not in m.raw and not (models / ".recalibrating").exists()
+    for method, record in original["methods"].items():
+        np.testing.assert_allclose(m.raw["anomaly"]["methods"][method]["scores"], record["scores"], rtol=1e-12)
+    assert m.anomaly is not None and m.anomaly.default_method == "likelihood_ratio" and m.anomaly.k == 16
