@@ -95,7 +95,7 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
     sys.path.insert(0, str(ROOT))
     from service import anomaly
     from service.artifacts import load_manifest
-    from service.estimators import chunk_eps
+    from service.families.noise import sample_eps
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -110,7 +110,7 @@ def component_profile(directory: Path, k: int, chunk: int = 128) -> dict[str, fl
     view = manifest.preprocessing.likelihood_view
     x = view(np.asarray(png, dtype=np.float32)[None, None] / 255.0)  # (1, 1, 28, 28), what the graphs see
     chunks = -(-k // chunk)
-    eps = np.stack([chunk_eps(0, 0, c, chunk, latent_dim) for c in range(chunks)])  # (chunks, chunk, D)
+    eps = sample_eps(0, 0, 0, chunks * chunk, latent_dim).reshape(chunks, chunk, -1)  # (rows, chunk, D)
     rows = anomaly.orientation_views(x)  # (1 + T, 1, 28, 28): the image and its transforms
     enc_in, (lw_x, lw_eps) = encoder.get_inputs()[0].name, [i.name for i in log_weights.get_inputs()]
     dec_in = decoder.get_inputs()[0].name

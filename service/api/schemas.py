@@ -105,8 +105,8 @@ class ModelDetail(ModelSummary):
     created_at: str | None
     architecture: str | None
     preprocessing: dict[str, Any]
-    anomaly: dict[str, Any] | None = Field(description="anomaly calibration summary: k, alpha, default_method, "
-                                           "methods with their calibration size n")
+    anomaly: dict[str, Any] | None = Field(description="anomaly calibration summary: k, alpha, "
+                                           "default_method, methods with their calibration size n")
     metrics: dict[str, Any] = Field(description="test-set metrics recorded at export")
     training: dict[str, Any]
     runtime: str = Field(examples=["onnx"])

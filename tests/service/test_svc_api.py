@@ -233,7 +233,8 @@ def test_conditional_anomaly_score_is_calibrated_with_labels(client: TestClient)
         assert 0.0 <= r["percentile"] <= 100.0 and 0.0 < r["p_value"] <= 1.0
         assert r["is_anomaly"] == (r["p_value"] <= 0.01)
     other = client.post("/v1/models/tinyc/anomaly-score?seed=2&label=3&method=regret", json=body)
-    assert other.status_code == 422 and "no calibration for method 'regret'" in other.json()["error"]["message"]
+    message = other.json()["error"]["message"]
+    assert other.status_code == 422 and "no calibration for method 'regret'" in message
 
 
 def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:

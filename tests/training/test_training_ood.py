@@ -314,5 +314,6 @@ def test_recalibrating_in_place_reproduces_the_export_calibration(exported: dict
     m = contract.load_manifest(copy, "onnx")  # verifies every checksum, the new latent bank's included
     assert "calibration" not in m.raw and not (models / ".recalibrating").exists()
     for method, record in original["methods"].items():
-        np.testing.assert_allclose(m.raw["anomaly"]["methods"][method]["scores"], record["scores"], rtol=1e-12)
+        rewritten = m.raw["anomaly"]["methods"][method]["scores"]
+        np.testing.assert_allclose(rewritten, record["scores"], rtol=1e-12)
     assert m.anomaly is not None and m.anomaly.default_method == "likelihood_ratio" and m.anomaly.k == 16
