@@ -8,8 +8,8 @@ the FastAPI routes call (v1.ImageOperations), with the same model resolution, ad
 metrics labels and error bodies.
 
 Only requests this layer can take without guessing come here: POST, a matching path, query
-parameters that parse under strict rules (plain decimal integers and numbers within the documented
-bounds), and a valid API key when keys are configured. Everything else (a bad parameter, a missing
+parameters that pass their one definition (api/params.py, the same bounds FastAPI's routes are built
+from), and a valid API key when keys are configured. Everything else (a bad parameter, a missing
 key, an unusual form) goes to FastAPI, which gives its usual answer, so the two paths cannot
 disagree on what is an error.
 """
@@ -28,13 +28,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import ServiceError, error_response, from_engine_error, http_error_response
 from service.api.models import resolve_model
+from service.api.params import Params
 from service.api.state import AppState
-from service.api.v1 import MAX_SEED, ImageOperations
+from service.api.v1 import ImageOperations
 from service.engine.interface import EngineError
 
 _PATH = re.compile(r"/v1/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                    r"/(?P<op>encode|log-likelihood|anomaly-score)")
-_INT = re.compile(r"[0-9]{1,19}")
+# The query parameters each hot route takes; their bounds come from api/params.py, as FastAPI's do.
+_ACCEPTS = {"encode": ("label",), "log-likelihood": ("label", "seed", "k"),
+            "anomaly-score": ("label", "seed", "k", "method", "alpha")}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class FastPath:
         self.state = state
         self.operations = operations
         settings = state.settings
-        self.max_k = settings.max_k
+        self.params = Params.from_settings(settings)
         self.default_k = settings.default_k
         self.keys = [k.get_secret_value().encode() for k in settings.api_keys]
         # Route templates, so metrics and access logs label fast requests exactly as FastAPI's.
@@ -71,27 +74,20 @@ class FastPath:
         await self.app(scope, receive, send)
 
     def _params(self, op: str, query: bytes) -> dict[str, Any] | None:
-        """The query parameters of `op`, or None when any of them needs FastAPI's validation."""
+        """The query parameters of `op`, checked by their one definition (api/params.py), or None when
+        any of them is invalid or unknown here: then FastAPI answers, with its usual error."""
         given = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)) if query else {}
-        label = given.get("label")
-        if label is not None and not 0 < len(label) <= 64:
-            return None
-        params: dict[str, Any] = {"label": label}
-        if op == "encode":
-            return params
-        seed = given.get("seed")
-        if seed is not None and not (_INT.fullmatch(seed) and int(seed) <= MAX_SEED):
-            return None
-        params["seed"] = None if seed is None else int(seed)
-        k = given.get("k")
-        if k is not None and not (_INT.fullmatch(k) and 1 <= int(k) <= self.max_k):
-            return None
-        if op == "log-likelihood":
-            params["k"] = self.default_k if k is None else int(k)
-            return params
-        params["k"] = None if k is None else int(k)
-        if "method" in given or "alpha" in given:
-            return None  # rarer options: FastAPI validates them
+        accepted = _ACCEPTS[op]
+        params: dict[str, Any] = dict.fromkeys(accepted)
+        for name, text in given.items():
+            if name not in params:
+                continue  # FastAPI ignores unknown query parameters too
+            try:
+                params[name] = self.params.get(name).parse(text)
+            except ServiceError:
+                return None
+        if op == "log-likelihood" and params["k"] is None:
+            params["k"] = self.default_k
         return params
 
     def _authorized(self, scope: Scope) -> bool:
@@ -120,7 +116,8 @@ class FastPath:
                                                                  params["label"])
             else:
                 response = await self.operations.anomaly_score(request, ref, params["k"], params["seed"],
-                                                               params["label"])
+                                                               params["label"], params["method"],
+                                                               params["alpha"])
         except StarletteHTTPException as exc:  # e.g. too many multipart files: what FastAPI would answer
             response = http_error_response(exc, scope["path"])
         except EngineError as exc:

@@ -167,8 +167,11 @@ def decode_or_422(text: str, index: int) -> bytes:
 
 
 async def decode_files(files: list[bytes], manifest: Manifest, settings: Settings,
-                       deadline: float) -> list[np.ndarray]:
+                       deadline: float, field: str = "images") -> list[np.ndarray]:
     """Decode image files within the request's pixel budget, small ones inline, large ones in the pool.
+
+    Every protocol's image files come here (/v1 multipart and base64, V2 `png` BYTES); `field` names
+    them in errors (`images[3]`, `png[3]`).
 
     The pixel count comes from the headers before any pixel is decoded, so an expensive request (say
     eight 4000x4000 PNGs of a few KB each) is refused (413) or sent to the bounded decode pool, and
@@ -177,16 +180,17 @@ async def decode_files(files: list[bytes], manifest: Manifest, settings: Setting
     sizes = [declared_pixels(f) for f in files]
     for i, (data, size) in enumerate(zip(files, sizes, strict=True)):
         if size > settings.max_image_pixels:
-            _decode(data, i, manifest, settings)  # refuses it with the per-image message, decoding nothing
+            _decode(data, i, manifest, settings, field)  # refused with the per-image message, nothing decoded
     total = sum(sizes)
     if total > settings.max_request_pixels:
         raise PayloadTooLarge(f"the images of this request have {total} pixels in all, over the limit of "
                               f"{settings.max_request_pixels} per request (VAE_MAX_REQUEST_PIXELS); send "
                               "smaller images or fewer per request")
     if total <= INLINE_DECODE_PIXELS:  # a few small images: a thread hop would cost more than decoding
-        return [_decode(f, i, manifest, settings) for i, f in enumerate(files)]
+        return [_decode(f, i, manifest, settings, field) for i, f in enumerate(files)]
     arrays = await asyncio.get_running_loop().run_in_executor(
-        decode_pool(settings), lambda: [_decode(f, i, manifest, settings) for i, f in enumerate(files)])
+        decode_pool(settings),
+        lambda: [_decode(f, i, manifest, settings, field) for i, f in enumerate(files)])
     if time.monotonic() > deadline:
         raise DeadlineExceeded("decoding the images took longer than the request deadline; send smaller "
                                "images")
@@ -204,13 +208,14 @@ def decode_pool(settings: Settings) -> ThreadPoolExecutor:
     return _POOL
 
 
-def _decode(data: bytes, index: int, manifest: Manifest, settings: Settings) -> np.ndarray:
+def _decode(data: bytes, index: int, manifest: Manifest, settings: Settings,
+            field: str = "images") -> np.ndarray:
     try:
         return decode_image(data, manifest.preprocessing, settings.max_image_pixels)
     except ImageTooLarge as exc:
-        raise PayloadTooLarge(f"images[{index}]: {exc}") from None
+        raise PayloadTooLarge(f"{field}[{index}]: {exc}") from None
     except ImageError as exc:
-        raise InvalidInput(f"images[{index}]: {exc}") from None
+        raise InvalidInput(f"{field}[{index}]: {exc}") from None
 
 
 def _check_array(values: list[Any], index: int, manifest: Manifest) -> np.ndarray:

@@ -22,6 +22,7 @@ from service.api.images import encode_png_base64, grid_png
 from service.api.inputs import read_images, read_latents, resolve_labels
 from service.api.models import ModelRef, resolve_model
 from service.api.options import anomaly_options
+from service.api.params import Params
 from service.api.schemas import (
     AnomalyResponse,
     DecodeResponse,
@@ -39,10 +40,6 @@ from service.config import Settings
 from service.engine.interface import ModelInfo, default_version
 from service.estimators import bits_per_dim
 from service.families import Options
-
-MAX_SEED = 2**63 - 1
-
-
 
 State = Annotated[AppState, Depends(app_state)]
 
@@ -215,10 +212,10 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     common = (401, 404, 429, 500, 503, 504)
     image_errors = error_responses(*common, 400, 413, 415, 422)
     inputs_body = models.inputs_openapi(settings.max_images)
-    LabelQ = Annotated[str | None, Query(max_length=64, description="class name or index for every item "
-                                                                    "(conditional models)")]
-    SeedQ = Annotated[int | None, Query(ge=0, le=MAX_SEED, description="random if omitted; echoed back")]
-    KQ = Annotated[int, Query(ge=1, le=settings.max_k, description="importance samples per image")]
+    params = Params.from_settings(settings)  # bounds shared with the fast path and V2
+    LabelQ = params.label.query()
+    SeedQ = params.seed.query()
+    KQ = params.k.query(optional=False)
     FormatQ = Annotated[Literal["png", "array"],
                         Query(description="png: base64 PNG; array: C x H x W floats")]
 
@@ -250,10 +247,9 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                                  "description": "JSON samples, or one PNG grid with format=grid"}})
     async def sample_images(
         ref: Model,
-        n: Annotated[int, Query(ge=1, le=settings.max_n, description="number of samples")] = 16,
+        n: params.n.query(optional=False) = 16,
         seed: SeedQ = None,
-        temperature: Annotated[float, Query(ge=0.0, le=100.0, allow_inf_nan=False,
-                                            description="z = temperature * eps")] = 1.0,
+        temperature: params.temperature.query(optional=False) = 1.0,
         format: Annotated[Literal["png", "array", "grid"], Query(
             description="png/array: JSON; grid: one image/png of all samples for a browser")] = "png",
         label: LabelQ = None,
@@ -306,16 +302,10 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                  openapi_extra=inputs_body)
     async def score_anomalies(
         request: Request, ref: Model,
-        k: Annotated[int | None, Query(ge=1, le=settings.max_k,
-                                       description="default: the manifest's calibration k")] = None,
+        k: params.k.query() = None,  # default: the calibration's k
         seed: SeedQ = None, label: LabelQ = None,
-        method: Annotated[str | None, Query(
-            max_length=32, description="nll, typicality, complexity, likelihood_ratio or combined, as the "
-                                       "model's calibration offers (default: the model's)")] = None,
-        alpha: Annotated[float | None, Query(
-            gt=0.0, lt=1.0, allow_inf_nan=False,
-            description="level: is_anomaly when the conformal p-value <= alpha (default: the model's)",
-        )] = None,
+        method: params.method.query() = None,
+        alpha: params.alpha.query() = None,
     ) -> Response:
         """An anomaly score per image (the method is in the answer), its conformal p-value against held-out
         normal data, the threshold at level alpha and the decision."""

@@ -27,11 +27,11 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from service.api import v2_codec as codec
 from service.api.auth import auth_dependencies
-from service.api.errors import InvalidInput, ModelNotFound, PayloadTooLarge, Unavailable
-from service.api.images import ImageError, ImageTooLarge, decode_image
-from service.api.inputs import resolve_labels
+from service.api.errors import InvalidInput, ModelNotFound, Unavailable
+from service.api.inputs import decode_files, resolve_labels
 from service.api.models import ModelRef, resolve_model
 from service.api.options import anomaly_options
+from service.api.params import Param, Params
 from service.api.schemas import v2_error_responses
 from service.api.state import AppState, app_state
 from service.config import Settings
@@ -126,22 +126,19 @@ def _config(v2: V2Model, settings: Settings) -> dict[str, Any]:
 
 
 # -- request tensors -> engine inputs ----------------------------------------------------------------------
-def _parameter(request: codec.InferRequest, name: str, kind: type, default: Any,
-               low: float | None = None, high: float | None = None) -> Any:
-    value = request.parameters.get(name, default)
-    if value is None:
-        return None
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InvalidInput(f"parameter '{name}' must be an integer, got {value!r}")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise InvalidInput(f"parameter '{name}' must be a number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidInput(f"parameter '{name}' must be in [{low}, {high}], got {value!r}")
-    return value
+def _parameter(request: codec.InferRequest, param: Param, default: Any = None) -> Any:
+    """A V2 request parameter, checked by its one definition (api/params.py, shared with /v1)."""
+    value = request.parameters.get(param.name)
+    return default if value is None else param.check(value)
 
 
-def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) -> tuple[np.ndarray, int]:
-    """The `images` tensor (checked: finite, in [0, 1]) or the `png` BYTES tensor decoded: (N, C, H, W)."""
+async def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) -> tuple[np.ndarray, int]:
+    """The `images` tensor (checked: finite, in [0, 1]) or the `png` BYTES tensor decoded: (N, C, H, W).
+
+    PNG files go through the same decoding step as /v1 uploads (api/inputs.decode_files): the per-image
+    and per-request pixel budgets checked from the headers before any pixel is decoded, the bounded
+    decode pool for large images, and the same errors.
+    """
     m = v2.ref.manifest
     given = {i.name for i in request.inputs} - {"labels"}
     if given == {"png"}:
@@ -149,14 +146,9 @@ def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) -> tup
         assert png is not None
         if png.datatype != "BYTES" or png.array.ndim != 1:
             raise InvalidInput("input 'png' must be BYTES of shape [N]: one encoded image file per item")
-        arrays = []
-        for i, data in enumerate(png.array):
-            try:
-                arrays.append(decode_image(bytes(data), m.preprocessing, settings.max_image_pixels))
-            except ImageTooLarge as exc:
-                raise PayloadTooLarge(f"png[{i}]: {exc}") from None
-            except ImageError as exc:
-                raise InvalidInput(f"png[{i}]: {exc}") from None
+        _check_count(len(png.array), settings)  # before decoding anything
+        files = [bytes(data) for data in png.array]
+        arrays = await decode_files(files, m, settings, v2.ref.deadline, field="png")
         x = np.stack(arrays) if arrays else np.zeros((0, *m.input_shape), np.float32)
     else:
         inputs, _ = _specs(v2.ref.info, v2.operation)
@@ -185,8 +177,8 @@ def _check_count(n: int, settings: Settings) -> None:
 Outputs = list[tuple[str, np.ndarray]]
 
 
-async def _run(v2: V2Model, request: codec.InferRequest,
-               settings: Settings) -> tuple[Outputs, dict[str, Any]]:
+async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings,
+               params: Params) -> tuple[Outputs, dict[str, Any]]:
     """One V2 inference: the named outputs of the operation, in spec order, and response parameters
     (log_likelihood: k and seed; anomaly_score: also the method that produced the score and alpha)."""
     ref = v2.ref
@@ -197,27 +189,22 @@ async def _run(v2: V2Model, request: codec.InferRequest,
         y = _labels(request, v2, len(z))
         out = await ref.run("decode", {"z": z} if y is None else {"z": z, "y": y})
         return [("images", out["x_mean"])], {}
-    x, n = _images(request, v2, settings)
+    x, n = await _images(request, v2, settings)
     _check_count(n, settings)
     y = _labels(request, v2, n)
     if v2.operation == "encode":
         out = await ref.run("encode", {"x": x} if y is None else {"x": x, "y": y})
         log_var = out["log_var"]
         return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)], {}
-    seed = _parameter(request, "seed", int, None, 0, 2**63 - 1)
-    seed = secrets.randbits(63) if seed is None else seed
+    seed = _parameter(request, params.seed, secrets.randbits(63))
     inputs = {"x": x} if y is None else {"x": x, "y": y}
     if v2.operation == "log_likelihood":
-        options = Options(k=_parameter(request, "k", int, settings.default_k, 1, settings.max_k), seed=seed)
+        options = Options(k=_parameter(request, params.k, settings.default_k), seed=seed)
         out = await ref.run("log_likelihood", inputs, options)
         return [(name, out[name]) for name in ("log_likelihood", "elbo", "standard_error")
                 ], {"k": options.k, "seed": seed}
-    method = request.parameters.get("method")
-    if method is not None and not isinstance(method, str):
-        raise InvalidInput(f"parameter 'method' must be a string, got {method!r}")
-    alpha = _parameter(request, "alpha", float, None, 1e-9, 1.0 - 1e-9)
-    options = anomaly_options(ref.manifest, settings, method, alpha,
-                              _parameter(request, "k", int, None, 1, settings.max_k), seed)
+    options = anomaly_options(ref.manifest, settings, _parameter(request, params.method),
+                              _parameter(request, params.alpha), _parameter(request, params.k), seed)
     out = await ref.run("anomaly_score", inputs, options)
     return [(name, out[name]) for name in ("score", "percentile", "is_anomaly", "p_value")
             ], {"k": options.k, "seed": seed, "method": options.method, "alpha": options.alpha}
@@ -270,6 +257,7 @@ def build_v2_health_router(state: AppState) -> APIRouter:
 def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Model],
                       settings: Settings) -> None:
     Model = Annotated[V2Model, Depends(resolve)]
+    params = Params.from_settings(settings)  # the bounds /v1 is built from
 
     found = v2_error_responses(404)
     work = v2_error_responses(404, 413, 429, 500, 504)
@@ -305,7 +293,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., V2Mod
             parsed = await asyncio.to_thread(_decode_body, body, header_length, v2, settings)
         else:
             parsed = _decode_body(body, header_length, v2, settings)
-        outputs, parameters = await _run(v2, parsed, settings)
+        outputs, parameters = await _run(v2, parsed, settings, params)
         names = parsed.output_names([name for name, _ in outputs])
         selected = [(name, array) for name, array in outputs if name in names]
         selected.sort(key=lambda item: names.index(item[0]))
