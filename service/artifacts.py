@@ -132,7 +132,7 @@ class Manifest:
         return self.directory / self.graphs[graph].files[runtime]
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
+def version_key(version: str) -> tuple[int, int | str]:
     """Numeric versions sort numerically and after non-numeric ones, so "10" is newer than "9"."""
     return (1, int(version)) if version.isdigit() else (0, version)
 
@@ -165,9 +165,9 @@ def discover(models_dir: Path, selected: list[str], all_versions: bool = False) 
         if version:
             chosen.append(found[name][version])
         elif all_versions:
-            chosen.extend(found[name][v] for v in sorted(found[name], key=_version_key))
+            chosen.extend(found[name][v] for v in sorted(found[name], key=version_key))
         else:
-            chosen.append(found[name][max(found[name], key=_version_key)])
+            chosen.append(found[name][max(found[name], key=version_key)])
     if not chosen:
         raise ArtifactError(f"no models found in {models_dir}: expected <name>/<version>/manifest.json "
                             "(export one with `python -m training export`)")

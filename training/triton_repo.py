@@ -39,7 +39,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
 # The artifact contract (format version, graph names, name rules) is defined once, in the service.
-from service.artifacts import FORMAT_VERSION, GRAPHS, MODEL_NAME_RE, OPTIONAL_GRAPHS
+from service.artifacts import FORMAT_VERSION, GRAPHS, MODEL_NAME_RE, OPTIONAL_GRAPHS, version_key
 
 # log_weights-like graph (x, eps [, y] -> log_w) -> the Triton model that reduces it over the samples
 REDUCTIONS = {"log_weights": "log_likelihood", "background_log_weights": "background_log_likelihood"}
@@ -133,11 +133,6 @@ class VerifiedArtifact:
     onnx_bytes: dict[str, bytes]  # graph -> the verified bytes, which are what gets written
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    """As the service orders versions: numeric ones numerically and after non-numeric ones."""
-    return (1, int(version)) if version.isdigit() else (0, version)
-
-
 def select_artifacts(models_dir: Path, refs: list[str]) -> list[Path]:
     """Version folders for `name` (latest version) or `name:version` refs; no refs: every model's latest."""
     if not models_dir.is_dir():
@@ -157,7 +152,7 @@ def select_artifacts(models_dir: Path, refs: list[str]) -> list[Path]:
                                   f"(found: {sorted(found) or 'none'})")
         if version and version not in found[name]:
             raise TritonRepoError(f"model {name!r} has no version {version!r} (found: {sorted(found[name])})")
-        chosen.append(models_dir / name / (version or max(found[name], key=_version_key)))
+        chosen.append(models_dir / name / (version or max(found[name], key=version_key)))
     if not chosen:
         raise TritonRepoError(f"no models found in {models_dir}: expected <name>/<version>/manifest.json")
     return list(dict.fromkeys(chosen))  # a model named twice is exported once

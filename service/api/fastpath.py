@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import ServiceError, error_response, from_engine_error, http_error_response
-from service.api.models import resolve_model
+from service.api.model_ref import resolve_model
 from service.api.params import Params
 from service.api.state import AppState
 from service.api.v1 import ImageOperations

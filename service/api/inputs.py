@@ -23,7 +23,7 @@ from starlette.requests import Request
 
 from service.api.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.api.images import ImageError, ImageTooLarge, declared_pixels, decode_base64, decode_image
-from service.api.schemas import RequestModels
+from service.api.schemas import RequestSchemas
 from service.artifacts import Manifest
 from service.config import Settings
 
@@ -77,7 +77,7 @@ def _validate(body: bytes, model: type[BaseModel]) -> Any:
 
 
 async def read_images(request: Request, manifest: Manifest, label: str | None, settings: Settings,
-                      models: RequestModels, deadline: float) -> ImageBatch:
+                      models: RequestSchemas, deadline: float) -> ImageBatch:
     """Parse whichever input form the request uses into a checked (N, C, H, W) batch."""
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
@@ -112,7 +112,7 @@ async def _read_multipart(request: Request, manifest: Manifest, settings: Settin
     return await decode_files(files, manifest, settings, deadline), labels
 
 
-async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, models: RequestModels,
+async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, models: RequestSchemas,
                             deadline: float) -> tuple[list[np.ndarray], list[Any] | None]:
     body = await request.body()
     per_image = manifest.data_dims + 1  # the pixels of one image and its label
@@ -136,7 +136,7 @@ class _Files:
 
 
 def _parse_json_images(body: bytes, manifest: Manifest,
-                       models: RequestModels) -> _Files | tuple[list[np.ndarray], list[Any] | None]:
+                       models: RequestSchemas) -> _Files | tuple[list[np.ndarray], list[Any] | None]:
     # Pick the form from the keys first, so a mistake gets the message of the form the caller meant.
     keys = _top_level_keys(body)
     if "images" in keys and "inputs" not in keys:
@@ -231,7 +231,7 @@ def _check_array(values: list[Any], index: int, manifest: Manifest) -> np.ndarra
 
 
 async def read_latents(request: Request, manifest: Manifest, label: str | None,
-                       models: RequestModels) -> tuple[np.ndarray, np.ndarray | None]:
+                       models: RequestSchemas) -> tuple[np.ndarray, np.ndarray | None]:
     """JSON {"latents": [[...], ...]} -> z (N, D) float32 and labels (N,) for conditional models."""
     media_type = _media_type(request)
     if not _is_json(media_type):

@@ -222,7 +222,7 @@ class AnomalyResponse(_Response):
 
 
 # -- request bodies (built per app: limits come from the settings) -----------------------------------------
-class RequestModels:
+class RequestSchemas:
     """JSON request models whose size limits are the configured ones."""
 
     def __init__(self, settings: Settings) -> None:

@@ -20,7 +20,7 @@ from service.api.auth import auth_dependencies
 from service.api.errors import InferenceFailed, Unavailable
 from service.api.images import encode_png_base64, grid_png
 from service.api.inputs import read_images, read_latents, resolve_labels
-from service.api.models import ModelRef, resolve_model
+from service.api.model_ref import ModelRef, resolve_model
 from service.api.options import anomaly_options
 from service.api.params import Params
 from service.api.schemas import (
@@ -31,7 +31,7 @@ from service.api.schemas import (
     ModelDetail,
     ModelList,
     ReconstructResponse,
-    RequestModels,
+    RequestSchemas,
     SampleResponse,
     error_responses,
 )
@@ -130,7 +130,7 @@ class ImageOperations:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models = RequestModels(settings)
+        self.models = RequestSchemas(settings)
 
     async def encode(self, request: Request, ref: ModelRef, label: str | None) -> Response:
         ref.admit("encode")
@@ -208,7 +208,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                       operations: ImageOperations) -> None:
     """The routes of one model version under `base` (the path parameters are `resolve`'s)."""
     Model = Annotated[ModelRef, Depends(resolve)]
-    models = RequestModels(settings)
+    models = RequestSchemas(settings)
     common = (401, 404, 429, 500, 503, 504)
     image_errors = error_responses(*common, 400, 413, 415, 422)
     inputs_body = models.inputs_openapi(settings.max_images)

@@ -29,7 +29,7 @@ from service.api import v2_codec as codec
 from service.api.auth import auth_dependencies
 from service.api.errors import InvalidInput, ModelNotFound, Unavailable
 from service.api.inputs import decode_files, resolve_labels
-from service.api.models import ModelRef, resolve_model
+from service.api.model_ref import ModelRef, resolve_model
 from service.api.options import anomaly_options
 from service.api.params import Param, Params
 from service.api.schemas import v2_error_responses

@@ -19,7 +19,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.app import create_app
-from service.api.protocol import http_protocol
+from service.api.http_protocol import http_protocol
 from service.api.state import AppState
 from service.config import Settings
 from service.engine.interface import WorkerSlot

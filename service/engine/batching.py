@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 RunFn = Callable[[Arrays], Arrays]
 T = TypeVar("T")
-__all__ = ["Arrays", "BatchFailed", "Batcher", "BatcherClosed", "DeadlineExceeded", "DeviceWorker",
+__all__ = ["Arrays", "BatchFailed", "Batcher", "BatcherClosed", "DeadlineExceeded", "DeviceExecutor",
            "QueueFull", "TooExpensive"]
 
 
@@ -78,7 +78,7 @@ class NullObserver:
     def rejected(self, reason: str) -> None: ...
 
 
-class DeviceWorker:
+class DeviceExecutor:
     """The execution threads of one device, shared by every model and graph placed on it.
 
     `instances` threads (Triton's instance count, VAE_DEVICE_INSTANCES): 1 by default, so the device
@@ -128,7 +128,7 @@ _Slice = tuple[_Submission, int, int]
 class Batcher:
     """Queue + batch-forming loop for one graph of one model; see the module docstring."""
 
-    def __init__(self, *, run: RunFn, worker: DeviceWorker, max_batch_rows: int, max_queue_rows: int,
+    def __init__(self, *, run: RunFn, worker: DeviceExecutor, max_batch_rows: int, max_queue_rows: int,
                  max_delay_s: float, observer: BatchObserver | None = None, name: str = "batcher",
                  max_batch_seconds: float | None = None, admission_share: float = 1.0) -> None:
         assert max_batch_rows >= 1 and max_queue_rows >= 1, "batch and queue sizes must be positive"

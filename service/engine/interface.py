@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from service.artifacts import Manifest
+from service.artifacts import Manifest, version_key
 from service.families import NO_OPTIONS, Arrays, Operation, Options
 
 
@@ -79,11 +79,6 @@ class ModelInfo:
     # Measured at warm-up and while serving: seconds of device time per row of each graph.
     seconds_per_row: dict[str, float] = field(default_factory=dict)
     chunk: int = 128  # importance samples per log-weights row (the family's work() needs it)
-
-
-def version_key(version: str) -> tuple[int, int | str]:
-    """Numeric versions sort numerically and after non-numeric ones, so "10" is newer than "9"."""
-    return (1, int(version)) if version.isdigit() else (0, version)
 
 
 class Engine(Protocol):

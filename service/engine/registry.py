@@ -18,7 +18,7 @@ import numpy as np
 
 from service.artifacts import OPTIONAL_GRAPHS, ArtifactError, Manifest, discover, load_manifest
 from service.config import Settings
-from service.engine.batching import Arrays, Batcher, DeviceWorker
+from service.engine.batching import Arrays, Batcher, DeviceExecutor
 from service.engine.interface import ModelInfo, OperationFailed, UnknownModel
 from service.engine.runtime import Runtime, load_runtime
 from service.families import Family, FamilyError, Operation, Options, family_for
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """One model version being served."""
 
-    def __init__(self, manifest: Manifest, runtime: Runtime, worker: DeviceWorker, settings: Settings,
+    def __init__(self, manifest: Manifest, runtime: Runtime, worker: DeviceExecutor, settings: Settings,
                  metrics: Metrics) -> None:
         self.manifest = manifest
         self.runtime = runtime
@@ -170,7 +170,7 @@ class ServedModel:
 class ModelRegistry:
     """Every served model version by (name, version), and the device workers they share."""
 
-    def __init__(self, models: dict[tuple[str, str], ServedModel], workers: dict[str, DeviceWorker],
+    def __init__(self, models: dict[tuple[str, str], ServedModel], workers: dict[str, DeviceExecutor],
                  refused: dict[str, str] | None = None) -> None:
         self.models = models
         self.workers = workers
@@ -197,7 +197,7 @@ class ModelRegistry:
         error log line naming it and the reason. With on_bad_model=fail that stops start-up; with
         skip the other models are served, and start-up fails only when no model is left.
         """
-        workers: dict[str, DeviceWorker] = {}
+        workers: dict[str, DeviceExecutor] = {}
         models: dict[tuple[str, str], ServedModel] = {}
         refused: dict[str, str] = {}
         try:
@@ -225,7 +225,7 @@ class ModelRegistry:
 
     @staticmethod
     async def _load_one(directory: Path, settings: Settings, metrics: Metrics,
-                        workers: dict[str, DeviceWorker],
+                        workers: dict[str, DeviceExecutor],
                         models: dict[tuple[str, str], ServedModel]) -> ServedModel:
         started = time.perf_counter()
         manifest = load_manifest(directory, settings.runtime)
@@ -234,7 +234,7 @@ class ModelRegistry:
         runtime = load_runtime(manifest, settings.runtime, settings.device, settings.cpu_intra_op_threads)
         worker = workers.get(runtime.device)
         if worker is None:
-            worker = workers[runtime.device] = DeviceWorker(runtime.device, settings.device_instances)
+            worker = workers[runtime.device] = DeviceExecutor(runtime.device, settings.device_instances)
         model = ServedModel(manifest, runtime, worker, settings, metrics)
         if settings.warmup:
             await worker.call(model.warm_up_sync)

@@ -1,7 +1,7 @@
 """Inference backends behind one interface: `run(graph, {input name: array}) -> {output name: array}`.
 
 Runtimes are not thread-safe by contract: each is only ever called from its device's single
-execution thread (see batching.DeviceWorker), so there is never more than one batch in flight
+execution thread (see batching.DeviceExecutor), so there is never more than one batch in flight
 per device and the device always sees the largest batches the queue could form.
 """
 

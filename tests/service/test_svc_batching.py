@@ -17,7 +17,7 @@ from service.engine.batching import (
     BatcherClosed,
     BatchFailed,
     DeadlineExceeded,
-    DeviceWorker,
+    DeviceExecutor,
     QueueFull,
 )
 
@@ -51,7 +51,7 @@ def run(test: Callable[[Batcher, FakeGraph], Awaitable[None]], graph: FakeGraph 
     options = dict(max_batch_rows=8, max_queue_rows=64, max_delay_s=0.02) | kwargs
 
     async def main() -> None:
-        worker = DeviceWorker("cpu")
+        worker = DeviceExecutor("cpu")
         batcher = Batcher(run=graph, worker=worker, name="test", **options)
         batcher.start()
         try:
@@ -196,7 +196,7 @@ def test_wrong_output_rows_fail_the_batch() -> None:
 
 def test_stop_fails_waiting_submissions_and_refuses_new_ones() -> None:
     async def main() -> None:
-        worker = DeviceWorker("cpu")
+        worker = DeviceExecutor("cpu")
         gate = threading.Event()
         batcher = Batcher(run=lambda f: (gate.wait(5), {"y": f["x"]})[1], worker=worker, max_batch_rows=2,
                           max_queue_rows=64, max_delay_s=0.0)
@@ -238,7 +238,7 @@ def test_several_instances_run_batches_side_by_side_and_rows_come_back_in_order(
     graph = SlowFirst()
 
     async def main() -> None:
-        worker = DeviceWorker("cpu", instances=2)
+        worker = DeviceExecutor("cpu", instances=2)
         batcher = Batcher(run=graph, worker=worker, name="test", max_batch_rows=2, max_queue_rows=64,
                           max_delay_s=0.0)
         batcher.start()
