@@ -53,40 +53,45 @@ def decode_base64(text: str) -> bytes:
         raise ImageError(f"not valid base64 ({exc})") from None
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image header alone (no pixel decoded); 0 if the header is unreadable.
-
-    Used to budget decoding before any of it happens; unreadable files are refused by decode_image.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            width, height = im.size
-    except Exception:  # any header Pillow cannot read: decode_image says why
-        return 0
-    return width * height
-
-
-def decode_image(data: bytes, prep: Preprocessing, max_pixels: int) -> np.ndarray:
-    """Image file bytes -> (C, H, W) float32 in [0, 1] as the manifest's preprocessing says."""
+def open_image(data: bytes) -> Image.Image:
+    """Read an image file's header only (no pixel decoded): its size budgets the decoding before any of
+    it happens. Raises ImageError for anything that is not a supported image file, ImageTooLarge for a
+    header past Pillow's decompression-bomb limit."""
     if not data:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+            return Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image exceeds Pillow's decompression-bomb limit: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a supported image file (supported: {', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, MemoryError) as exc:
+        raise ImageError(f"cannot decode image: {exc}") from None
+
+
+def decode_image(data: bytes | Image.Image, prep: Preprocessing, max_pixels: int) -> np.ndarray:
+    """Image file bytes (or an image from open_image) -> (C, H, W) float32 in [0, 1] as the manifest's
+    preprocessing says."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = open_image(data) if isinstance(data, bytes) else data  # reads the header only
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
             im.seek(0)  # first frame of animations
-            im = ImageOps.exif_transpose(im)  # also forces the decode: errors in the data surface here
-            im.load()
+            im.load()  # errors in the data surface here
+            # EXIF orientation (phone photos). Looked up only when the file carries EXIF: reading it costs
+            # as much as decoding a small digit.
+            if "exif" in im.info or im.format in ("JPEG", "WEBP"):
+                im = ImageOps.exif_transpose(im)
             arr = _to_model_mode(im, prep.color_mode)  # (H', W', C) float32 in [0, 1]
     except (ImageTooLarge, ImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"image exceeds Pillow's decompression-bomb limit: {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"not a supported image file (supported: {', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError, TypeError, MemoryError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from None
     if arr.shape[:2] != (prep.height, prep.width):
@@ -107,7 +112,7 @@ def _to_model_mode(im: Image.Image, mode: str) -> np.ndarray:
         rgba = im.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(black, rgba).convert("RGB")
-    arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+    arr = np.asarray(im if im.mode == mode else im.convert(mode), dtype=np.float32) / 255.0
     return arr[..., None] if arr.ndim == 2 else arr
 
 

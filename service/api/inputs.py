@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.api.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.api.images import ImageError, ImageTooLarge, declared_pixels, decode_base64, decode_image
+from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, open_image
 from service.api.schemas import RequestSchemas
 from service.artifacts import Manifest
 from service.config import Settings
@@ -177,20 +178,21 @@ async def decode_files(files: list[bytes], manifest: Manifest, settings: Setting
     eight 4000x4000 PNGs of a few KB each) is refused (413) or sent to the bounded decode pool, and
     never holds the event loop. A request whose decoding ran past its deadline is answered 504.
     """
-    sizes = [declared_pixels(f) for f in files]
-    for i, (data, size) in enumerate(zip(files, sizes, strict=True)):
+    opened = [_open(f, i, field) for i, f in enumerate(files)]  # headers only: one open per file
+    sizes = [im.size[0] * im.size[1] for im in opened]
+    for i, (im, size) in enumerate(zip(opened, sizes, strict=True)):
         if size > settings.max_image_pixels:
-            _decode(data, i, manifest, settings, field)  # refused with the per-image message, nothing decoded
+            _decode(im, i, manifest, settings, field)  # refused with the per-image message, nothing decoded
     total = sum(sizes)
     if total > settings.max_request_pixels:
         raise PayloadTooLarge(f"the images of this request have {total} pixels in all, over the limit of "
                               f"{settings.max_request_pixels} per request (VAE_MAX_REQUEST_PIXELS); send "
                               "smaller images or fewer per request")
     if total <= INLINE_DECODE_PIXELS:  # a few small images: a thread hop would cost more than decoding
-        return [_decode(f, i, manifest, settings, field) for i, f in enumerate(files)]
+        return [_decode(im, i, manifest, settings, field) for i, im in enumerate(opened)]
     arrays = await asyncio.get_running_loop().run_in_executor(
         decode_pool(settings),
-        lambda: [_decode(f, i, manifest, settings, field) for i, f in enumerate(files)])
+        lambda: [_decode(im, i, manifest, settings, field) for i, im in enumerate(opened)])
     if time.monotonic() > deadline:
         raise DeadlineExceeded("decoding the images took longer than the request deadline; send smaller "
                                "images")
@@ -208,10 +210,19 @@ def decode_pool(settings: Settings) -> ThreadPoolExecutor:
     return _POOL
 
 
-def _decode(data: bytes, index: int, manifest: Manifest, settings: Settings,
+def _open(data: bytes, index: int, field: str) -> Image.Image:
+    try:
+        return open_image(data)
+    except ImageTooLarge as exc:
+        raise PayloadTooLarge(f"{field}[{index}]: {exc}") from None
+    except ImageError as exc:
+        raise InvalidInput(f"{field}[{index}]: {exc}") from None
+
+
+def _decode(im: Image.Image, index: int, manifest: Manifest, settings: Settings,
             field: str = "images") -> np.ndarray:
     try:
-        return decode_image(data, manifest.preprocessing, settings.max_image_pixels)
+        return decode_image(im, manifest.preprocessing, settings.max_image_pixels)
     except ImageTooLarge as exc:
         raise PayloadTooLarge(f"{field}[{index}]: {exc}") from None
     except ImageError as exc:
