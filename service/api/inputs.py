@@ -21,9 +21,16 @@ import orjson
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from service.api.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.api.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, open_image
 from service.api.schemas import RequestSchemas
 from service.artifacts import Manifest
@@ -96,7 +103,10 @@ async def read_images(request: Request, manifest: Manifest, label: str | None, s
 
 async def _read_multipart(request: Request, manifest: Manifest, settings: Settings,
                           deadline: float) -> tuple[list[np.ndarray], list[str] | None]:
-    form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
+    except MultiPartException as exc:  # Starlette raises it bare outside a FastAPI route (the fast path)
+        raise BadRequest(exc.message) from None
     try:
         parts = form.getlist("images")
         if not parts:

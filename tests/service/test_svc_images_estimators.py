@@ -185,3 +185,36 @@ def test_noise_is_standard_normal() -> None:
     # Latent dimensions are uncorrelated.
     corr = np.corrcoef(sample_eps(2, 0, 0, 20_000, 4).T)
     assert np.abs(corr - np.eye(4)).max() < 0.03
+
+
+@pytest.mark.parametrize("mode, interlace", [("L", 0), ("L", 1), ("RGB", 0), ("RGB", 1)])
+def test_libspng_decodes_plain_pngs_to_exactly_pillows_pixels(mode: str, interlace: int) -> None:
+    """The fast PNG path (libspng) and Pillow's path give bit-identical model inputs."""
+    from service.api import images
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (8, 8) if mode == "L" else (8, 8, 3), dtype=np.uint8)
+    data = image_bytes(pixels, mode=mode, interlace=interlace)
+    prep = GREY if mode == "L" else RGB
+    opened = images.open_image(data)
+    assert isinstance(opened, images.PlainPng) and opened.size == (8, 8) and opened.mode == mode
+    fast = decode_image(data, prep, 10_000)
+    slow = decode_image(Image.open(io.BytesIO(data)), prep, 10_000)  # Pillow's path
+    assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_pngs_that_need_pillows_pipeline_do_not_take_the_fast_path() -> None:
+    from service.api import images
+
+    grey = np.full((8, 8), 200, np.uint8)
+    transparent = image_bytes(grey, transparency=200)  # tRNS: Pillow's path decides what transparency means
+    assert images.plain_png(transparent) is None
+    palette = image_bytes(grey, mode="P", transparency=0)
+    assert images.plain_png(palette) is None
+    sixteen_bit = image_bytes(np.full((8, 8), 40000, np.uint16), mode="I;16")
+    assert images.plain_png(sixteen_bit) is None
+    assert images.plain_png(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30) is None
+    too_big = image_bytes(np.zeros((200, 200), np.uint8))
+    with pytest.raises(ImageTooLarge):
+        decode_image(too_big, GREY, 1000)
