@@ -57,7 +57,11 @@ class Settings(BaseSettings):
 
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
-    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)  # how long a row may wait for company
+    # How long a row may wait for company when the device is idle. 0 (Triton's default too): a batch is
+    # whatever arrived while the device ran the previous one, so a lone request never waits, and under
+    # load batches still fill (measured on 2 cores: 1-image encode at 1 / 8 connections 2.2x / 1.4x the
+    # requests/s of a 2 ms delay, the same at 64).
+    max_queue_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(1024, ge=1)  # queued rows per encoder/decoder batcher before 429
     request_timeout_s: float = Field(30.0, gt=0.0)  # deadline per request; past it: 504
     # (a caller may ask for a shorter one with the header `X-Request-Timeout: <seconds>`)

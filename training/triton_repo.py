@@ -79,7 +79,7 @@ class TritonOptions:
     instance_kind: Literal["gpu", "cpu"] = "gpu"
     instance_count: int = 1
     max_batch_size: int = 64  # rows (images / latents) per batch, like VAE_MAX_BATCH_SIZE
-    max_queue_delay_us: int = 2000  # VAE_MAX_QUEUE_DELAY_MS = 2
+    max_queue_delay_us: int = 2000  # --max-queue-delay-us; the service itself defaults to 0 on CPU
     max_queue_size: int = 1024  # queued requests before Triton rejects (VAE_MAX_QUEUE_SIZE counts rows)
     timeout_us: int = 30_000_000  # queue timeout, like VAE_REQUEST_TIMEOUT_S = 30; 0 = none
 
