@@ -29,9 +29,11 @@ default-model-2:
 	scripts/bootstrap.sh train
 	scripts/train_default_model_2.sh
 
+# The serving benchmark against the plain FastAPI endpoint only (no peers venv needed).
 bench:
 	scripts/bootstrap.sh train,test,torchscript
-	$(PY) benchmarks/load_benchmark.py
+	benchmarks/setup.sh
+	$(PY) benchmarks/serving_benchmark.py --servers vae-serve,plain-w2
 
 # Long reliability variants: the slow burst test, then the burst and soak scripts (JSON results).
 reliability:

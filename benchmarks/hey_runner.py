@@ -42,7 +42,8 @@ def hey_version() -> str | None:
     return out or None
 
 
-def hey_command(url: str, body: Path, concurrency: int, seconds: float, timeout_s: int = 60) -> list[str]:
+def hey_command(url: str, body: Path, concurrency: int, seconds: float, timeout_s: int = 60,
+                content_type: str = "application/json") -> list[str]:
     if not url.startswith(f"http://{HOST}:"):
         raise ValueError(f"only {HOST} is measured, not {url}")
     return [
@@ -54,7 +55,7 @@ def hey_command(url: str, body: Path, concurrency: int, seconds: float, timeout_
         "-m",
         "POST",
         "-T",
-        "application/json",
+        content_type,
         "-D",
         str(body),
         "-t",
@@ -114,9 +115,10 @@ def parse_summary(text: str) -> dict[str, Any]:
     }
 
 
-def run_hey(url: str, body: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+def run_hey(url: str, body: Path, concurrency: int, seconds: float,
+            content_type: str = "application/json") -> dict[str, Any]:
     """One bounded hey run; its parsed summary, its command line and the CPU it used itself."""
-    command = hey_command(url, body, concurrency, seconds)
+    command = hey_command(url, body, concurrency, seconds, content_type=content_type)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=False)

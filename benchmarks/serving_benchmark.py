@@ -47,7 +47,6 @@ hey command lines, summaries, versions, machine) and .md (the tables).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -67,7 +66,7 @@ import numpy as np
 import raw_baselines
 from hey_runner import hey_command, hey_version, parse_summary, run_hey
 from machine import load_average, machine_info, machine_tag
-from payloads import as_model_input, png_bytes, real_digits
+from payloads import INPUT_FORMS, InputForm, as_model_input, build_bodies, real_digits
 from serving_servers import PEERS_VENV, ROOT, RunningServer, ServerSpec, server_specs
 
 PEER_PACKAGES = (
@@ -101,6 +100,7 @@ class Scenario:
     route: str | None = None
     samples: int = 0  # importance samples per image (log-likelihood scenarios)
     flood: bool = False
+    form: InputForm = "json-base64"  # how the images travel (payloads.py); peers take json-base64 only
 
 
 SCENARIOS = {
@@ -114,6 +114,8 @@ SCENARIOS = {
     "loglik-k1000": Scenario("loglik-k1000", 1, (8, 64), (8,), route=f"log-likelihood?k={K}&seed=1",
                              samples=K),
     "encode-1-flood": Scenario("encode-1-flood", 1, (64,), (64,), flood=True),
+    "encode-1-multipart": Scenario("encode-1-multipart", 1, (64,), (64,), route="encode", form="multipart"),
+    "encode-1-arrays": Scenario("encode-1-arrays", 1, (64,), (64,), route="encode", form="json-array"),
 }
 
 
@@ -144,14 +146,16 @@ def flood(server: RunningServer, body: Path, seconds: float) -> Iterator[dict[st
         summary.update({k: v for k, v in parse_summary(out).items() if k != "summary_text"})
 
 
-def write_bodies(pixels: np.ndarray, folder: Path) -> dict[int, Path]:
-    """{images per request: JSON body file} with the first 1 or 64 real digits as base64 PNGs."""
+def write_bodies(pixels: np.ndarray, folder: Path) -> dict[tuple[int, str], tuple[Path, str]]:
+    """{(images per request, input form): (body file, content type)} with the first 1 or 64 real digits:
+    base64 PNGs in JSON for every server, and for the service multipart files and JSON arrays too."""
     out = {}
     for n in (1, 64):
-        encoded = [base64.b64encode(png_bytes(pixels[i])).decode("ascii") for i in range(n)]
-        path = folder / f"images-{n}.json"
-        path.write_text(json.dumps({"images": encoded}))
-        out[n] = path
+        for form in INPUT_FORMS:
+            body = build_bodies(pixels, n, form, 1)[0]
+            path = folder / f"images-{n}-{form}.body"
+            path.write_bytes(body.content)
+            out[(n, form)] = (path, body.headers["content-type"])
     return out
 
 
@@ -255,12 +259,12 @@ def run_server(
             ready_s=server.ready_seconds,
             port=server.port,
             processes=server.processes(),
-            answer_check=check_answer(server, bodies[1].read_bytes(), expected_mean),
+            answer_check=check_answer(server, bodies[(1, "json-base64")][0].read_bytes(), expected_mean),
         )
         # 1 s of load to warm up; again (up to 5 times) while anything fails, e.g. a worker not yet ready
         record["warmup"] = []
         for _ in range(5):
-            warm = _strip(run_hey(server.base_url + spec.encode_path, bodies[1], 8, 1.0))
+            warm = _strip(run_hey(server.base_url + spec.encode_path, bodies[(1, "json-base64")][0], 8, 1.0))
             record["warmup"].append(warm)
             if warm["non_2xx"] == 0 and warm["errors"] == 0:
                 break
@@ -274,10 +278,12 @@ def run_server(
                 load = load_average()
                 batches0 = server.batch_counters()
                 with contextlib.ExitStack() as stack:
-                    beside = stack.enter_context(flood(server, bodies[1], args.seconds)) if scenario.flood \
+                    beside = stack.enter_context(flood(server, bodies[(1, "json-base64")][0], args.seconds)) \
+                        if scenario.flood \
                         else None
                     cpu0, t0 = server.cpu_seconds(), time.monotonic()
-                    result = run_hey(route_url(server, scenario), bodies[scenario.images], c, args.seconds)
+                    body, content_type = bodies[(scenario.images, scenario.form)]
+                    result = run_hey(route_url(server, scenario), body, c, args.seconds, content_type)
                     cpu = server.cpu_seconds() - cpu0
                     wall = time.monotonic() - t0
                 if beside is not None:

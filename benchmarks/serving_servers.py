@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,12 +22,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import free_port
-
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".bench-peers-venv"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

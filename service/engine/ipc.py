@@ -11,8 +11,9 @@ moves without extra copies (each array is its own frame), so shared memory would
 zmq send, waking the other process) dominated, which is why messages are coalesced per event-loop tick.
 
 Encoding: pickle protocol 5; arrays of 64 KB or more travel out of band as raw frames (no copy into
-the pickle) and are rebuilt as views of the received frames, smaller ones inside the pickle. Pickle is safe here because
-both ends are this service's own processes and the socket lives in a private (0700) directory.
+the pickle) and are rebuilt as views of the received frames, smaller ones inside the pickle. Pickle is
+safe here because both ends are this service's own processes and the socket lives in a private (0700)
+directory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import pickle
 from typing import Any
 
 import zmq
-
 
 OUT_OF_BAND_BYTES = 64 * 1024  # arrays at least this large travel as their own frame, without a copy
 
