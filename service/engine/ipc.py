@@ -62,8 +62,11 @@ class Outbox:
     the fixed costs are paid once per tick; a lone message still leaves in the same tick.
     """
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, report: Any = None) -> None:
         self._send = send  # (route frames: list[bytes], frames: list) -> None, non-blocking
+        # () -> dict of fields every outgoing message carries once (the engine's load report): computed
+        # once per tick, not once per reply
+        self._report = report
         self._pending: dict[tuple[bytes, ...], list[dict[str, Any]]] = {}
         self._scheduled = False
 
@@ -78,13 +81,15 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, {}
+        extra = self._report() if self._report is not None and pending else {}
         for route, items in pending.items():
-            message = items[0] if len(items) == 1 else {"kind": "many", "items": items}
+            message = {**items[0], **extra} if len(items) == 1 else {"kind": "many", "items": items, **extra}
             self._send(list(route), pack(message))
 
 
 def messages(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages inside one received message (several when an Outbox coalesced them)."""
+    """The messages inside one received message (several when an Outbox coalesced them); fields an
+    Outbox report added are on the received message itself."""
     return message["items"] if message.get("kind") == "many" else [message]
 
 

@@ -231,13 +231,14 @@ class RemoteEngine:
         while True:
             frames = await self._socket.recv_multipart(copy=False)
             try:
-                received = messages(unpack(frames))
+                message = unpack(frames)
+                received = messages(message)
             except Exception:
                 log.exception("unreadable reply from the inference process")
                 continue
+            if "load" in message:  # once per message: the engine's load report of that tick
+                self._load.update(message["load"])
             for message in received:
-                if "load" in message:
-                    self._load.update(message["load"])
                 future = self._pending.get(message.get("id", -1))
                 if future is not None and not future.done():
                     future.set_result(message)

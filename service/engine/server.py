@@ -4,8 +4,9 @@ It loads and warms up every model (a LocalEngine), then binds its ROUTER socket,
 that is connected is talking to a ready engine. Every `infer` message becomes a task on this
 process's event loop that submits rows to the shared batchers, so rows of all HTTP workers share
 batches. The message carries a whole operation (service/families), which runs here with all its graph
-calls. Replies carry a small load report (estimated drain time per graph) that the workers use to
-refuse hopeless requests before reading their bodies.
+calls. Each outgoing message (the replies of one event-loop tick) carries a small load report
+(estimated drain time per graph) that the workers use to refuse hopeless requests before reading
+their bodies.
 
 Messages (engine/ipc.py), worker -> engine:
     {"kind": "describe", "id"}                         -> {"id", "models", "refused"}
@@ -52,7 +53,7 @@ class EngineServer:
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop replies; admission bounds the work instead
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
-        self._outbox = Outbox(self._send_now)
+        self._outbox = Outbox(self._send_now, report=lambda: {"load": self.load()})
 
     async def serve(self, stop: asyncio.Event) -> None:
         self._socket.bind(self.endpoint)
@@ -112,7 +113,6 @@ class EngineServer:
         finally:
             self._tasks.pop((identity, message["id"]), None)
             request_id_var.reset(token)
-        reply["load"] = self.load()
         self._send(identity, reply)
 
     def load(self) -> dict[tuple[str, str, str], tuple[float, float, float]]:
