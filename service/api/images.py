@@ -29,6 +29,7 @@ import io
 import math
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,10 +202,24 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def encode_png(arr: np.ndarray) -> bytes:
-    """(C, H, W) floats in [0, 1] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(arr)).save(buf, format="PNG")
-    return buf.getvalue()
+    """(C, H, W) floats in [0, 1] -> PNG bytes (8-bit grey for C = 1, RGB for C = 3).
+
+    Written directly (signature, IHDR, one zlib IDAT with filter 0 rows, IEND; RFC 2083) rather than
+    through Pillow, whose fixed cost per file was ~3/4 of the ~180 us it took for a 28x28 digit, on
+    every image that /decode, /sample and /reconstruct return. Tested to decode to the same pixels.
+    """
+    pixels = to_uint8(arr)  # (H, W) or (H, W, 3)
+    height, width = pixels.shape[:2]
+    colour = 0 if pixels.ndim == 2 else 2
+    rows = np.zeros((height, 1 + pixels[0].size), np.uint8)  # a filter-type byte (0) before each row
+    rows[:, 1:] = pixels.reshape(height, -1)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)), _png_chunk(b"IEND", b"")))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def encode_png_base64(arr: np.ndarray) -> str:

@@ -218,3 +218,16 @@ def test_pngs_that_need_pillows_pipeline_do_not_take_the_fast_path() -> None:
     too_big = image_bytes(np.zeros((200, 200), np.uint8))
     with pytest.raises(ImageTooLarge):
         decode_image(too_big, GREY, 1000)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 8, 5), (1, 1, 1)])
+def test_png_encoder_round_trips_through_pillow(shape: tuple[int, int, int]) -> None:
+    """The service's own PNG writer gives files Pillow reads back as exactly the rounded pixels."""
+    from service.api.images import encode_png, to_uint8
+
+    x = np.random.default_rng(1).random(shape).astype(np.float32)
+    x.flat[0] = 1.5  # clipped to 255
+    im = Image.open(io.BytesIO(encode_png(x)))
+    im.load()
+    assert im.format == "PNG" and im.mode == ("L" if shape[0] == 1 else "RGB") and im.size == shape[:0:-1]
+    np.testing.assert_array_equal(np.asarray(im), to_uint8(x))
