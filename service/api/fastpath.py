@@ -1,11 +1,12 @@
 """A direct path for the hot image routes, in front of FastAPI's router.
 
-Profiled on a 1-image encode (py-spy, see README "Where the time goes"), FastAPI's routing,
-dependency injection and its stack of Starlette middlewares took more of an HTTP worker than the
-route itself. The routes that other services call for every image (encode, log-likelihood,
-anomaly-score under /v1) are therefore dispatched here directly, to the very same operation bodies
-the FastAPI routes call (v1.ImageOperations), with the same model resolution, admission, limits,
-metrics labels and error bodies.
+Profiled on a 1-image encode (py-spy, docs/benchmarks.md), FastAPI's routing, dependency injection
+and query validation took more of an HTTP worker than the route itself (a 1-image reconstruct through
+FastAPI cost its worker ~650 us, three times an encode on this path). The routes that other services
+call for every image (encode, reconstruct, log-likelihood, anomaly-score under /v1) are therefore
+dispatched here directly, to the very same operation bodies the FastAPI routes call
+(v1.ImageOperations), with the same model resolution, admission, limits, metrics labels and error
+bodies.
 
 Only requests this layer can take without guessing come here: POST, a matching path, query
 parameters that pass their one definition (api/params.py, the same bounds FastAPI's routes are built
@@ -34,9 +35,10 @@ from service.api.v1 import ImageOperations
 from service.engine.interface import EngineError
 
 _PATH = re.compile(r"/v1/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-                   r"/(?P<op>encode|log-likelihood|anomaly-score)")
+                   r"/(?P<op>encode|reconstruct|log-likelihood|anomaly-score)")
 # The query parameters each hot route takes; their bounds come from api/params.py, as FastAPI's do.
-_ACCEPTS = {"encode": ("label",), "log-likelihood": ("label", "seed", "k"),
+_ACCEPTS = {"encode": ("label",), "reconstruct": ("label", "format"),
+            "log-likelihood": ("label", "seed", "k"),
             "anomaly-score": ("label", "seed", "k", "method", "alpha")}
 
 
@@ -61,7 +63,7 @@ class FastPath:
         # Route templates, so metrics and access logs label fast requests exactly as FastAPI's.
         self.templates = {
             (op, versioned): RouteLabel("/v1/models/{model}" + "/versions/{version}" * versioned + f"/{op}")
-            for op in ("encode", "log-likelihood", "anomaly-score") for versioned in (False, True)}
+            for op in _ACCEPTS for versioned in (False, True)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -88,6 +90,8 @@ class FastPath:
                 return None
         if op == "log-likelihood" and params["k"] is None:
             params["k"] = self.default_k
+        if op == "reconstruct" and params["format"] is None:
+            params["format"] = "png"
         return params
 
     def _authorized(self, scope: Scope) -> bool:
@@ -111,6 +115,8 @@ class FastPath:
             ref = resolve_model(self.state, request, match.group("model"), version)
             if op == "encode":
                 response = await self.operations.encode(request, ref, params["label"])
+            elif op == "reconstruct":
+                response = await self.operations.reconstruct(request, ref, params["label"], params["format"])
             elif op == "log-likelihood":
                 response = await self.operations.log_likelihood(request, ref, params["k"], params["seed"],
                                                                  params["label"])

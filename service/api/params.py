@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Query
 
@@ -33,10 +33,14 @@ class Param:
     high: float | None = None
     open_bounds: bool = False
     max_length: int | None = None
+    choices: tuple[str, ...] | None = None  # str parameters with a fixed set of values
 
     def query(self, optional: bool = True) -> Any:
         """The FastAPI query annotation of this parameter (bounds in the OpenAPI schema)."""
         bounds: dict[str, Any] = {}
+        if self.choices is not None:
+            kind = Literal[self.choices]  # type: ignore[valid-type]
+            return Annotated[kind | None if optional else kind, Query(description=self.description)]
         if self.kind is str:
             bounds["max_length"] = self.max_length
         elif self.open_bounds:
@@ -59,6 +63,9 @@ class Param:
         if self.kind is str:
             if not isinstance(value, str):
                 raise InvalidInput(f"parameter '{self.name}' must be a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise InvalidInput(f"parameter '{self.name}' must be one of {list(self.choices)}, "
+                                   f"got {value!r}")
             if self.max_length is not None and not 0 < len(value) <= self.max_length:
                 raise InvalidInput(f"parameter '{self.name}' must have 1 to {self.max_length} characters")
             return value
@@ -98,6 +105,7 @@ class Params:
     alpha: Param
     n: Param
     temperature: Param
+    format: Param  # how images come back: base64 PNG or arrays
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Params:
@@ -113,6 +121,7 @@ class Params:
                                         "model's)", 0.0, 1.0, open_bounds=True),
             n=Param("n", int, "number of samples", 1, settings.max_n),
             temperature=Param("temperature", float, "z = temperature * eps", 0.0, 100.0),
+            format=Param("format", str, "png: base64 PNG; array: C x H x W floats", choices=("png", "array")),
         )
 
     def get(self, name: str) -> Param:

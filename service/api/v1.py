@@ -143,6 +143,16 @@ class ImageOperations:
                    for m, v, lv in zip(mean, variance, log_var, strict=True)]
         return json_response({"model": ref.name, "version": ref.version, "results": results})
 
+    async def reconstruct(self, request: Request, ref: ModelRef, label: str | None, format: str) -> Response:
+        ref.admit("reconstruct")
+        batch = await read_images(request, ref.manifest, label, self.settings, self.models, ref.deadline)
+        out = await ref.run("reconstruct", _with_labels({"x": batch.x}, batch.y))
+        x_hat, sse = out["x_mean"], _finite(out["sse"], "errors")  # (N, C, H, W), (N,)
+        dims = ref.manifest.data_dims
+        results = [{**r, "mse": float(s / dims), "sse": float(s)}
+                   for r, s in zip(_images(x_hat, format), sse, strict=True)]
+        return json_response({"model": ref.name, "version": ref.version, "results": results})
+
     async def log_likelihood(self, request: Request, ref: ModelRef, k: int, seed: int | None,
                              label: str | None) -> Response:
         m = ref.manifest
@@ -216,8 +226,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     LabelQ = params.label.query()
     SeedQ = params.seed.query()
     KQ = params.k.query(optional=False)
-    FormatQ = Annotated[Literal["png", "array"],
-                        Query(description="png: base64 PNG; array: C x H x W floats")]
+    FormatQ = params.format.query(optional=False)
 
     @router.get(base, response_model=ModelDetail, responses=error_responses(401, 404, 503))
     async def get_model(ref: Model) -> Response:
@@ -282,14 +291,7 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     async def reconstruct_images(request: Request, ref: Model, label: LabelQ = None,
                                  format: FormatQ = "png") -> Response:
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
-        ref.admit("reconstruct")
-        batch = await read_images(request, ref.manifest, label, settings, models, ref.deadline)
-        out = await ref.run("reconstruct", _with_labels({"x": batch.x}, batch.y))
-        x_hat, sse = out["x_mean"], _finite(out["sse"], "errors")  # (N, C, H, W), (N,)
-        dims = ref.manifest.data_dims
-        results = [{**r, "mse": float(s / dims), "sse": float(s)}
-                   for r, s in zip(_images(x_hat, format), sse, strict=True)]
-        return json_response({"model": ref.name, "version": ref.version, "results": results})
+        return await operations.reconstruct(request, ref, label, format)
 
     @router.post(f"{base}/log-likelihood", response_model=LogLikelihoodResponse, responses=image_errors,
                  openapi_extra=inputs_body)
