@@ -146,7 +146,12 @@ class Batcher:
         self._queue: collections.deque[_Submission] = collections.deque()
         self._queued_rows = 0
         self._running_rows = 0  # rows of the batches on the device now
-        self._slots = asyncio.Semaphore(worker.instances)  # batches of this batcher running at once
+        # Batches of this batcher running at once. A time-sliced (expensive) batcher leaves one instance
+        # to the others when there are several, so cheap work always finds a free one (a flood of
+        # log-likelihood work cannot occupy every execution thread).
+        self.max_running = worker.instances if max_batch_seconds is None or worker.instances == 1 \
+            else worker.instances - 1
+        self._slots = asyncio.Semaphore(self.max_running)
         self._running: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -194,7 +199,7 @@ class Batcher:
         """
         per_batch = self.batch_rows()
         ahead = self._queued_rows + self._running_rows + rows
-        rounds = math.ceil(ahead / per_batch / self._worker.instances)  # instances run batches side by side
+        rounds = math.ceil(ahead / per_batch / self.max_running)  # instances run batches side by side
         return rounds * (self.batch_seconds(per_batch) + self._worker.busy_round_s(exclude=self))
 
     def start(self) -> None:

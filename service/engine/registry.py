@@ -234,7 +234,8 @@ class ModelRegistry:
         runtime = load_runtime(manifest, settings.runtime, settings.device, settings.cpu_intra_op_threads)
         worker = workers.get(runtime.device)
         if worker is None:
-            worker = workers[runtime.device] = DeviceExecutor(runtime.device, settings.device_instances)
+            instances = settings.instances_on(runtime.device)
+            worker = workers[runtime.device] = DeviceExecutor(runtime.device, instances)
         model = ServedModel(manifest, runtime, worker, settings, metrics)
         if settings.warmup:
             await worker.call(model.warm_up_sync)

@@ -131,3 +131,22 @@ def test_v2_png_has_the_pixel_budget_of_v1_uploads(make_app: Callable[..., FastA
         mean = np.asarray(ok.json()["outputs"][0]["data"], dtype=np.float32)
         expected = client.post("/v1/models/tiny/encode", json={"images": [b64(digit_png())]}).json()
         np.testing.assert_allclose(mean, expected["results"][0]["mean"], rtol=1e-6)
+
+
+def test_device_instances_default_to_the_cores_at_one_thread_each(make_settings: Callable[..., Any]) -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert make_settings(device_instances=0, threads=1).instances_on("cpu") == cores
+    assert make_settings(device_instances=0, threads=1).instances_on("cuda:0") == 1
+    assert make_settings(device_instances=0, threads=2).instances_on("cpu") == max(1, cores // 2)
+    assert make_settings(device_instances=0, threads=0, http_workers=0).instances_on("cpu") == 1  # ORT: all
+    assert make_settings(device_instances=3).instances_on("cpu") == 3
+
+
+def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..., FastAPI]) -> None:
+    """With several execution threads, log-weights batches may hold all but one of them."""
+    with TestClient(make_app(device_instances=2)) as client:
+        served = client.app.state.service.engine.registry.models[("tiny", "1")]  # type: ignore[attr-defined]
+        assert served.batchers["log_weights"].max_running == 1
+        assert served.batchers["encoder"].max_running == served.batchers["decoder"].max_running == 2
