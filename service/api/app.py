@@ -36,7 +36,8 @@ Serves exported VAE artifacts (`models/<name>/<version>/`, see docs/artifact-for
 * **encode** an image to its posterior mean and variance, **decode** latents, **sample** from the prior,
   **reconstruct** images;
 * **log-likelihood**: importance-weighted estimate of log p(x) with k samples (seeded, batch-invariant);
-* **anomaly-score**: -log p(x) with its percentile among normal data.
+* **anomaly-score**: an anomaly score per image (method named in the answer) with its conformal p-value
+  against held-out normal data and the decision at level alpha.
 
 Images go in as multipart files (field `images`), JSON base64 (`{"images": [...]}`) or JSON arrays
 (`{"inputs": [C x H x W floats]}`); options are query parameters. Every error answers
