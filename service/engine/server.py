@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -31,7 +32,7 @@ import zmq.asyncio
 
 from service.artifacts import ArtifactError
 from service.config import Settings
-from service.engine.interface import BatchFailed, EngineError
+from service.engine.interface import BatchFailed, EngineError, ModelInfo
 from service.engine.ipc import Outbox, error_fields, messages, unpack
 from service.engine.local import LocalEngine
 from service.logs import request_id_var
@@ -93,7 +94,9 @@ class EngineServer:
             if task is not None:
                 task.cancel()
         elif kind == "describe":
-            self._send(identity, {"id": message["id"], "models": self.engine.refresh_infos(),
+            models = {name: {version: _for_http_workers(info) for version, info in versions.items()}
+                      for name, versions in self.engine.refresh_infos().items()}
+            self._send(identity, {"id": message["id"], "models": models,
                                   "refused": dict(self.engine.refused)})
 
     async def _infer(self, identity: bytes, message: dict[str, Any]) -> None:
@@ -135,6 +138,17 @@ class EngineServer:
         # NOBLOCK: a reply to a worker that is gone fails at once instead of waiting; nobody to answer.
         sent = self._socket.send_multipart(route + frames, flags=zmq.NOBLOCK, copy=False)
         sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the error, if any
+
+
+def _for_http_workers(info: ModelInfo) -> ModelInfo:
+    """A model's info without what only the engine needs: the latent bank (the training images' codes,
+    hundreds of KB) stays here, where the anomaly scores are computed."""
+    cal = info.manifest.anomaly
+    if cal is None:
+        return info
+    methods = {name: dataclasses.replace(c, latent_bank=None) for name, c in cal.methods.items()}
+    manifest = dataclasses.replace(info.manifest, anomaly=dataclasses.replace(cal, methods=methods))
+    return dataclasses.replace(info, manifest=manifest)
 
 
 async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:

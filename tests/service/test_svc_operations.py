@@ -7,6 +7,7 @@ import json
 import struct
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,3 +151,17 @@ def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..
         served = client.app.state.service.engine.registry.models[("tiny", "1")]  # type: ignore[attr-defined]
         assert served.batchers["log_weights"].max_running == 1
         assert served.batchers["encoder"].max_running == served.batchers["decoder"].max_running == 2
+
+
+def test_http_workers_get_model_infos_without_the_latent_bank() -> None:
+    """The latent bank (training codes) stays in the inference process, which computes the scores."""
+    from service.artifacts import load_manifest
+    from service.engine.interface import ModelInfo
+    from service.engine.server import _for_http_workers
+
+    repo_root = Path(__file__).resolve().parents[2]
+    manifest = load_manifest(repo_root / "models" / "mnist-vae" / "2", "onnx")
+    assert manifest.anomaly is not None and manifest.anomaly.methods["fisher"].latent_bank is not None
+    slim = _for_http_workers(ModelInfo(manifest, "onnx", "cpu")).manifest
+    assert slim.anomaly is not None and all(c.latent_bank is None for c in slim.anomaly.methods.values())
+    assert slim.anomaly.methods["fisher"].scores == manifest.anomaly.methods["fisher"].scores
