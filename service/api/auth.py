@@ -1,4 +1,4 @@
-"""Bearer API keys (VAE_API_KEYS): one dependency, applied to every model router."""
+"""Bearer API keys (VAE_API_KEYS): one key check, used by the routers' dependency and the fast path."""
 
 
 import hmac
@@ -9,6 +9,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.errors import Unauthorized
 from service.config import Settings
+
+
+def key_matches(given: bytes, keys: list[bytes]) -> bool:
+    """Whether `given` is one of `keys`. Compares against every key (no early exit), so timing does not
+    reveal which key nearly matched."""
+    matches = [hmac.compare_digest(given, key) for key in keys]
+    return any(matches)
 
 
 def auth_dependencies(settings: Settings) -> list[Any]:
@@ -23,10 +30,7 @@ def auth_dependencies(settings: Settings) -> list[Any]:
     ) -> None:
         if credentials is None:
             raise Unauthorized("missing header 'Authorization: Bearer <api key>'")
-        given = credentials.credentials.encode()
-        # Compare against every key (no early exit), so timing does not reveal which key nearly matched.
-        matches = [hmac.compare_digest(given, key) for key in keys]
-        if not any(matches):
+        if not key_matches(credentials.credentials.encode(), keys):
             raise Unauthorized("invalid API key")
 
     return [Depends(require_api_key)]

@@ -17,7 +17,6 @@ disagree on what is an error.
 
 from __future__ import annotations
 
-import hmac
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.auth import key_matches
 from service.api.errors import ServiceError, error_response, from_engine_error, http_error_response
 from service.api.model_ref import resolve_model
 from service.api.params import Params
@@ -102,8 +102,7 @@ class FastPath:
                 scheme, _, given = value.partition(b" ")
                 if scheme.lower() != b"bearer":
                     return False
-                matches = [hmac.compare_digest(given.strip(), key) for key in self.keys]
-                return any(matches)
+                return key_matches(given.strip(), self.keys)
         return False
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str],
