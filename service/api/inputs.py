@@ -86,13 +86,13 @@ def _validate(body: bytes, model: type[BaseModel]) -> Any:
 
 
 async def read_images(request: Request, manifest: Manifest, label: str | None, settings: Settings,
-                      models: RequestSchemas, deadline: float) -> ImageBatch:
+                      schemas: RequestSchemas, deadline: float) -> ImageBatch:
     """Parse whichever input form the request uses into a checked (N, C, H, W) batch."""
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
         arrays, labels = await _read_multipart(request, manifest, settings, deadline)
     elif _is_json(media_type):
-        arrays, labels = await _read_json_images(request, manifest, settings, models, deadline)
+        arrays, labels = await _read_json_images(request, manifest, settings, schemas, deadline)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {media_type or '(none)'} is not supported: send multipart/form-data with files in "
@@ -124,16 +124,16 @@ async def _read_multipart(request: Request, manifest: Manifest, settings: Settin
     return await decode_files(files, manifest, settings, deadline), labels
 
 
-async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, models: RequestSchemas,
+async def _read_json_images(request: Request, manifest: Manifest, settings: Settings, schemas: RequestSchemas,
                             deadline: float) -> tuple[list[np.ndarray], list[Any] | None]:
     body = await request.body()
     per_image = manifest.data_dims + 1  # the pixels of one image and its label
     bound_values(body, settings.max_images * per_image, f"{settings.max_images} images of "
                  f"{'x'.join(map(str, manifest.input_shape))} values")
     if len(body) <= INLINE_BODY_BYTES:
-        parsed = _parse_json_images(body, manifest, models)
+        parsed = _parse_json_images(body, manifest, schemas)
     else:  # parsing up to max_upload_bytes of JSON is CPU work: off the event loop
-        parsed = await asyncio.to_thread(_parse_json_images, body, manifest, models)
+        parsed = await asyncio.to_thread(_parse_json_images, body, manifest, schemas)
     if isinstance(parsed, _Files):
         return await decode_files(parsed.files, manifest, settings, deadline), parsed.labels
     return parsed
@@ -148,17 +148,17 @@ class _Files:
 
 
 def _parse_json_images(body: bytes, manifest: Manifest,
-                       models: RequestSchemas) -> _Files | tuple[list[np.ndarray], list[Any] | None]:
-    files = _plain_base64_images(body, models.settings)
+                       schemas: RequestSchemas) -> _Files | tuple[list[np.ndarray], list[Any] | None]:
+    files = _plain_base64_images(body, schemas.settings)
     if files is not None:
         return _Files([decode_or_422(s, i) for i, s in enumerate(files)], None)
     # Pick the form from the keys first, so a mistake gets the message of the form the caller meant.
     keys = _top_level_keys(body)
     if "images" in keys and "inputs" not in keys:
-        req = _validate(body, models.images)
+        req = _validate(body, schemas.images)
         return _Files([decode_or_422(s, i) for i, s in enumerate(req.images)], req.labels)
     if "inputs" in keys and "images" not in keys:
-        req = _validate(body, models.arrays)
+        req = _validate(body, schemas.arrays)
         return [_check_array(a, i, manifest) for i, a in enumerate(req.inputs)], req.labels
     raise InvalidInput("the JSON body needs exactly one of 'images' (base64 image files) or 'inputs' "
                        "(C x H x W arrays of floats in [0, 1])")
@@ -278,19 +278,19 @@ def _check_array(values: list[Any], index: int, manifest: Manifest) -> np.ndarra
 
 
 async def read_latents(request: Request, manifest: Manifest, label: str | None,
-                       models: RequestSchemas) -> tuple[np.ndarray, np.ndarray | None]:
+                       schemas: RequestSchemas) -> tuple[np.ndarray, np.ndarray | None]:
     """JSON {"latents": [[...], ...]} -> z (N, D) float32 and labels (N,) for conditional models."""
     media_type = _media_type(request)
     if not _is_json(media_type):
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send "
                                    'application/json like {"latents": [[0.1, -0.3, ...]]}')
     body = await request.body()
-    max_items = models.settings.max_images
+    max_items = schemas.settings.max_images
     bound_values(body, max_items * (manifest.latent_dim + 1), f"{max_items} latents of {manifest.latent_dim}")
     if len(body) <= INLINE_BODY_BYTES:
-        req = _validate(body, models.latents)
+        req = _validate(body, schemas.latents)
     else:  # validation is CPU work: off the event loop
-        req = await asyncio.to_thread(_validate, body, models.latents)
+        req = await asyncio.to_thread(_validate, body, schemas.latents)
     for i, z in enumerate(req.latents):
         if len(z) != manifest.latent_dim:
             raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "

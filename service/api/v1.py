@@ -130,11 +130,11 @@ class ImageOperations:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models = RequestSchemas(settings)
+        self.schemas = RequestSchemas(settings)
 
     async def encode(self, request: Request, ref: ModelRef, label: str | None) -> Response:
         ref.admit("encode")
-        batch = await read_images(request, ref.manifest, label, self.settings, self.models, ref.deadline)
+        batch = await read_images(request, ref.manifest, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("encode", _with_labels({"x": batch.x}, batch.y))
         mean = _finite(out["mean"].astype(np.float64), "means")
         log_var = out["log_var"].astype(np.float64)
@@ -145,7 +145,7 @@ class ImageOperations:
 
     async def reconstruct(self, request: Request, ref: ModelRef, label: str | None, format: str) -> Response:
         ref.admit("reconstruct")
-        batch = await read_images(request, ref.manifest, label, self.settings, self.models, ref.deadline)
+        batch = await read_images(request, ref.manifest, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("reconstruct", _with_labels({"x": batch.x}, batch.y))
         x_hat, sse = out["x_mean"], _finite(out["sse"], "errors")  # (N, C, H, W), (N,)
         dims = ref.manifest.data_dims
@@ -158,7 +158,7 @@ class ImageOperations:
         m = ref.manifest
         options = Options(k=k, seed=secrets.randbits(63) if seed is None else seed)
         ref.admit("log_likelihood", options=options)
-        batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
+        batch = await read_images(request, m, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("log_likelihood", _with_labels({"x": batch.x}, batch.y), options)
         se = out["standard_error"]
         results = [{"log_likelihood": ll, "elbo": elbo, "k": k, "bits_per_dim": bits_per_dim(ll, m.data_dims),
@@ -176,7 +176,7 @@ class ImageOperations:
         options = anomaly_options(m, self.settings, method, alpha, k,
                                   secrets.randbits(63) if seed is None else seed)
         ref.admit("anomaly_score", options=options)
-        batch = await read_images(request, m, label, self.settings, self.models, ref.deadline)
+        batch = await read_images(request, m, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("anomaly_score", _with_labels({"x": batch.x}, batch.y), options)
         results = [{"method": options.method, "score": score, "p_value": p, "alpha": options.alpha,
                     "percentile": pct, "threshold": t if math.isfinite(t) else None, "is_anomaly": flag,
@@ -218,10 +218,10 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
                       operations: ImageOperations) -> None:
     """The routes of one model version under `base` (the path parameters are `resolve`'s)."""
     Model = Annotated[ModelRef, Depends(resolve)]
-    models = RequestSchemas(settings)
+    schemas = RequestSchemas(settings)
     common = (401, 404, 429, 500, 503, 504)
     image_errors = error_responses(*common, 400, 413, 415, 422)
-    inputs_body = models.inputs_openapi(settings.max_images)
+    inputs_body = schemas.inputs_openapi(settings.max_images)
     params = Params.from_settings(settings)  # bounds shared with the fast path and V2
     LabelQ = params.label.query()
     SeedQ = params.seed.query()
@@ -241,12 +241,12 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
 
     @router.post(f"{base}/decode", response_model=DecodeResponse, response_model_exclude_none=True,
                  responses=error_responses(*common, 400, 413, 415, 422),
-                 openapi_extra=models.latents_openapi())
+                 openapi_extra=schemas.latents_openapi())
     async def decode_latents(request: Request, ref: Model, label: LabelQ = None,
                              format: FormatQ = "png") -> Response:
         """E[x|z] for each latent vector, as base64 PNG or arrays."""
         ref.admit("decode")
-        z, y = await read_latents(request, ref.manifest, label, models)
+        z, y = await read_latents(request, ref.manifest, label, schemas)
         x = (await ref.run("decode", _with_labels({"z": z}, y)))["x_mean"]
         return json_response({"model": ref.name, "version": ref.version, "results": _images(x, format)})
 
