@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts" / "reliability"))
+import harness  # noqa: E402 - the one process harness (free port, spawn, wait for ready, kill the tree)
+
+HOST = harness.HOST
 PEERS_VENV = ROOT / ".bench-peers-venv"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -227,7 +223,7 @@ _BATCH_RE = re.compile(
 class RunningServer:
     spec: ServerSpec
     log_path: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=harness.free_port)
     process: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
     stop_seconds: float | None = None
@@ -239,17 +235,8 @@ class RunningServer:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, **self.spec.env}
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*self.spec.command, "--host", HOST, "--port", str(self.port)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._started = time.monotonic()
+        command = [*self.spec.command, "--host", HOST, "--port", str(self.port)]
+        self.process = harness.spawn(command, self.log_path, {**os.environ, **self.spec.env})
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         request = urllib.request.Request(self.base_url + path)
@@ -271,20 +258,12 @@ class RunningServer:
 
     def wait_ready(self, timeout_s: float) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.spec.name} exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if self.get(self.spec.ready_path, timeout=2.0)[0] == 200:
-                    self.ready_seconds = round(time.monotonic() - self._started, 1)
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.spec.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+        try:
+            url = self.base_url + self.spec.ready_path
+            seconds = harness.wait_until_ready(self.process, url, self.log_path, timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.spec.name}: {exc}") from None
+        self.ready_seconds = round(seconds, 1)
 
     def cpu_seconds(self) -> float:
         """CPU seconds of the live process tree (a process that exits between two readings is lost)."""

@@ -1,7 +1,10 @@
-"""Tools shared by the reliability tests (tests/reliability) and scripts (burst.py, soak.py).
+"""Tools shared by the tests (tests/reliability, tests/service, tests/client), the reliability scripts
+(burst.py, soak.py, hostile.py, ...) and the serving benchmark (benchmarks/serving_servers.py).
 
-Everything talks real HTTP to a real `python -m service` process on 127.0.0.1 (never elsewhere),
-and every loop is bounded in count and time.
+The process harness is here once: a free port, a server spawned as its own process group
+(`spawn`), waiting for its readiness route (`wait_until_ready`) and killing the whole tree
+(`kill_tree`). Everything talks real HTTP to real processes on 127.0.0.1 (never elsewhere), and every
+loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -101,18 +104,7 @@ class Server:
         return rss_mb(self.pid)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
+        wait_until_ready(self.proc, f"{self.url}/readyz", self.log_path, timeout)
 
     def sigterm(self) -> float:
         self.proc.send_signal(signal.SIGTERM)
@@ -129,13 +121,8 @@ def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = 
     full_env = {**os.environ, "VAE_THREADS": "1", "VAE_DEVICE_INSTANCES": "1", "VAE_LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
                 "RELIABILITY_BATCH_DELAY_S": str(batch_delay_s), **(env or {})}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        # Its own process group: the forked children (HTTP workers, inference process) share it, so
-        # the cleanup below can kill the whole tree (killing only the supervisor orphans them).
-        proc = subprocess.Popen([sys.executable, str(FAULTY_SERVICE), "--host", HOST, "--port", str(port),
-                                 "--models-dir", str(models_dir)], cwd=ROOT, env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn([sys.executable, str(FAULTY_SERVICE), "--host", HOST, "--port", str(port),
+                  "--models-dir", str(models_dir)], log_path, full_env)
     server = Server(proc, port, log_path)
     try:
         if wait:
@@ -143,6 +130,40 @@ def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = 
         yield server
     finally:
         kill_tree(proc)
+
+
+def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a server from the repository root, stdout and stderr to `log_path`, in its own process
+    group: the children it forks (HTTP workers, inference process, a peer's workers) share it, so
+    kill_tree can end the whole tree (killing only the leader orphans them)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until_ready(proc: subprocess.Popen, ready_url: str, log_path: Path, timeout: float) -> float:
+    """Poll `ready_url` until it answers 200; the seconds that took. RuntimeError with the log's tail
+    if the process exits first or the timeout passes."""
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{_tail(log_path)}")
+        time.sleep(0.1)
+
+
+def _tail(log_path: Path, chars: int = 4000) -> str:
+    try:
+        return log_path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
