@@ -231,3 +231,14 @@ def test_png_encoder_round_trips_through_pillow(shape: tuple[int, int, int]) -> 
     im.load()
     assert im.format == "PNG" and im.mode == ("L" if shape[0] == 1 else "RGB") and im.size == shape[:0:-1]
     np.testing.assert_array_equal(np.asarray(im), to_uint8(x))
+
+
+def test_without_libspng_pillow_decodes_every_png(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyspng is optional (no wheels on some platforms): without it the same file gives the same pixels."""
+    from service.api import images
+
+    data = image_bytes(np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8))
+    fast = decode_image(data, GREY, 10_000)
+    monkeypatch.setattr(images, "pyspng", None)
+    assert images.plain_png(data) is None
+    np.testing.assert_array_equal(decode_image(data, GREY, 10_000), fast)
