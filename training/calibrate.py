@@ -18,9 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from service.artifacts import load_manifest, sha256_file
+from service.artifacts import load_manifest
 from training.evaluate import json_safe
-from training.export import ANOMALY_ALPHA, calibrate_anomaly
+from training.export import ANOMALY_ALPHA, calibrate_anomaly, file_checksums
 from training.scoring import GraphScorer
 from training.train import load_dataset_for
 
@@ -68,9 +68,7 @@ def recalibrate(artifact: Path, *, k: int | None = None, seed: int | None = None
 def write_manifest(directory: Path, raw: dict) -> None:
     """Replace manifest.json atomically, with the checksums of every file in the folder (as the exporter
     lists them), then check that the artifact verifies."""
-    raw = dict(raw)
-    raw["files"] = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
-                    if p.is_file() and p.name not in ("manifest.json", "manifest.json.tmp")}
+    raw = {**raw, "files": file_checksums(directory)}
     tmp = directory / "manifest.json.tmp"
     tmp.write_text(json.dumps(json_safe(raw), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, directory / "manifest.json")

@@ -282,9 +282,7 @@ def export_model(
         manifest = _manifest(vae, name, version, prep, splits, parity, metrics, training,
                              graphs=tuple(graphs), background=background)
         manifest["anomaly"] = anomaly_record
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        manifest["files"] = file_checksums(tmp)
         (tmp / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -297,6 +295,12 @@ def export_model(
         raise
     log.info("exported %s", final)
     return final
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    """The manifest's `files`: every file of the version folder but the manifest itself -> sha256."""
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", "manifest.json.tmp")}
 
 
 def _real_inputs(vae: VAE, splits: DataSplits, prep: Preprocessing, seed: int,

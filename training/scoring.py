@@ -76,7 +76,6 @@ class GraphScorer:
         shape = input_shape or (preprocessing.channels, preprocessing.height, preprocessing.width)
         self.family = GaussianLatentVAE(latent_dim=latent_dim, input_shape=shape, preprocessing=preprocessing,
                                         likelihood=likelihood, conditional=conditional, chunk=chunk)
-        self.preprocessing = preprocessing
         self.batch_rows = batch_rows
 
     @classmethod
@@ -116,7 +115,7 @@ class GraphScorer:
 
     def latent_means(self, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Encoder means of the likelihood view, as the service encodes it: (N, C, H, W) -> (N, D) float32."""
-        view = self.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
+        view = self.family.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
         return asyncio.run(self.family.encode(self._run_graph, view, labels))["mean"]
 
     def anomaly_inputs(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],

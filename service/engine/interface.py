@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.artifacts import Manifest, version_key
-from service.families import NO_OPTIONS, Arrays, Operation, Options
+from service.families import DEFAULT_CHUNK, NO_OPTIONS, Arrays, Operation, Options
 
 
 # -- errors: HTTP-agnostic; service/api/errors.py maps each to one status ------------------------------------
@@ -78,7 +78,7 @@ class ModelInfo:
     runtime_details: dict[str, Any] = field(default_factory=dict)
     # Measured at warm-up and while serving: seconds of device time per row of each graph.
     seconds_per_row: dict[str, float] = field(default_factory=dict)
-    chunk: int = 128  # importance samples per log-weights row (the family's work() needs it)
+    chunk: int = DEFAULT_CHUNK  # importance samples per log-weights row (the family's work() needs it)
 
 
 class Engine(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +34,6 @@ METHOD_NEEDS: dict[str, frozenset[str]] = {
     "latent_knn": frozenset({"latent_mean"}),
     "fisher": frozenset({"latent_mean", "reconstruction_errors"}),
 }
-
-A = TypeVar("A")
-B = TypeVar("B")
-
 
 class GaussianLatentVAE:
     """The operations of one Gaussian-latent model (shapes in service/families/base.py)."""
