@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.anomaly import METHODS
 from service.artifacts import MODEL_NAME_RE
 
 
@@ -101,9 +103,10 @@ class Settings(BaseSettings):
     # the decode time one request can cost (about 1 s per 20M pixels of PNG on one core here).
     max_request_pixels: int = Field(16_000_000, ge=1)
     decode_threads: int = Field(1, ge=1, le=64)  # per HTTP worker: the pool that decodes large images
-    # Models with per-method calibration (manifest `anomaly`): the default method (if the model has
-    # it; else the manifest's default) and level alpha (else the manifest's); callers may override both.
-    anomaly_method: str | None = Field(None, max_length=32)
+    # Models with per-method calibration (manifest `anomaly`): the default method (one of
+    # service.anomaly.METHODS; a model not calibrated for it keeps its own default, logged at start-up)
+    # and level alpha (else the manifest's); callers may override both per request.
+    anomaly_method: str | None = None
     anomaly_alpha: float | None = Field(None, gt=0.0, lt=1.0)
 
     # -- security and operations -------------------------------------------------------------------
@@ -137,6 +140,14 @@ class Settings(BaseSettings):
             if not MODEL_NAME_RE.fullmatch(name) or (version and not MODEL_NAME_RE.fullmatch(version)):
                 raise ValueError(f"model reference {ref!r} must look like 'name' or 'name:version' "
                                  f"with names matching {MODEL_NAME_RE.pattern}")
+        return value
+
+    @field_validator("anomaly_method")
+    @classmethod
+    def _known_anomaly_method(cls, value: str | None) -> str | None:
+        # A misspelt method would otherwise go unnoticed: every model would silently keep its own default.
+        if value is not None and value not in METHODS:
+            raise ValueError(f"unknown anomaly method {value!r}; valid methods: {', '.join(METHODS)}")
         return value
 
     @field_validator("api_keys")
@@ -189,6 +200,11 @@ class Settings(BaseSettings):
         if device != "cpu" or threads == 0:  # a GPU, or one runtime that uses every core itself
             return 1
         return max(1, len(os.sched_getaffinity(0)) // threads)
+
+    def default_anomaly_method(self, offered: Collection[str], own_default: str) -> str:
+        """The method of anomaly requests that name none, for a model calibrated for `offered` methods:
+        VAE_ANOMALY_METHOD when the model offers it, else the model's own `anomaly.default_method`."""
+        return self.anomaly_method if self.anomaly_method in offered else own_default
 
     @property
     def log_weights_batch_rows(self) -> int:

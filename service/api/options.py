@@ -14,7 +14,7 @@ def anomaly_options(manifest: Manifest, settings: Settings, method: str | None, 
         raise InvalidInput(f"model {manifest.name} version {manifest.version} has no anomaly calibration; "
                            "calibrate it with `python -m training calibrate <version folder>`")
     if method is None:
-        method = settings.anomaly_method if settings.anomaly_method in cal.methods else cal.default_method
+        method = settings.default_anomaly_method(cal.methods, cal.default_method)
     if method not in cal.methods:
         raise InvalidInput(f"model {manifest.name} version {manifest.version} has no calibration for method "
                            f"{method!r}; it offers {sorted(cal.methods)}")

@@ -159,6 +159,17 @@ class ServedModel:
                         self.manifest.version, settings.max_images, settings.max_k, largest, budget,
                         settings.max_k, fits)
 
+    def note_anomaly_default(self, settings: Settings) -> None:
+        """Say at start-up when VAE_ANOMALY_METHOD is not calibrated for this model, so the fallback to the
+        model's own default method is visible rather than silent."""
+        cal = self.manifest.anomaly
+        if settings.anomaly_method is None or cal is None or settings.anomaly_method in cal.methods:
+            return
+        log.warning("%s:%s has no calibration for VAE_ANOMALY_METHOD=%s; its anomaly scores default to its "
+                    "own method %r (it offers %s)", self.manifest.name, self.manifest.version,
+                    settings.anomaly_method, settings.default_anomaly_method(cal.methods, cal.default_method),
+                    ", ".join(sorted(cal.methods)))
+
     def start(self) -> None:
         for b in self.batchers.values():
             b.start()
@@ -245,6 +256,7 @@ class ModelRegistry:
         log.info("loaded %s version %s (%s on %s) in %.2fs", manifest.name, manifest.version,
                  runtime.name, runtime.device, time.perf_counter() - started)
         model.warn_if_limits_exceed_deadline(settings)
+        model.note_anomaly_default(settings)
         return model
 
     async def stop_batchers(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from service.__main__ import main
+from service.anomaly import METHODS
 from service.api.app import create_app
 from service.artifacts import ArtifactError, discover, load_manifest
 from service.config import Settings
@@ -43,6 +46,33 @@ def test_invalid_settings_are_refused(overrides: dict, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
         Settings(**overrides)
     assert fragment in str(info.value)
+
+
+def test_an_unknown_anomaly_method_stops_start_up_naming_the_valid_ones(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("VAE_ANOMALY_METHOD", "bogus")
+    assert main(["--port", "0"]) == 2  # refused before any model is looked for
+    err = capsys.readouterr().err
+    assert "anomaly_method" in err and "unknown anomaly method 'bogus'" in err
+    assert f"valid methods: {', '.join(METHODS)}" in err
+    for method in METHODS:  # every known method is accepted
+        assert Settings(anomaly_method=method).anomaly_method == method
+
+
+def test_a_default_method_a_model_lacks_falls_back_to_its_own_and_says_so(
+        models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # tiny has no background model, hence no likelihood_ratio calibration.
+    settings = Settings(models_dir=models_dir, models="tiny", threads=1, anomaly_method="likelihood_ratio")
+    logs = caplog.at_level(logging.WARNING, logger="service.engine.registry")
+    with logs, TestClient(create_app(settings)) as c:
+        detail = c.get("/v1/models/tiny").json()["anomaly"]
+        assert "likelihood_ratio" not in detail["methods"]
+        scored = c.post("/v1/models/tiny/anomaly-score?seed=1", json={"inputs": [[[[0.5] * 8] * 8]]})
+    assert scored.status_code == 200 and scored.json()["method"] == detail["default_method"]
+    notes = [r.getMessage() for r in caplog.records if "VAE_ANOMALY_METHOD" in r.getMessage()]
+    assert notes == [f"tiny:1 has no calibration for VAE_ANOMALY_METHOD=likelihood_ratio; its anomaly scores "
+                     f"default to its own method {detail['default_method']!r} (it offers "
+                     f"{', '.join(sorted(detail['methods']))})"]
 
 
 # -- discovery and verification --------------------------------------------------------------------------
