@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.anomaly import METHODS
 from service.api.errors import install_error_handlers
 from service.api.fastpath import FastPath
 from service.api.middleware import RequestMiddleware
@@ -36,13 +37,15 @@ Serves exported VAE artifacts (`models/<name>/<version>/`, see docs/artifact-for
 * **encode** an image to its posterior mean and variance, **decode** latents, **sample** from the prior,
   **reconstruct** images;
 * **log-likelihood**: importance-weighted estimate of log p(x) with k samples (seeded, batch-invariant);
-* **anomaly-score**: an anomaly score per image (method named in the answer) with its conformal p-value
-  against held-out normal data and the decision at level alpha.
+* **anomaly-score**: an anomaly score per image with its conformal p-value against held-out normal
+  data and the decision at level alpha. Methods: METHOD_LIST, as each
+  model's calibration offers; the default is per model (its manifest's `anomaly.default_method`), and
+  the answer names the method used.
 
 Images go in as multipart files (field `images`), JSON base64 (`{"images": [...]}`) or JSON arrays
 (`{"inputs": [C x H x W floats]}`); options are query parameters. Every error answers
 `{"error": {"code", "message", "request_id"}}`. All model work is dynamically batched.
-"""
+""".replace("METHOD_LIST", ", ".join(f"`{m}`" for m in METHODS))  # the one list: service/anomaly.py
 
 
 def _document_served_models(app: FastAPI, state: AppState) -> None:

@@ -14,10 +14,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Query
 
+from service.anomaly import METHODS
 from service.api.errors import InvalidInput
 from service.config import Settings
 
 MAX_SEED = 2**63 - 1
+# Built from the one list of methods (service/anomaly.py), so the OpenAPI text cannot fall behind it.
+METHOD_DESCRIPTION = (f"anomaly score, one of {', '.join(METHODS)}, as the model's calibration offers "
+                      "(GET /v1/models/{model}: anomaly.methods); default: the model's own "
+                      "(anomaly.default_method), or VAE_ANOMALY_METHOD when the model offers it")
 _INT = re.compile(r"[+]?[0-9]{1,19}")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
 
@@ -114,9 +119,7 @@ class Params:
             seed=Param("seed", int, "random if omitted; echoed back", 0, MAX_SEED),
             label=Param("label", str, "class name or index for every item (conditional models)",
                         max_length=64),
-            method=Param("method", str, "anomaly score: nll, typicality, complexity, likelihood_ratio, "
-                                        "combined, latent_knn or fisher, as the model's calibration offers "
-                                        "(default: the model's)", max_length=32),
+            method=Param("method", str, METHOD_DESCRIPTION, max_length=32),
             alpha=Param("alpha", float, "level: is_anomaly when the conformal p-value <= alpha (default: the "
                                         "model's)", 0.0, 1.0, open_bounds=True),
             n=Param("n", int, "number of samples", 1, settings.max_n),

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.anomaly import METHODS
 from service.config import Settings
 
 # A 1x1 black PNG: the smallest valid example image (it is resized to the model's input size).
@@ -197,7 +198,8 @@ class LogLikelihoodResponse(_Response):
 
 
 class AnomalyResult(BaseModel):
-    method: str = Field(description="the scoring method that produced `score`", examples=["complexity"])
+    method: str = Field(description=f"the scoring method that produced `score`: one of {', '.join(METHODS)}",
+                        examples=["complexity"])
     score: float = Field(description="the method's score (higher = more anomalous); nll: -log p(x) in nats")
     p_value: float = Field(description="conformal p-value (1 + #{calibration scores >= score}) / (n + 1)")
     alpha: float = Field(description="the level: is_anomaly = p_value <= alpha")

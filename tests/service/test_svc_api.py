@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from svc_helpers import b64, digit_png, grey_arrays, image_bytes
 
+from service.anomaly import METHODS
+
 
 def assert_error(response: Any, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
@@ -73,6 +75,20 @@ def test_openapi_documents_every_route_with_examples(client: TestClient) -> None
     n = next(p for p in paths["/v1/models/{model}/sample"]["get"]["parameters"] if p["name"] == "n")
     assert n["schema"]["maximum"] == 256
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_texts_list_every_anomaly_method_from_the_one_definition(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    listed = ", ".join(METHODS)  # service/anomaly.py: the methods the service can score
+    for path in ("/v1/models/{model}/anomaly-score", "/v1/models/{model}/versions/{version}/anomaly-score"):
+        method = next(p for p in spec["paths"][path]["post"]["parameters"] if p["name"] == "method")
+        assert f"one of {listed}, as the model's calibration offers" in method["description"]
+        assert "default: the model's own (anomaly.default_method)" in method["description"]
+    result = spec["components"]["schemas"]["AnomalyResult"]["properties"]["method"]
+    assert result["description"].endswith(f"one of {listed}")
+    overview = spec["info"]["description"]
+    assert all(f"`{m}`" in overview for m in METHODS) and "anomaly.default_method" in overview
+    assert "with its percentile" not in json.dumps(spec)  # the old text that named -log p(x) only
 
 
 # -- encode: the three input forms give the same result --------------------------------------------------
