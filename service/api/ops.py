@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from service.api.auth import auth_dependencies
 from service.api.errors import Unavailable
-from service.api.schemas import Health, error_responses
+from service.api.schemas import Liveness, Readiness, error_responses
 from service.api.state import AppState
 
 # Paths that are not model work: never refused while draining, never counted against admission.
@@ -33,19 +33,19 @@ def build_ops_router(state: AppState) -> APIRouter:
     router = APIRouter(tags=["operations"], dependencies=auth_dependencies(state.settings) if protect else [],
                        responses=error_responses(401) if protect else None)
 
-    @router.get("/healthz", response_model=Health, summary="Liveness")
-    async def get_health() -> Health:
-        """200 while the process is alive (even while loading or draining)."""
-        return Health(status="ok")
+    @router.get("/healthz", response_model=Liveness, summary="Liveness")
+    async def get_health() -> Liveness:
+        """200 while the process is alive (even while loading or draining); the models are in /readyz."""
+        return Liveness(status="ok")
 
-    @router.get("/readyz", response_model=Health, summary="Readiness", responses=error_responses(503))
-    async def get_ready() -> Health:
+    @router.get("/readyz", response_model=Readiness, summary="Readiness", responses=error_responses(503))
+    async def get_ready() -> Readiness:
         """200 when every model is loaded, warmed up and reachable; 503 before, during a restart of the
         inference process, and once shutdown begins."""
         reason = not_ready_reason(state)
         if reason is not None:
             raise Unavailable(reason)
-        return Health(status="ready", models=sorted(state.engine.models))
+        return Readiness(status="ready", models=sorted(state.engine.models))
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

@@ -59,9 +59,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # -- health and models ---------------------------------------------------------------------------------
-class Health(BaseModel):
-    status: Literal["ok", "ready"]
-    models: list[str] = Field(default_factory=list)
+class Liveness(BaseModel):
+    """/healthz: the process answers. No model list: liveness must stay cheap and 200 while models load
+    and while draining, when any list would be empty or stale; /readyz and /v1/models have it."""
+
+    status: Literal["ok"] = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = Field(examples=["ready"])
+    models: list[str] = Field(description="the served model names, sorted", examples=[["mnist-vae"]])
 
 
 class InputShape(BaseModel):

@@ -29,7 +29,7 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict:
 
 # -- health, metadata, metrics ---------------------------------------------------------------------------
 def test_health_ready_and_model_list(client: TestClient) -> None:
-    assert client.get("/healthz").json() == {"status": "ok", "models": []}
+    assert client.get("/healthz").json() == {"status": "ok"}  # liveness lists no models (readyz does)
     assert client.get("/readyz").json() == {"status": "ready", "models": ["lin", "tiny", "tinyc"]}
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"lin", "tiny", "tinyc"}
@@ -456,6 +456,23 @@ def test_api_keys(make_app: Any) -> None:
         assert c.post("/v1/models/tiny/encode", json=body, headers=right).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
         assert "securitySchemes" in c.get("/openapi.json").json()["components"]
+
+
+def test_liveness_answers_the_same_while_loading_serving_and_draining(make_app: Any) -> None:
+    """/healthz never pretends to know the models: its schema has `status` only, and it answers the same
+    before the models are loaded (no lifespan yet), while serving and while draining."""
+    app = make_app(warmup=False)
+    loading = TestClient(app)  # not entered: the lifespan (model loading) has not run
+    assert loading.get("/readyz").status_code == 503
+    assert loading.get("/healthz").json() == {"status": "ok"}
+    with TestClient(app) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json()["models"] == ["lin", "tiny", "tinyc"]
+        app.state.service.draining = True
+        assert c.get("/healthz").json() == {"status": "ok"}
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+    assert set(schemas["Liveness"]["properties"]) == {"status"}
+    assert set(schemas["Readiness"]["required"]) == {"status", "models"}
 
 
 def test_draining_refuses_v1_and_readyz(make_app: Any) -> None:
