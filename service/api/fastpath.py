@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.auth import key_matches
+from service.api.auth import authorization_problem
 from service.api.errors import ServiceError, error_response, from_engine_error, http_error_response
 from service.api.model_ref import resolve_model
 from service.api.params import Params
@@ -95,15 +95,12 @@ class FastPath:
         return params
 
     def _authorized(self, scope: Scope) -> bool:
+        """A valid key, by the check FastAPI's routes use (api/auth.py); any problem goes to FastAPI,
+        which answers 401 with that check's message."""
         if not self.keys:
             return True
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                if scheme.lower() != b"bearer":
-                    return False
-                return key_matches(given.strip(), self.keys)
-        return False
+        header = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
+        return authorization_problem(header, self.keys) is None
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str],
                      params: dict[str, Any]) -> None:

@@ -458,6 +458,34 @@ def test_api_keys(make_app: Any) -> None:
         assert "securitySchemes" in c.get("/openapi.json").json()["components"]
 
 
+@pytest.mark.parametrize("header, message", [
+    (None, "missing header 'Authorization: Bearer <api key>'"),
+    ("KEY", "Authorization must be 'Bearer <api key>'"),  # the bare key, without the scheme
+    ("Basic KEY", "Authorization must be 'Bearer <api key>'"),
+    ("Bearer", "Authorization must be 'Bearer <api key>'"),
+    ("Bearer not-the-key-0123456789", "invalid API key"),
+])
+def test_every_protocol_says_exactly_what_is_wrong_with_the_key(make_app: Any, header: str | None,
+                                                                 message: str) -> None:
+    key = "k" * 20
+    headers = {} if header is None else {"Authorization": header.replace("KEY", key)}
+    v2_body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}
+    body = {"inputs": grey_arrays(1)}
+    with TestClient(make_app(api_keys=key, auth_ops=True, warmup=False)) as c:
+        v1 = [c.post("/v1/models/tiny/encode", json=body, headers=headers),  # the fast path
+              c.post("/v1/models/tiny/log-likelihood?k=300", json=body, headers=headers),
+              c.get("/v1/models", headers=headers), c.get("/readyz", headers=headers)]
+        for response in v1:
+            assert assert_error(response, 401, "unauthorized")["message"] == message
+            assert response.headers["www-authenticate"] == "Bearer"
+        for response in (c.post("/v2/models/tiny.encode/infer", json=v2_body, headers=headers),
+                         c.get("/v2/models/tiny.encode", headers=headers)):
+            assert response.status_code == 401 and response.json() == {"error": message}
+        right = {"Authorization": f"bearer {key}"}  # the scheme is case-insensitive
+        assert c.post("/v1/models/tiny/encode", json=body, headers=right).status_code == 200
+        assert c.post("/v2/models/tiny.encode/infer", json=v2_body, headers=right).status_code == 200
+
+
 def test_liveness_answers_the_same_while_loading_serving_and_draining(make_app: Any) -> None:
     """/healthz never pretends to know the models: its schema has `status` only, and it answers the same
     before the models are loaded (no lifespan yet), while serving and while draining."""
