@@ -79,6 +79,13 @@ import numpy as np
 
 METHODS = ("nll", "typicality", "complexity", "likelihood_ratio", "combined", "latent_knn", "fisher")
 LATENT_METHODS = frozenset({"latent_knn", "fisher"})  # need the encoder means and the latent bank
+# Methods whose score is -log p(x) plus a term the importance samples do not change (nll: nothing;
+# complexity: -L(x), the input's compressed length): the delta-method standard error of the -log p(x)
+# estimate is then exactly the standard error of the score. The other scores get none, as it would not
+# be theirs: typicality folds at its centre and scales each side apart, combined takes a maximum,
+# likelihood_ratio subtracts a second estimate with its own error, latent_knn and fisher are not (only)
+# functions of -log p(x).
+STANDARD_ERROR_METHODS = frozenset({"nll", "complexity"})
 PAPERS = {
     "nll": "Burda, Grosse & Salakhutdinov 2016 (IW bound); Nalisnick et al. 2019 (its failure mode)",
     "typicality": "Nalisnick, Matsukawa, Teh & Lakshminarayanan 2019, arXiv:1906.02994",

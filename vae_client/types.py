@@ -132,7 +132,9 @@ class AnomalyResult(_Result):
 
     `method` names the score, `alpha` the level, `p_value` the conformal p-value against the model's
     calibration scores, `percentile` the share of calibration scores below the score, and
-    is_anomaly = p_value <= alpha (equivalently score > threshold).
+    is_anomaly = p_value <= alpha (equivalently score > threshold). `standard_error` is the score's
+    (the -log p(x) estimate's) for the methods whose score is -log p(x) plus a term the samples do not
+    change (nll, complexity), else nan.
     """
 
     k: int

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.anomaly import METHODS
+from service.anomaly import METHODS, STANDARD_ERROR_METHODS
 from service.config import Settings
 
 # A 1x1 black PNG: the smallest valid example image (it is resized to the model's input size).
@@ -214,14 +214,17 @@ class AnomalyResult(BaseModel):
     threshold: float | None = Field(description="is_anomaly <=> score > threshold (null: cannot flag at "
                                     "this alpha)")
     is_anomaly: bool = Field(description="p_value <= alpha, i.e. score > threshold")
-    standard_error: float | None = Field(description="standard error of the -log p(x) estimate")
+    standard_error: float | None = Field(description=(
+        "standard error of the score, for the methods whose score is the -log p(x) estimate plus a term "
+        f"the importance samples do not change ({', '.join(sorted(STANDARD_ERROR_METHODS))}): the "
+        "delta-method standard error of -log p(x); null for every other method, and at k=1"))
 
 
 class AnomalyResponse(_Response):
     model_config = _example({"k": 256, "seed": 7, "method": "fisher", "alpha": 0.01, "calibration_k": 256,
                              "results": [{"method": "fisher", "score": 9.1, "p_value": 0.002, "alpha": 0.01,
                                           "percentile": 99.9, "threshold": 6.2, "is_anomaly": True,
-                                          "standard_error": 0.4}]})
+                                          "standard_error": None}]})
     k: int
     seed: int
     method: str

@@ -14,7 +14,9 @@ Operations (rows first; shapes per request of N items):
     reconstruct:    x [, y]                           -> x_mean (N, C, H, W) f32, sse (N,) f64
     log_likelihood: x [, y]; k, seed [, graph]        -> log_likelihood, elbo, standard_error (N,) f64
     anomaly_score:  x [, y]; k, seed, method, alpha   -> score, p_value, percentile, threshold,
-                                                         standard_error (N,) f64, is_anomaly (N,) bool
+                                                         standard_error (N,) f64 (NaN unless the method
+                                                         is in anomaly.STANDARD_ERROR_METHODS),
+                                                         is_anomaly (N,) bool
 """
 
 from __future__ import annotations

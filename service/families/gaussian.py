@@ -193,12 +193,15 @@ class GaussianLatentVAE:
 
     async def anomaly_score(self, runner: GraphRunner, x: np.ndarray, y: np.ndarray | None,
                             options: Options) -> Arrays:
-        """The method's score, conformal p-value against the calibration, threshold and decision at alpha."""
+        """The method's score, conformal p-value against the calibration, threshold and decision at alpha;
+        standard_error is that of the score for anomaly.STANDARD_ERROR_METHODS, else NaN."""
         if self.calibration is None or options.method not in self.calibration.methods:
             raise FamilyError(f"no calibration for anomaly method {options.method!r}")
         inputs = await self.anomaly_inputs(runner, x, y, options.k, options.seed,
                                            METHOD_NEEDS.get(options.method, ()))
         se = inputs.pop("standard_error")
+        if options.method not in anomaly.STANDARD_ERROR_METHODS:
+            se = np.full_like(se, np.nan)  # not this score's error (anomaly.STANDARD_ERROR_METHODS): none
         try:
             tested = anomaly.score_and_test(options.method, self.calibration.methods[options.method],
                                             options.alpha, inputs.pop("nll"), **inputs)

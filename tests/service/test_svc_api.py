@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from svc_helpers import b64, digit_png, grey_arrays, image_bytes
 
-from service.anomaly import METHODS
+from service.anomaly import METHODS, STANDARD_ERROR_METHODS
 
 
 def assert_error(response: Any, status: int, code: str | None = None) -> dict:
@@ -273,6 +273,22 @@ def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
     unknown = client.post("/v1/models/tiny/anomaly-score?method=likelihood_ratio", json=body)
     assert unknown.status_code == 422 and "offers" in unknown.json()["error"]["message"]
     assert client.post("/v1/models/tiny/anomaly-score?alpha=1.5", json=body).status_code == 422
+
+
+def test_anomaly_standard_error_only_where_it_is_the_scores(client: TestClient) -> None:
+    """The -log p(x) estimate's standard error is the score's for STANDARD_ERROR_METHODS (nll, complexity:
+    -log p(x) plus a term the samples do not change) and null for every other method."""
+    body = {"inputs": grey_arrays(3, seed=4)}
+    ll = client.post("/v1/models/tiny/log-likelihood?seed=6&k=16", json=body).json()["results"]
+    offered = client.get("/v1/models/tiny").json()["anomaly"]["methods"]
+    assert set(offered) >= STANDARD_ERROR_METHODS and set(offered) - STANDARD_ERROR_METHODS
+    for method in offered:
+        results = client.post(f"/v1/models/tiny/anomaly-score?seed=6&k=16&method={method}", json=body).json()
+        errors = [r["standard_error"] for r in results["results"]]
+        if method in STANDARD_ERROR_METHODS:
+            assert errors == pytest.approx([r["standard_error"] for r in ll], rel=1e-12), method
+        else:
+            assert errors == [None] * 3, method
 
 
 def test_served_latent_scores_equal_the_exporters_scorer(client: TestClient, artifacts: Any) -> None:
