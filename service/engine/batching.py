@@ -230,15 +230,30 @@ class Batcher:
             raise QueueFull(f"{self.name}: {self._queued_rows} rows queued, {rows} more would exceed the "
                             f"limit of {self.max_queue_rows}", self._retry_after())
 
+    def always_tried(self, rows: int) -> bool:
+        """One batch on an idle device is always tried: it is also the measurement that corrects a cost
+        estimate inflated by a slow batch (else a bad estimate could refuse work forever)."""
+        return not self.busy and rows <= self.batch_rows()
+
+    def too_expensive(self, rows: int, left_s: float) -> float | None:
+        """Admission's test of work that could never finish in time: the device seconds `rows` rows need
+        alone (whole batches at the current batch size) when that is more than `left_s`, else None.
+
+        check_deadline refuses with it, and the start-up warning counts with it what fits, so the two
+        cannot disagree.
+        """
+        if self.always_tried(rows):
+            return None
+        alone = math.ceil(rows / self.batch_rows()) * self.batch_seconds()
+        return alone if alone > left_s else None
+
     def check_deadline(self, rows: int, deadline: float) -> None:
         """Refuse at once work that could not finish before `deadline` (see the module docstring)."""
-        if not self.busy and rows <= self.batch_rows():
-            # One batch on an idle device is always tried: it is also the measurement that corrects a
-            # cost estimate inflated by a slow batch (else a bad estimate could refuse work forever).
+        if self.always_tried(rows):
             return
         left = (deadline - time.monotonic()) * self.admission_share
-        alone = math.ceil(rows / self.batch_rows()) * self.batch_seconds()
-        if alone > left:
+        alone = self.too_expensive(rows, left)
+        if alone is not None:
             self._observer.rejected("too_expensive")
             raise TooExpensive(f"{self.name}: this request needs about {alone:.1f}s of device time, "
                                f"more than its deadline allows ({left:.1f}s); send fewer images or a "

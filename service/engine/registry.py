@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from service.families import Family, FamilyError, Operation, Options, family_for
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+WARMUP_REPEATS = 3  # timed runs per warm-up batch size; their median seeds the cost model
 
 
 class ServedModel:
@@ -120,44 +121,59 @@ class ServedModel:
         """Run every graph at the smallest and largest batch it will see, and check output shapes.
 
         Runs on the device thread before the model is reported ready, so lazy allocations and kernel
-        selection happen here, not in the first requests. The timed runs seed each batcher's cost model.
+        selection happen here, not in the first requests. The timings seed each batcher's cost model,
+        which admission and the start-up warning use: the first run of each size is not timed (one-off
+        allocations), and the median of WARMUP_REPEATS further runs is taken, so one slow run (another
+        process on the cores) does not move the estimate; a single timing could make it vary tenfold.
         """
         m = self.manifest
         for graph, batcher in self.batchers.items():
             timings = []
             for rows in sorted({1, batcher.max_batch_rows}):
                 feeds, expected = self.family.warm_feeds(graph, rows)
-                started = time.perf_counter()
                 out = self._run(graph, feeds)
                 shapes = {k: tuple(v.shape) for k, v in out.items()}
                 if shapes != expected:
                     raise RuntimeError(f"{m.name}: {graph} returned shapes {shapes}, expected {expected}")
-                timings.append((rows, time.perf_counter() - started))
-            # The first run of a graph includes one-off allocations: time the smallest batch again.
-            feeds, _ = self.family.warm_feeds(graph, 1)
-            started = time.perf_counter()
-            self._run(graph, feeds)
-            timings[0] = (1, time.perf_counter() - started)
+                seconds = []
+                for _ in range(WARMUP_REPEATS):
+                    started = time.perf_counter()
+                    self._run(graph, feeds)
+                    seconds.append(time.perf_counter() - started)
+                timings.append((rows, statistics.median(seconds)))
             batcher.calibrate(timings[0], timings[-1])
 
+    def too_expensive(self, operation: Operation, items: int, options: Options,
+                      left_s: float) -> tuple[str, float] | None:
+        """The graph that admission would refuse this request on as too expensive with `left_s` seconds
+        left, and the device seconds it needs there; None when no graph refuses it (the same test as
+        check_admission's, graph by graph, from the family's work())."""
+        for graph, rows in self.family.work(operation, items, options).items():
+            needed = self._batcher(graph).too_expensive(rows, left_s)
+            if needed is not None:
+                return graph, needed
+        return None
+
     def warn_if_limits_exceed_deadline(self, settings: Settings) -> None:
-        """Say at start-up which documented maximum requests cannot finish before the deadline here.
+        """Say at start-up when the documented largest log-likelihood request cannot finish before the
+        deadline here, and how many images at max_k do: the largest count admission accepts on an idle
+        device (the same test, Batcher.too_expensive, over the same rows, family.work()).
 
         Such requests are refused at admission (422 too_expensive) rather than admitted and timed out.
         """
-        batcher = self.batchers["log_weights"]
-        budget = settings.request_timeout_s * settings.admission_share
-        rows_per_image = math.ceil(settings.max_k / self.family.chunk)
-        batches = math.ceil(settings.max_images * rows_per_image / batcher.batch_rows())
-        largest = batches * batcher.batch_seconds()
-        if largest > budget:
-            fits = max(0, int(budget / batcher.batch_seconds()) * batcher.batch_rows() // rows_per_image)
-            log.warning("%s:%s: the largest log-likelihood request (%d images at k=%d) needs about %.0fs of "
-                        "device time here, more than the %.0fs deadline allows; such requests are refused "
-                        "with 422 (at k=%d, up to %d images fit). Raise VAE_REQUEST_TIMEOUT_S or lower "
-                        "VAE_MAX_K / VAE_MAX_IMAGES to match this device.", self.manifest.name,
-                        self.manifest.version, settings.max_images, settings.max_k, largest, budget,
-                        settings.max_k, fits)
+        budget = settings.request_timeout_s * settings.admission_share  # a fresh request's time left
+        options = Options(k=settings.max_k)
+        largest = self.too_expensive("log_likelihood", settings.max_images, options, budget)
+        if largest is None:
+            return
+        fits = next((n for n in range(settings.max_images - 1, 0, -1)
+                     if self.too_expensive("log_likelihood", n, options, budget) is None), 0)
+        log.warning("%s:%s: the largest log-likelihood request (%d images at k=%d) needs about %.0fs of "
+                    "device time here, more than the %.0fs deadline allows; such requests are refused "
+                    "with 422 (at k=%d, up to %d images fit). Raise VAE_REQUEST_TIMEOUT_S or lower "
+                    "VAE_MAX_K / VAE_MAX_IMAGES to match this device.", self.manifest.name,
+                    self.manifest.version, settings.max_images, settings.max_k, largest[1], budget,
+                    settings.max_k, fits)
 
     def note_anomaly_default(self, settings: Settings) -> None:
         """Say at start-up when VAE_ANOMALY_METHOD is not calibrated for this model, so the fallback to the
