@@ -2,7 +2,9 @@
 
 Each served VAE appears as four V2 models (the operation after the last dot):
 
-    {model}.encode          images FP32 [N, C, H, W] in [0, 1] (or png BYTES [N])
+    {model}.encode          images FP32 [N, C, H, W] in [0, 1] (or png BYTES [N]: image files as
+                            binary tensor data, or base64 text with the input parameter
+                            "content_type": "base64")
                             -> mean, variance, log_variance FP32 [N, D]
     {model}.decode          latents FP32 [N, D]  -> images FP32 [N, C, H, W]
     {model}.log_likelihood  images (or png)      -> log_likelihood, elbo, standard_error FP64 [N]
@@ -28,6 +30,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from service.api import v2_codec as codec
 from service.api.auth import auth_dependencies
 from service.api.errors import InvalidInput, ModelNotFound, Unavailable
+from service.api.images import ImageError, decode_base64
 from service.api.inputs import decode_files, resolve_labels
 from service.api.model_ref import ModelRef, resolve_model
 from service.api.options import anomaly_options
@@ -46,6 +49,10 @@ SERVER_NAME = "vae-serve"
 SERVER_VERSION = "1"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are decoded in a worker thread, not on the event loop
+PNG_AS_JSON_TEXT = (
+    "input 'png' came as JSON strings, which carry text, not image files: base64-encode each file and "
+    'give the input the parameters {"content_type": "base64"}, or send the files\' bytes with the binary '
+    "tensor data extension (binary_data_size; tritonclient's default)")
 
 
 
@@ -147,7 +154,10 @@ async def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) 
         if png.datatype != "BYTES" or png.array.ndim != 1:
             raise InvalidInput("input 'png' must be BYTES of shape [N]: one encoded image file per item")
         _check_count(len(png.array), settings)  # before decoding anything
-        files = [bytes(data) for data in png.array]
+        if sum(len(data) for data in png.array) > OFF_LOOP_BYTES:  # base64 of megabytes: CPU work
+            files = await asyncio.to_thread(_png_files, png)
+        else:
+            files = _png_files(png)
         arrays = await decode_files(files, m, settings, v2.ref.deadline, field="png")
         x = np.stack(arrays) if arrays else np.zeros((0, *m.input_shape), np.float32)
     else:
@@ -156,6 +166,35 @@ async def _images(request: codec.InferRequest, v2: V2Model, settings: Settings) 
         if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise InvalidInput("input 'images' must hold pixel values in [0, 1]")
     return x.astype(np.float32, copy=False), len(x)
+
+
+def _png_files(png: codec.InferInput) -> list[bytes]:
+    """The image files of the `png` input: its elements as they are, or base64-decoded when the input's
+    parameters say {"content_type": "base64"}.
+
+    The protocol carries BYTES in JSON as strings, which hold text, not the bytes of an image file; it
+    leaves other representations to servers. Base64 text marked by the input parameter `content_type`
+    is MLServer's convention (its `base64` content type) and what KServe's clients can send; raw file
+    bytes need the binary tensor data extension (tritonclient's default).
+    """
+    content_type = png.parameters.get("content_type")
+    if content_type is None:
+        if "binary_data_size" not in png.parameters:
+            raise InvalidInput(PNG_AS_JSON_TEXT)
+        return [bytes(data) for data in png.array]
+    if content_type != "base64":
+        raise InvalidInput(f"input 'png': content_type {content_type!r} is not supported; use \"base64\" "
+                           "(each element the base64 text of an image file), or leave it out and send "
+                           "the files' bytes with the binary tensor data extension")
+    files = []
+    for i, data in enumerate(png.array):
+        try:
+            files.append(decode_base64(bytes(data).decode("ascii")))
+        except (UnicodeDecodeError, ImageError) as exc:
+            reason = exc if isinstance(exc, ImageError) else "not valid base64 (non-ASCII characters)"
+            raise InvalidInput(f"png[{i}]: {reason}; with content_type \"base64\" each element must be "
+                               "the base64 text of one image file") from None
+    return files
 
 
 def _labels(request: codec.InferRequest, v2: V2Model, n: int) -> np.ndarray | None:

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
-from svc_helpers import digit_png, grey_arrays
+from svc_helpers import b64, digit_png, grey_arrays, image_bytes
 from tritonclient.utils import InferenceServerException
 
 from service.api.app import create_app
+from service.api.v2 import PNG_AS_JSON_TEXT
 from service.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "reliability"))
@@ -151,6 +152,60 @@ def test_png_bytes_input_is_decoded_like_v1_uploads(server: harness.Server,
     response = httpx.post(f"{server.url}/v1/models/tiny/encode", timeout=60,
                           files=[("images", (f"{i}.png", f, "image/png")) for i, f in enumerate(files)])
     np.testing.assert_allclose(got, [r["mean"] for r in response.json()["results"]], rtol=1e-5, atol=1e-6)
+
+
+def test_base64_png_in_json_from_the_kserve_client_is_decoded_like_v1_uploads(server: harness.Server) -> None:
+    """KServe's REST client sends JSON BYTES (binary_data=False) with the input parameter content_type
+    "base64" (MLServer's convention): decoded to the same images as /v1 multipart uploads."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    files = [digit_png(seed) for seed in (3, 4)]
+
+    async def run() -> np.ndarray:
+        kclient = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+        try:
+            png = InferInput("png", [2], "BYTES", parameters={"content_type": "base64"})
+            png.set_data_from_numpy(np.array([b64(f) for f in files], dtype=np.object_), binary_data=False)
+            response = await kclient.infer(server.url, InferRequest("tiny.encode", [png]),
+                                           model_name="tiny.encode")
+            return response.outputs[0].as_numpy()
+        finally:
+            await kclient.close()
+
+    got = asyncio.run(run())
+    response = httpx.post(f"{server.url}/v1/models/tiny/encode", timeout=60,
+                          files=[("images", (f"{i}.png", f, "image/png")) for i, f in enumerate(files)])
+    np.testing.assert_allclose(got, [r["mean"] for r in response.json()["results"]], rtol=1e-5, atol=1e-6)
+
+
+def _png_json(items: list[str], **parameters: str) -> dict[str, Any]:
+    tensor: dict[str, Any] = {"name": "png", "datatype": "BYTES", "shape": [len(items)], "data": items}
+    if parameters:
+        tensor["parameters"] = parameters
+    return {"inputs": [tensor]}
+
+
+def test_json_png_bytes_need_the_base64_content_type_and_the_pixel_budget_applies(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, models="tiny", threads=1, warmup=False, max_image_pixels=4096)
+    small, large = digit_png(5), image_bytes(np.zeros((100, 100), np.uint8))  # 8x8 and 100x100 pixels
+    with TestClient(create_app(settings)) as c:
+        def infer(body: dict[str, Any]) -> httpx.Response:
+            return c.post("/v2/models/tiny.encode/infer", json=body)
+
+        ok = infer(_png_json([b64(small), "data:image/png;base64," + b64(small)], content_type="base64"))
+        assert ok.status_code == 200, ok.text
+        means = ok.json()["outputs"][0]["data"]
+        assert means[:4] == means[4:]  # the plain and the data-URL form of the same file
+        plain = infer(_png_json([b64(small)]))  # base64 text without the parameter: told what to do
+        assert plain.status_code == 400 and plain.json() == {"error": PNG_AS_JSON_TEXT}
+        other = infer(_png_json([b64(small)], content_type="str"))
+        assert other.status_code == 400 and "content_type 'str' is not supported" in other.json()["error"]
+        broken = infer(_png_json([b64(small), "not base64!"], content_type="base64"))
+        assert broken.status_code == 400 and broken.json()["error"].startswith("png[1]: not valid base64")
+        text = infer(_png_json([b64(b"hello")], content_type="base64"))  # decodes, but is no image file
+        assert text.status_code == 400 and text.json()["error"].startswith("png[0]: ")
+        too_big = infer(_png_json([b64(large)], content_type="base64"))  # checked before decoding pixels
+        assert too_big.status_code == 413 and too_big.json()["error"].startswith("png[0]: ")
 
 
 def test_kserve_rest_client_gets_the_same_numbers(server: harness.Server) -> None:
