@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with the given extras (e.g. "train,test").
-# Idempotent: re-runs pip only when pyproject.toml or the extras change.
+# Create .venv and install the project with the given extras (e.g. "train,test"); with "test", also the
+# Python client (clients/python, the vae-client distribution).
+# Idempotent: re-runs pip only when pyproject.toml, clients/python/pyproject.toml or the extras change.
 #
 # Serving alone (no extras) needs no torch. With an extra that needs it (train, torchscript), torch is
 # installed first, pinned ($VAE_TORCH_SPEC, default torch==2.13.0), so resolving the project's
@@ -18,7 +19,7 @@ torch_spec="${VAE_TORCH_SPEC:-torch==2.13.0}"
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
-stamp="$venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
+stamp="$venv/.installed-$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
 if [ -f "$stamp" ]; then
     exit 0
 fi
@@ -35,5 +36,10 @@ target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "bootstrap: installing the project ($target)" >&2
 "${pip[@]}" -e "$target"
+# The Python client is its own distribution (clients/python: httpx, numpy, Pillow); tests/client need it.
+case ",$extras," in *,test,*)
+    echo "bootstrap: installing the client (clients/python)" >&2
+    "${pip[@]}" -e clients/python ;;
+esac
 rm -f "$venv"/.installed-*
 touch "$stamp"

@@ -5,7 +5,8 @@
         result = client.encode(images)            # numpy (N, C, H, W) in [0, 1], PIL images, bytes or paths
         result.mean, result.variance              # numpy (N, latent_dim)
 
-Install with `pip install "vae-serve[client]"`; documentation in docs/client.md.
+Install with `pip install ./clients/python` (the `vae-client` distribution: httpx, numpy and Pillow,
+none of the server stack); documentation in docs/client.md.
 """
 
 from vae_client._base import __version__
