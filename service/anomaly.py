@@ -423,6 +423,12 @@ def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
     return float(cal[m])
 
 
+def min_alpha(n: int) -> float:
+    """The smallest conformal p-value n calibration scores can give, 1 / (n + 1): at a level alpha below it
+    no input can ever be flagged."""
+    return 1.0 / (n + 1)
+
+
 def false_alarm_bound(alpha: float, n: int) -> float:
     """P(p <= alpha) for normal data with n calibration scores (no ties): floor(alpha (n+1)) / (n+1)."""
     return (max_count(alpha, n) + 1) / (n + 1)
@@ -445,6 +451,10 @@ class MethodCalibration:
     @property
     def n(self) -> int:
         return len(self.scores)
+
+    @property
+    def min_alpha(self) -> float:
+        return min_alpha(self.n)
 
 
 @dataclass(frozen=True)

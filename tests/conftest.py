@@ -62,7 +62,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     for name, spec in specs.items():
         cfg = TrainConfig(data="digits8", out_dir=str(tmp / f"run-{name}"), progress=False, **spec)
         vae, _ = model_from_checkpoint(train(cfg, splits=splits))
-        export.export_model(vae, splits, tmp / "models", name, "1", calibration_k=16)
+        # nll by default: the service tests pin behaviour to it (the auto choice is tested in tests/training)
+        export.export_model(vae, splits, tmp / "models", name, "1", calibration_k=16, anomaly_method="nll")
         vaes[name] = vae.eval()
     return Artifacts(tmp / "models", vaes, splits.test_images, splits.test_labels)
 

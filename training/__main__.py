@@ -1,4 +1,5 @@
-"""Command line: `python -m training {train,evaluate,export}` (also installed as `vae-train`)."""
+"""Command line: `python -m training {train,evaluate,export,ood-eval,calibrate,triton-repo,make-shapes}`
+(also installed as `vae-train`)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ TRAIN_HELP = {
     "val_iw_samples": "k for the validation IWAE bound",
     "val_fraction": "fraction of the training images held out for validation",
     "calibration_fraction": "fraction of the training images held out of training and model selection "
-                            "for the conformal calibration of anomaly scores",
+                            "for the conformal calibration of anomaly scores (0: calibrate on validation)",
+    "calibration_min": "at least this many calibration images: p-values cannot go below 1/(n+1), so 99 "
+                       "are needed to flag anything at alpha = 0.01",
     "augment_prob": "probability of a small random affine transform of each training image",
     "augment_rotation": "augmentation: maximum rotation in degrees",
     "augment_translation": "augmentation: maximum shift in pixels",
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=int, default=5000,
                     help="importance samples for the NLL (5000 as in the IWAE paper)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data", help="where the training data is now, if it moved (e.g. folder:/data/shapes)")
     ev.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     ev.add_argument("--binarization", choices=["stochastic", "threshold"], default="stochastic",
                     help="Bernoulli models: binarize the test set stochastically once (seed 0, the IWAE "
@@ -131,13 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace an existing version")
     ex.add_argument("--background", type=Path, help="checkpoint of a likelihood-ratio background model "
                                                     "(exported as background_log_weights)")
-    ex.add_argument("--anomaly-method", default="nll", help="default anomaly score recorded in the manifest")
+    ex.add_argument("--anomaly-method", default="auto",
+                    help="default anomaly score recorded in the manifest: auto (the best worst-case AUROC of "
+                         "the OOD suite on the validation split; see ood-eval) or a method name")
+    ex.add_argument("--alpha", type=float, default=0.01,
+                    help="suggested anomaly level written into the manifest (default 0.01); the calibration "
+                         "split must have at least 1/alpha - 1 images")
+    ex.add_argument("--parity-tolerance", type=float, default=1.0,
+                    help="multiply every export parity bound by this factor (default 1), for a model whose "
+                         "float32 rounding is legitimately larger; recorded in the manifest")
+    ex.add_argument("--selection-per-shift", type=int, default=100,
+                    help="--anomaly-method auto: images per shift of the validation suite (default 100)")
+    ex.add_argument("--data", help="where the training data is now, if it moved (e.g. folder:/data/shapes)")
 
     from training.calibrate import add_parser as add_calibrate_parser
     from training.ood import add_parser as add_ood_parser
+    from training.shapes import add_parser as add_shapes_parser
 
     add_ood_parser(sub)
     add_calibrate_parser(sub)
+    add_shapes_parser(sub)
 
     tri = sub.add_parser("triton-repo", help="write an NVIDIA Triton model repository from exported models "
                                              "(docs/triton-and-kserve.md)")
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
             vae, ckpt = model_from_checkpoint(args.checkpoint)
             out = args.out_dir or args.checkpoint.parent / "report"
-            report = evaluate(vae, splits_for_checkpoint(ckpt), out, k=args.k, seed=args.seed,
+            report = evaluate(vae, splits_for_checkpoint(ckpt, args.data), out, k=args.k, seed=args.seed,
                               metrics_path=args.checkpoint.parent / "metrics.jsonl",
                               figures=not args.no_figures, binarization=args.binarization)
             scalars = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
@@ -199,11 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             print(export_checkpoint(args.checkpoint, args.models_dir, args.name, args.version,
                                     report_dir=args.report_dir, calibration_k=args.calibration_k,
                                     force=args.force, background=args.background,
-                                    anomaly_method=args.anomaly_method))
+                                    anomaly_method=args.anomaly_method, alpha=args.alpha,
+                                    parity_tolerance=args.parity_tolerance,
+                                    selection_per_shift=args.selection_per_shift, data=args.data))
         elif args.command == "ood-eval":
             from training.ood import main_from_args
 
             main_from_args(args)
+        elif args.command == "make-shapes":
+            from training.shapes import main_from_args as shapes_from_args
+
+            shapes_from_args(args)
         elif args.command == "calibrate":
             from training.calibrate import main_from_args as calibrate_from_args
 

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def recalibrate(artifact: Path, *, k: int | None = None, seed: int | None = None,
-                anomaly_method: str | None = None, alpha: float | None = None, threads: int = 1) -> dict:
-    """Rewrite `artifact`'s anomaly calibration (k, seed, method and alpha default to its current ones)."""
+                anomaly_method: str | None = None, alpha: float | None = None, threads: int = 1,
+                data: str | None = None) -> dict:
+    """Rewrite `artifact`'s anomaly calibration (k, seed, method and alpha default to its current ones; a
+    method the export chose with "auto" is chosen again). data: where the training data is now."""
     m = load_manifest(Path(artifact), "onnx")
     config = (m.raw.get("training") or {}).get("config")
     if not config:
@@ -38,9 +40,9 @@ def recalibrate(artifact: Path, *, k: int | None = None, seed: int | None = None
     retired = m.raw.get("calibration") or {}  # the percentile calibration of older artifacts
     k = k or old.get("k") or retired.get("k") or 256
     seed = seed if seed is not None else old.get("seed", config.get("seed", 0))  # export: the training seed
-    method = anomaly_method or old.get("default_method", "nll")
+    method = anomaly_method or ("auto" if "selection" in old else old.get("default_method", "nll"))
     alpha = alpha or old.get("alpha", ANOMALY_ALPHA)
-    splits = load_dataset_for(config)
+    splits = load_dataset_for(config, data, (m.raw.get("data") or {}).get("spec"))
     log.info("calibrating %s:%s (k=%d, seed=%d, default method %s)", m.name, m.version, k, seed, method)
     # Work on a copy, so a service or test reading the folder meanwhile never sees a half-written
     # artifact (the latent bank is written long before the manifest); a folder named ".*" is never served.
@@ -88,9 +90,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--k", type=int, help="importance samples per score (default: the artifact's, else 256)")
     cal.add_argument("--seed", type=int,
                      help="noise seed of the calibration (default: the artifact's, else its training seed)")
-    cal.add_argument("--anomaly-method", help="default anomaly method (default: the artifact's, else nll)")
+    cal.add_argument("--anomaly-method",
+                     help="default anomaly method, or auto (default: the artifact's; chosen again if auto)")
     cal.add_argument("--alpha", type=float, help="suggested level (default: the artifact's, else 0.01)")
     cal.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    cal.add_argument("--data", help="where the training data is now, if it moved (e.g. folder:/data/shapes)")
     cal.add_argument("--checksums-only", action="store_true",
                      help="only re-checksum the folder's files (after a report was updated)")
 
@@ -100,6 +104,6 @@ def main_from_args(args: argparse.Namespace) -> None:
         rehash(args.artifact)
         return
     record = recalibrate(args.artifact, k=args.k, seed=args.seed, anomaly_method=args.anomaly_method,
-                         alpha=args.alpha, threads=args.threads)
+                         alpha=args.alpha, threads=args.threads, data=args.data)
     print(json.dumps({"artifact": str(args.artifact), "default_method": record["default_method"],
                       "k": record["k"], "methods": sorted(record["methods"])}))

@@ -8,6 +8,7 @@ that preprocessing so the service applies exactly the same steps.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from service.anomaly import min_alpha
 from service.artifacts import Preprocessing  # the artifact contract's definition, shared with the service
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -44,6 +46,8 @@ class DataSplits:
     # Held out of training and model selection, for conformal calibration (empty unless requested).
     calibration_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     calibration_labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    # The spec with an absolute path (folder:/abs/DIR), so a later step run from another folder finds it.
+    spec: str = ""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -253,15 +257,17 @@ def _random_three_way(
 
 def load_dataset(
     spec: str, *, height: int = 28, width: int = 28, color_mode: str = "L", val_fraction: float = 0.1,
-    seed: int = 0, subset: int | None = None, calibration_fraction: float = 0.0,
+    seed: int = 0, subset: int | None = None, calibration_fraction: float = 0.0, calibration_min: int = 0,
 ) -> DataSplits:
     """Load by spec: 'mnist5k', 'digits8', 'idx:DIR', 'folder:DIR' or 'npz:FILE'.
 
-    calibration_fraction > 0 moves that fraction of the training images into a calibration split
-    (see carve_calibration). subset keeps the first n training (and n//4 val/test/calibration) images,
-    for quick runs and tests.
+    calibration_fraction > 0 moves that fraction of the training images, but at least calibration_min,
+    into a calibration split (see carve_calibration). subset keeps the first n training (and n//4
+    val/test) images, for quick runs and tests; the calibration split keeps at least calibration_min.
     """
     kind, _, arg = spec.partition(":")
+    if kind in PATH_KINDS and not arg:
+        raise DataError(f"{spec!r} names no path: use {kind}:PATH")
     if kind == "mnist5k":
         splits = load_mnist5k(val_fraction, seed)
     elif kind == "digits8":
@@ -276,23 +282,54 @@ def load_dataset(
         raise DataError(f"unknown data set {spec!r}: use mnist5k, digits8, idx:DIR, folder:DIR or npz:FILE")
     if len(splits.train_images) == 0:
         raise DataError(f"{spec} leaves no training images after the validation/test split")
+    splits.spec = absolute_spec(spec)
     if calibration_fraction:
-        carve_calibration(splits, calibration_fraction, seed)
+        carve_calibration(splits, calibration_fraction, seed, calibration_min)
     if subset:
         small = max(1, subset // 4)
+        n_cal = max(small, calibration_min)  # a smaller calibration split could not reach its alpha
         splits.train_images, splits.train_labels = splits.train_images[:subset], splits.train_labels[:subset]
         splits.val_images, splits.val_labels = splits.val_images[:small], splits.val_labels[:small]
         splits.test_images, splits.test_labels = splits.test_images[:small], splits.test_labels[:small]
-        splits.calibration_images = splits.calibration_images[:small]
-        splits.calibration_labels = splits.calibration_labels[:small]
+        splits.calibration_images = splits.calibration_images[:n_cal]
+        splits.calibration_labels = splits.calibration_labels[:n_cal]
         for key in ("train_index", "calibration_index"):
             if key in splits.extra:
-                splits.extra[key] = splits.extra[key][:subset if key == "train_index" else small]
+                splits.extra[key] = splits.extra[key][:subset if key == "train_index" else n_cal]
     return splits
 
 
-def carve_calibration(splits: DataSplits, fraction: float, seed: int) -> None:
-    """Move a seeded random `fraction` of the training images into a calibration split, in place.
+def calibration_size_for(alpha: float) -> int:
+    """The fewest calibration images whose p-values can reach alpha: n >= 1/alpha - 1."""
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+PATH_KINDS = ("idx", "folder", "npz")  # the specs that name a file or folder
+
+
+def absolute_spec(spec: str) -> str:
+    """folder:data/shapes -> folder:/abs/path/data/shapes (specs without a path are returned as they are)."""
+    kind, _, arg = spec.partition(":")
+    return f"{kind}:{Path(arg).expanduser().resolve()}" if kind in PATH_KINDS and arg else spec
+
+
+def locate(candidates: list[str]) -> str:
+    """The first of several specs for the same data (as given, recorded absolute, ...) whose path exists.
+
+    Raises DataError naming every place looked at, and the --data option that overrides them.
+    """
+    candidates = [c for c in dict.fromkeys(candidates) if c]
+    for spec in candidates:
+        kind, _, arg = spec.partition(":")
+        if kind not in PATH_KINDS or Path(arg).expanduser().exists():
+            return spec
+    raise DataError(f"cannot find the model's data: looked for {', '.join(candidates)} (relative paths from "
+                    f"{Path.cwd()}); pass --data KIND:PATH to say where it is now")
+
+
+def carve_calibration(splits: DataSplits, fraction: float, seed: int, min_count: int = 0) -> None:
+    """Move a seeded random `fraction` (but at least `min_count`) of the training images into a
+    calibration split, in place.
 
     The calibration split is held out of training AND of model selection (validation), so conformal
     p-values computed on it are valid (Vovk et al. 2005; Angelopoulos & Bates 2021). It is taken from
@@ -303,9 +340,14 @@ def carve_calibration(splits: DataSplits, fraction: float, seed: int) -> None:
     if not 0.0 < fraction < 1.0:
         raise DataError(f"calibration_fraction must be in (0, 1), got {fraction}")
     n = len(splits.train_images)
-    n_cal = max(1, round(n * fraction))
-    if n_cal >= n:
-        raise DataError(f"calibration_fraction {fraction} leaves no training images")
+    n_cal = max(1, round(n * fraction), min_count)
+    if n_cal > n // 2:  # a calibration split larger than the training set would starve the model
+        raise DataError(
+            f"{splits.name} has {n} training images (after the validation and test splits): too few to "
+            f"hold out {n_cal} for calibrating anomaly scores and train on the rest. {min_count} calibration "
+            f"images let p-values reach alpha = {min_alpha(min_count):.3g}. Add images, lower "
+            f"--calibration-min (anomaly levels below 1/(n+1) then cannot be flagged), or pass "
+            f"--calibration-fraction 0 to calibrate on the validation split (not held out of selection)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 10_007))
     cal, train = perm[:n_cal], perm[n_cal:]
     splits.calibration_images, splits.calibration_labels = splits.train_images[cal], splits.train_labels[cal]

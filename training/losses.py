@@ -36,8 +36,12 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Ten
     log_w came out -inf for logits below about -18 (every background pixel of a well-trained MNIST
     model) and failed the export parity check. These elementary ops stay exact in every runtime.
     """
-    ll = x * logits - torch.clamp(logits, min=0) - torch.log1p(torch.exp(-logits.abs()))
-    return ll.flatten(1).sum(-1)
+    return bernoulli_log_likelihood_terms(logits, x).flatten(1).sum(-1)
+
+
+def bernoulli_log_likelihood_terms(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The per-pixel terms bernoulli_log_likelihood sums: (B, ...) -> (B, ...)."""
+    return x * logits - torch.clamp(logits, min=0) - torch.log1p(torch.exp(-logits.abs()))
 
 
 def gaussian_log_likelihood(mean: torch.Tensor, log_var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +49,12 @@ def gaussian_log_likelihood(mean: torch.Tensor, log_var: torch.Tensor, x: torch.
 
     log_var broadcasts against mean, so a scalar (global) or per-pixel variance both work.
     """
-    ll = -0.5 * ((x - mean).pow(2) * torch.exp(-log_var) + log_var + LOG_2PI)
-    return ll.flatten(1).sum(-1)
+    return gaussian_log_likelihood_terms(mean, log_var, x).flatten(1).sum(-1)
+
+
+def gaussian_log_likelihood_terms(mean: torch.Tensor, log_var: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The per-pixel terms gaussian_log_likelihood sums: (B, ...) -> (B, ...)."""
+    return -0.5 * ((x - mean).pow(2) * torch.exp(-log_var) + log_var + LOG_2PI)
 
 
 def reparameterize(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

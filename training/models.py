@@ -192,9 +192,35 @@ class VAE(nn.Module):
         if self.config.likelihood == "bernoulli":
             ll = losses.bernoulli_log_likelihood(out, x_rep)
         else:
-            mean = out if self.config.architecture == "linear" else torch.sigmoid(out)
-            ll = losses.gaussian_log_likelihood(mean, self.obs_log_var, x_rep)
+            ll = losses.gaussian_log_likelihood(self._gaussian_mean(out), self.obs_log_var, x_rep)
         return ll.reshape(b, k)
+
+    def _gaussian_mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.config.architecture == "linear" else torch.sigmoid(out)
+
+    @torch.no_grad()
+    def log_weight_magnitude(self, x: torch.Tensor, eps: torch.Tensor,
+                             y: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of the absolute values of every term log_weights adds up: (B, K) float64.
+
+        log_w sums C*H*W pixel terms of log p(x|z) and D terms each of log p(z) and log q(z|x). Its float32
+        rounding grows with these terms, not with |log_w|: a Gaussian decoder's pixel terms can run to
+        thousands of nats of either sign and sum to nearly zero. Export parity is judged against this.
+        """
+        b, k, d = eps.shape
+        mean, log_var = self.encode(x, y)
+        z = losses.reparameterize(mean, log_var, eps)  # (B, K, D)
+        x_rep = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
+        y_rep = None if y is None else y.unsqueeze(1).expand(b, k).reshape(b * k)
+        out = self.decoder(z.reshape(b * k, d), y_rep).double()  # (B*K, C, H, W)
+        if self.config.likelihood == "bernoulli":
+            pixels = losses.bernoulli_log_likelihood_terms(out, x_rep.double())
+        else:
+            pixels = losses.gaussian_log_likelihood_terms(self._gaussian_mean(out), self.obs_log_var.double(),
+                                                          x_rep.double())
+        gauss = 0.5 * (z.double().pow(2) + losses.LOG_2PI)  # |log N(z; 0, 1)| per dim, (B, K, D)
+        log_q = 0.5 * (eps.double().pow(2) + losses.LOG_2PI + log_var.double().unsqueeze(1))
+        return (pixels.abs().flatten(1).sum(-1).reshape(b, k) + gauss.sum(-1) + log_q.abs().sum(-1))
 
     def log_weights(self, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Importance log-weights log p(x, z_k) - log q(z_k|x), z_k = mean + sigma * eps_k.

@@ -10,15 +10,19 @@ from training.export import export_model
 from training.train import load_dataset_for, model_from_checkpoint
 
 
-def splits_for_checkpoint(ckpt: dict) -> DataSplits:
-    """The same data and split the checkpoint was trained on."""
-    return load_dataset_for(ckpt["train_config"])
+def splits_for_checkpoint(ckpt: dict, data: str | None = None) -> DataSplits:
+    """The same data and split the checkpoint was trained on; data: where that data is now, if moved."""
+    return load_dataset_for(ckpt["train_config"], data, ckpt.get("data_spec"))
 
 
 def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: str, *,
                       report_dir: Path | None = None, calibration_k: int = 256, force: bool = False,
-                      background: Path | None = None, anomaly_method: str = "nll") -> Path:
-    """Export a checkpoint (and optionally a likelihood-ratio background checkpoint) as an artifact."""
+                      background: Path | None = None, anomaly_method: str = "auto", alpha: float = 0.01,
+                      parity_tolerance: float = 1.0, selection_per_shift: int = 100,
+                      data: str | None = None) -> Path:
+    """Export a checkpoint (and optionally a likelihood-ratio background checkpoint) as an artifact.
+
+    data: where the training data is now, when it moved since training (default: where it was)."""
     vae, ckpt = model_from_checkpoint(checkpoint)
     bg = None
     if background is not None:
@@ -40,7 +44,8 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: st
     if bg is not None:
         training["background"] = {"best_epoch": bg_ckpt["epoch"], "config": bg_ckpt["train_config"],
                                   "best_validation_score": bg_ckpt["best_score"]}
-    return export_model(vae, splits_for_checkpoint(ckpt), models_dir, name, version, metrics=metrics,
+    return export_model(vae, splits_for_checkpoint(ckpt, data), models_dir, name, version, metrics=metrics,
                         training=training, report_dir=report_dir if report_dir.is_dir() else None,
                         calibration_k=calibration_k, seed=ckpt["train_config"]["seed"], force=force,
-                        background=bg, anomaly_method=anomaly_method)
+                        background=bg, anomaly_method=anomaly_method, alpha=alpha,
+                        parity_tolerance=parity_tolerance, selection_per_shift=selection_per_shift)

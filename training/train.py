@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training import losses
-from training.data import DataSplits, load_dataset
+from training.data import DataSplits, load_dataset, locate
 from training.models import VAE, ModelConfig, check_choices
 
 
@@ -51,8 +51,11 @@ class TrainConfig:
     val_iw_samples: int = 64  # k for the validation IWAE bound
     val_fraction: float = 0.1
     # Fraction of the training images held out of training AND model selection for the conformal
-    # calibration of anomaly scores (0: none, the split of mnist-vae/1).
-    calibration_fraction: float = 0.0
+    # calibration of anomaly scores (0: none, the split of mnist-vae/1: export then calibrates on the
+    # validation split). At least calibration_min images: n calibration scores give p-values no smaller
+    # than 1/(n+1), so 99 are needed before alpha = 0.01 can flag anything.
+    calibration_fraction: float = 0.1
+    calibration_min: int = 99
     # Small random affine augmentation of training images (applied to each image with augment_prob):
     # rotation up to +-augment_rotation degrees, shift up to +-augment_translation pixels, scale
     # 1 +- augment_scale. 0 everywhere: off.
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
+        if self.calibration_min < 0:
+            raise ValueError(f"calibration_min must be >= 0, got {self.calibration_min}")
         for name in ("augment_prob", "perturb_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -120,12 +125,18 @@ def _maybe_init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def load_dataset_for(config: dict) -> DataSplits:
-    """The data and split a training config names (a TrainConfig or the dict stored in a checkpoint)."""
+def load_dataset_for(config: dict, data: str | None = None, recorded: str | None = None) -> DataSplits:
+    """The data and split a training config names (a TrainConfig or the dict stored in a checkpoint).
+
+    data: where the data is now (overrides the config's spec); recorded: the absolute spec written at
+    training time, tried when the config's (possibly relative) path does not resolve from here.
+    """
     return load_dataset(
-        config["data"], height=config.get("image_height", 28), width=config.get("image_width", 28),
+        data or locate([config["data"], recorded or ""]), height=config.get("image_height", 28),
+        width=config.get("image_width", 28),
         color_mode=config.get("color_mode", "L"), val_fraction=config["val_fraction"], seed=config["seed"],
         subset=config["subset"], calibration_fraction=config.get("calibration_fraction", 0.0),
+        calibration_min=config.get("calibration_min", 0),  # configs before it had no minimum
     )
 
 
@@ -375,7 +386,7 @@ def _save_epoch(out: Path, vae: VAE, ema: VAE | None, optimizer: torch.optim.Opt
         "model_config": mc.to_dict(), "train_config": config.to_dict(), "epoch": epoch,
         "model_state": vae.state_dict(), "ema_state": ema.state_dict() if ema is not None else {},
         "optimizer_state": optimizer.state_dict(), "best_score": best, "epochs_since_best": since_best,
-        "data": splits.name, "preprocessing": splits.preprocessing.to_dict(),
+        "data": splits.name, "data_spec": splits.spec, "preprocessing": splits.preprocessing.to_dict(),
     }
     names = ("last.pt", "best.pt") if improved else ("last.pt",)
     for name in names:

@@ -388,7 +388,7 @@ def build_test_models(dest: Path) -> Path:
     cfg = TrainConfig(data="digits8", out_dir=str(dest / "run-tiny"), progress=False, conditional=False,
                       epochs=2, model=ModelConfig(architecture="mlp", latent_dim=4, hidden_dim=64))
     vae, _ = model_from_checkpoint(train(cfg, splits=splits))
-    export.export_model(vae, splits, dest / "models", "tiny", "1", calibration_k=16)
+    export.export_model(vae, splits, dest / "models", "tiny", "1", calibration_k=16, anomaly_method="nll")
     return dest / "models"
 
 

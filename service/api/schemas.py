@@ -114,7 +114,9 @@ class ModelDetail(ModelSummary):
     architecture: str | None
     preprocessing: dict[str, Any]
     anomaly: dict[str, Any] | None = Field(description="anomaly calibration summary: k, alpha, "
-                                           "default_method, methods with their calibration size n")
+                                           "default_method, min_alpha (the smallest alpha its p-values "
+                                           "can reach, 1/(n+1); smaller levels are refused with 422), "
+                                           "methods with their calibration size n and min_alpha")
     metrics: dict[str, Any] = Field(description="test-set metrics recorded at export")
     training: dict[str, Any]
     runtime: str = Field(examples=["onnx"])

@@ -97,7 +97,8 @@ def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
         "preprocessing": raw.get("preprocessing", {}),
         "anomaly": None if m.anomaly is None else {
             "k": m.anomaly.k, "alpha": m.anomaly.alpha, "default_method": m.anomaly.default_method,
-            "methods": {name: {"n": c.n} for name, c in m.anomaly.methods.items()}},
+            "min_alpha": m.anomaly.methods[m.anomaly.default_method].min_alpha,
+            "methods": {name: {"n": c.n, "min_alpha": c.min_alpha} for name, c in m.anomaly.methods.items()}},
         "metrics": raw.get("metrics") or {},
         "training": raw.get("training") or {},
         "runtime": ref.info.runtime,

@@ -202,7 +202,8 @@ def test_suite_shapes_ranges_and_determinism(digits8) -> None:
     digits = load_dataset("mnist5k").test_images[:50].numpy()
     a = ood.build_suite(digits, 12, seed=3)
     b = ood.build_suite(digits, 12, seed=3)
-    assert list(a) == list(ood.SHIFTS)
+    # every shift but the colour ones, which need RGB
+    assert list(a) == [n for n in ood.SHIFTS if n not in ("channels_rotated", "greyscale")]
     for name, images in a.items():
         assert images.shape == (12, 1, 28, 28) and images.dtype == np.float32, name
         assert images.min() >= 0 and images.max() <= 1, name
@@ -217,19 +218,72 @@ def test_suite_shapes_ranges_and_determinism(digits8) -> None:
     assert all(v.shape == (4, 1, 8, 8) for v in small.values())
 
 
+def test_suite_at_the_models_own_shape_and_channels() -> None:
+    """RGB, not square: every shift keeps (C, H, W); quarter turns are left out, colour shifts come in."""
+    rng = np.random.default_rng(0)
+    images = rng.random((20, 3, 12, 16), dtype=np.float32)
+    names = ood.shifts_for((3, 12, 16))
+    assert "rotated90" not in names and {"channels_rotated", "greyscale", "blurred", "occluded"} <= set(names)
+    suite = ood.build_suite(images, 5, seed=1)
+    assert list(suite) == names
+    for name, made in suite.items():
+        assert made.shape == (5, 3, 12, 16) and made.dtype == np.float32, name
+        assert made.min() >= 0 and made.max() <= 1, name
+    grey = suite["greyscale"]
+    assert np.allclose(grey[:, 0], grey[:, 1]) and np.allclose(grey[:, 1], grey[:, 2])
+    sources = ood.suite_sources(len(images), 5, 1, names)
+    rotated = images[sources["channels_rotated"]][:, [2, 0, 1]]
+    np.testing.assert_array_equal(suite["channels_rotated"], rotated)
+    # drawn shifts come in colour: some pixels differ between channels
+    assert (suite["letters"].max(1) - suite["letters"].min(1)).max() > 0.1
+    assert ood.shifts_for((1, 8, 8)) == [n for n in ood.SHIFTS if n not in ("channels_rotated", "greyscale")]
+
+
+def test_suite_labels_follow_the_source_image() -> None:
+    labels = np.arange(30) % 3
+    names = ["hflip", "noise"]
+    out = ood.suite_labels(labels, 10, 4, names)
+    np.testing.assert_array_equal(out["hflip"], labels[ood.suite_sources(30, 10, 4, names)["hflip"]])
+    assert out["noise"].dtype == np.int64 and set(out["noise"]) <= {0, 1, 2}
+
+
+def test_invariances_tell_symmetric_data_from_oriented_data() -> None:
+    """Mirrored MNIST digits are far from the training digits; mirrored random-orientation shapes are not."""
+    mnist = load_dataset("mnist5k")
+    digits = ood.invariances(mnist.train_images[:2000].numpy(), mnist.val_images[:200].numpy(),
+                             ["hflip", "vflip", "rotated90", "noise"])
+    assert set(digits) == {"hflip", "vflip", "rotated90"}  # noise has no fixed transform
+    assert min(digits.values()) > ood.INVARIANCE_AUROC
+    rng = np.random.default_rng(0)
+    # Symmetric by construction: every image's mirror images and turns are equally likely.
+    blobs = rng.random((600, 1, 10, 10), dtype=np.float32) ** 4
+    shapes = ood.invariances(blobs[:500], blobs[500:], ["hflip", "vflip", "rotated90"])
+    assert max(shapes.values()) < ood.INVARIANCE_AUROC
+    assert "fisher" in ood.method_assumptions(shapes, (1, 10, 10))
+    assert ood.method_assumptions(digits, (1, 28, 28)) == {}
+
+
+def test_choose_default_skips_methods_whose_assumptions_fail() -> None:
+    per_method = {"a": {"min_auroc": 0.9, "mean_auroc": 0.95}, "b": {"min_auroc": 0.8, "mean_auroc": 0.9}}
+    assert ood.choose_default(per_method) == "a"
+    assert ood.choose_default(per_method, {"a": "assumes one orientation"}) == "b"
+    assert ood.choose_default(per_method, {"a": "x", "b": "y"}) == "a"  # nothing left: the best anyway
+
+
 def test_suite_sources_name_the_transformed_digits() -> None:
     """suite_sources replays the shifts' choice of digits: flipping the source back gives the image."""
     digits = load_dataset("mnist5k").test_images[:30].numpy()
     suite = ood.build_suite(digits, 10, seed=4)
-    sources = ood.suite_sources(len(digits), 10, seed=4)
-    assert set(sources) == set(ood.DIGIT_SHIFTS)
+    names = ood.shifts_for(digits.shape[1:])
+    sources = ood.suite_sources(len(digits), 10, 4, names)
+    assert set(sources) == {n for n in names if ood.SHIFTS[n].transforms_sources}
     np.testing.assert_array_equal(suite["hflip"], digits[sources["hflip"]][..., ::-1])
     np.testing.assert_array_equal(suite["vflip"], digits[sources["vflip"]][..., ::-1, :])
     np.testing.assert_allclose(suite["inverted"], 1.0 - digits[sources["inverted"]], atol=1e-6)
     # a subset of the suite gives the same images and sources as the whole suite
     subset = ood.build_suite(digits, 10, seed=4, names=["vflip"])
     np.testing.assert_array_equal(subset["vflip"], suite["vflip"])
-    assert ood.suite_sources(len(digits), 10, seed=4, names=["vflip", "noise"]).keys() == {"vflip"}
+    assert ood.suite_sources(len(digits), 10, 4, ["vflip", "noise"]).keys() == {"vflip"}
 
 
 def test_auroc_by_class() -> None:
@@ -271,9 +325,9 @@ def test_ood_eval_command(exported: dict, tmp_path: Path) -> None:
                  "--max-normal", "40", "--shifts", "noise,constant,inverted,hflip"]) == 0
     result = json.loads((out / "ood.json").read_text())
     assert list(result["shifts"]) == ["noise", "constant", "inverted", "hflip"]
-    by_digit = result["shifts"]["hflip"]["auroc_by_source_digit"]  # digits8 has labels
+    by_digit = result["shifts"]["hflip"]["auroc_by_source_class"]  # digits8 has labels
     assert set(by_digit) == set(anomaly.METHODS) and all(0 <= v <= 1 for v in by_digit["nll"].values())
-    assert "by the source digit" in (out / "ood.md").read_text()
+    assert "by the class of the transformed image" in (out / "ood.md").read_text()
     assert set(result["methods"]) == set(anomaly.METHODS)
     assert result["n_normal"] == 40 and result["k"] == 16
     assert result["shifts"]["noise"]["methods"]["nll"]["auroc"] > 0.9  # noise is easy even for tiny models
@@ -288,7 +342,8 @@ def test_add_to_report_replaces_its_own_section(tmp_path: Path) -> None:
     result = {"model": "m", "version": "2", "alpha": 0.01, "n_normal": 3, "normal_split": "test",
               "per_shift": 2, "k": 16, "command": "python -m training ood-eval x", "best_method": "nll",
               "shifts": {"noise": {"methods": {"nll": {"auroc": 0.75, "detection_rate": 0.5}}}},
-              "methods": {"nll": {"min_auroc": 0.75, "mean_auroc": 0.75, "false_alarm_rate": 0.0}}}
+              "methods": {"nll": {"min_auroc": 0.75, "mean_auroc": 0.75, "false_alarm_rate": 0.0,
+                                  "worst_shift": "noise"}}}
     ood.add_to_report(report, result)
     ood.add_to_report(report, {**result, "best_method": "nll"})
     text = report.read_text()
@@ -317,3 +372,48 @@ def test_recalibrating_in_place_reproduces_the_export_calibration(exported: dict
         rewritten = m.raw["anomaly"]["methods"][method]["scores"]
         np.testing.assert_allclose(rewritten, record["scores"], rtol=1e-12)
     assert m.anomaly is not None and m.anomaly.default_method == "likelihood_ratio" and m.anomaly.k == 16
+
+
+# -- the calibration split by default, sized for its alpha (issue 19) ------------------------------------
+def test_calibration_split_has_at_least_calibration_min_images() -> None:
+    from service.anomaly import min_alpha
+    from training.data import calibration_size_for
+
+    assert calibration_size_for(0.01) == 99 and calibration_size_for(0.05) == 19 and min_alpha(99) == 0.01
+    plain = load_dataset("digits8")
+    splits = load_dataset("digits8", calibration_fraction=0.01, calibration_min=99)
+    assert len(splits.calibration_images) == 99  # 1% would be 13
+    assert len(splits.train_images) == len(plain.train_images) - 99
+    small = load_dataset("digits8", calibration_fraction=0.1, calibration_min=99, subset=40)
+    assert len(small.calibration_images) == 99 and len(small.train_images) == 40  # subset keeps the minimum
+    assert TrainConfig().calibration_fraction > 0 and TrainConfig().calibration_min == 99
+
+
+def test_too_little_data_for_a_calibration_split_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from training.data import DataError
+    from training.shapes import write_shapes
+
+    write_shapes(tmp_path / "few", per_class=40, size=12)  # 120 images: 86 for training
+    with pytest.raises(DataError) as refused:
+        load_dataset(f"folder:{tmp_path / 'few'}", calibration_fraction=0.1, calibration_min=99,
+                     color_mode="RGB", height=12, width=12)
+    message = str(refused.value)
+    assert "86 training images" in message and "--calibration-min" in message
+    assert "--calibration-fraction 0" in message
+
+
+def test_data_is_found_where_it_was_recorded_or_where_the_user_says(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.data import DataError, absolute_spec, locate
+    from training.shapes import write_shapes
+
+    write_shapes(tmp_path / "data" / "shapes", per_class=2, size=8)
+    monkeypatch.chdir(tmp_path / "data")
+    recorded = absolute_spec("folder:shapes")
+    assert recorded == f"folder:{tmp_path / 'data' / 'shapes'}"
+    assert load_dataset("folder:shapes", color_mode="RGB", height=8, width=8).spec == recorded
+    monkeypatch.chdir(tmp_path)  # the relative spec no longer resolves; the recorded one does
+    assert locate(["folder:shapes", recorded]) == recorded
+    assert locate(["mnist5k"]) == "mnist5k"
+    with pytest.raises(DataError, match="pass --data KIND:PATH"):
+        locate(["folder:shapes", "folder:/nowhere/shapes"])
