@@ -179,7 +179,15 @@ class ServedModel:
         """Say at start-up when VAE_ANOMALY_METHOD is not calibrated for this model, so the fallback to the
         model's own default method is visible rather than silent."""
         cal = self.manifest.anomaly
-        if settings.anomaly_method is None or cal is None or settings.anomaly_method in cal.methods:
+        if cal is None:
+            return
+        method = settings.default_anomaly_method(cal.methods, cal.default_method)
+        if settings.anomaly_alpha and settings.anomaly_alpha < cal.methods[method].min_alpha:
+            log.warning("%s:%s: VAE_ANOMALY_ALPHA=%g is below %.4g, the smallest p-value its %d calibration "
+                        "scores of %s can give, so its anomaly requests without alpha= are refused with 422",
+                        self.manifest.name, self.manifest.version, settings.anomaly_alpha,
+                        cal.methods[method].min_alpha, cal.methods[method].n, method)
+        if settings.anomaly_method is None or settings.anomaly_method in cal.methods:
             return
         log.warning("%s:%s has no calibration for VAE_ANOMALY_METHOD=%s; its anomaly scores default to its "
                     "own method %r (it offers %s)", self.manifest.name, self.manifest.version,

@@ -275,6 +275,24 @@ def test_anomaly_methods_give_conformal_p_values(client: TestClient) -> None:
     assert client.post("/v1/models/tiny/anomaly-score?alpha=1.5", json=body).status_code == 422
 
 
+def test_an_alpha_the_calibration_cannot_reach_is_refused_on_every_protocol(client: TestClient) -> None:
+    """tiny's 144 calibration scores give p-values >= 1/145: alpha 0.005 could never flag anything, so it is
+    a 422 saying the smallest level, on /v1 and V2 alike; the metadata shows that level."""
+    detail = client.get("/v1/models/tiny").json()["anomaly"]
+    assert detail["min_alpha"] == pytest.approx(1 / 145)
+    assert all(m["min_alpha"] == pytest.approx(1 / (m["n"] + 1)) for m in detail["methods"].values())
+    body = {"inputs": grey_arrays(2, seed=3)}
+    refused = client.post("/v1/models/tiny/anomaly-score?alpha=0.005", json=body)
+    assert refused.status_code == 422
+    assert "alpha 0.005 is below 0.006897 = 1/(n+1)" in refused.json()["error"]["message"]
+    assert client.post(f"/v1/models/tiny/anomaly-score?alpha={1 / 145}", json=body).status_code == 200
+    x = np.asarray(body["inputs"], dtype=np.float32)
+    tensor = {"name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    v2 = client.post("/v2/models/tiny.anomaly_score/infer",
+                     json={"inputs": [tensor], "parameters": {"alpha": 0.005}})
+    assert v2.status_code in (400, 422) and "0.006897 = 1/(n+1)" in v2.text
+
+
 def test_anomaly_standard_error_only_where_it_is_the_scores(client: TestClient) -> None:
     """The -log p(x) estimate's standard error is the score's for STANDARD_ERROR_METHODS (nll, complexity:
     -log p(x) plus a term the samples do not change) and null for every other method."""
