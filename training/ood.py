@@ -394,6 +394,27 @@ def choose_default(per_method: dict[str, dict], excluded: dict[str, str] | None 
     return max(candidates, key=lambda m: (round(per_method[m]["min_auroc"], 4), per_method[m]["mean_auroc"]))
 
 
+# Inputs every anomaly detector must flag: noise, and the blank images likelihoods famously rank as more
+# normal than real data (Nalisnick et al. 2019). A method below this AUROC on them is not chosen while
+# another method clears it on all of them.
+FLOOR_SHIFTS = ("noise", "constant")
+FLOOR_AUROC = 0.99
+
+
+def missed_floor(shifts: dict[str, dict], methods: list[str]) -> dict[str, str]:
+    """{method: why} for the methods below FLOOR_AUROC on a floor shift, when some method clears them all.
+
+    shifts: evaluate_suite's per-shift entries, {shift: {"methods": {method: {"auroc": ...}}}}.
+    """
+    floor = [s for s in FLOOR_SHIFTS if s in shifts]
+    misses = {m: [(s, shifts[s]["methods"][m]["auroc"]) for s in floor
+                  if shifts[s]["methods"][m]["auroc"] < FLOOR_AUROC] for m in methods}
+    if not floor or all(misses.values()):  # nobody clears the floor: it decides nothing
+        return {}
+    return {m: f"below AUROC {FLOOR_AUROC:g} on {', '.join(f'{s} ({a:.3f})' for s, a in miss)}, which other "
+               f"methods flag" for m, miss in misses.items() if miss}
+
+
 def method_assumptions(invariance: dict[str, float], shape: tuple[int, int, int]) -> dict[str, str]:
     """{method: why its assumptions do not hold for this data}. fisher's orientation gain assumes the data
     has one orientation: on data that looks the same mirrored or turned, a normal image is explained as
@@ -441,6 +462,7 @@ def evaluate_suite(scores_normal: dict[str, np.ndarray], scores_shift: dict[str,
             summary[m]["false_alarm_bound"] = anomaly.false_alarm_bound(alpha, len(calibration[m]))
             summary[m]["threshold"] = anomaly.conformal_threshold(calibration[m], alpha)
     excluded = {m: why for m, why in (excluded_methods or {}).items() if m in summary}
+    excluded.update({m: why for m, why in missed_floor(shifts, methods).items() if m not in excluded})
     return {"alpha": alpha, "shifts": shifts, "methods": summary, "excluded_methods": excluded,
             "best_method": choose_default(summary, excluded)}
 
@@ -505,7 +527,8 @@ def select_method(scorer: GraphScorer, splits: DataSplits, references: ScoreRefe
     result = evaluate_suite(run.normal_scores, run.shift_scores, {}, 0.01, run.excluded_methods)
     return {
         "method": result["best_method"],
-        "rule": "best worst-case AUROC over the shift suite on the validation split, ties by the mean",
+        "rule": "best worst-case AUROC over the shift suite on the validation split, ties by the mean, among "
+                "the methods that flag noise and constant images (AUROC >= 0.99) when any does",
         "normal_split": "validation", "n_normal": len(splits.val_images), "per_shift": per_shift, "k": k,
         "shifts": list(run.suite), "excluded_shifts": run.excluded_shifts,
         "excluded_methods": result["excluded_methods"],

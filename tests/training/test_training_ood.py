@@ -263,6 +263,19 @@ def test_invariances_tell_symmetric_data_from_oriented_data() -> None:
     assert ood.method_assumptions(digits, (1, 28, 28)) == {}
 
 
+def test_methods_that_miss_noise_or_blank_images_are_not_chosen_while_another_flags_them() -> None:
+    rng = np.random.default_rng(1)
+    normal = {"a": rng.normal(size=200), "b": rng.normal(size=200)}
+    shifts = {"noise": {"a": rng.normal(9, size=50), "b": rng.normal(9, size=50)},
+              "constant": {"a": rng.normal(0.5, size=50), "b": rng.normal(9, size=50)},  # a misses blanks
+              "hard": {"a": rng.normal(3, size=50), "b": rng.normal(1, size=50)}}
+    out = ood.evaluate_suite(normal, shifts, {}, 0.01)
+    assert out["best_method"] == "b"  # a has the better worst case (hard), but misses constant images
+    assert "constant" in out["excluded_methods"]["a"] and "b" not in out["excluded_methods"]
+    shifts["constant"]["b"] = rng.normal(0.5, size=50)  # now nobody clears the floor: worst case decides
+    assert ood.evaluate_suite(normal, shifts, {}, 0.01)["excluded_methods"] == {}
+
+
 def test_choose_default_skips_methods_whose_assumptions_fail() -> None:
     per_method = {"a": {"min_auroc": 0.9, "mean_auroc": 0.95}, "b": {"min_auroc": 0.8, "mean_auroc": 0.9}}
     assert ood.choose_default(per_method) == "a"
