@@ -107,7 +107,7 @@ class ParityTolerance:
 
     factor: float = 1.0
 
-    def bound(self, graph: str, scale: np.ndarray | None) -> np.ndarray | float:
+    def bound(self, scale: np.ndarray | None) -> np.ndarray | float:
         """The allowed |error| per element; scale: the magnitude of log_w's terms (log_weights graphs)."""
         if scale is not None:
             return self.factor * (LOG_WEIGHTS_ATOL + LOG_WEIGHTS_RTOL * scale)
@@ -150,7 +150,7 @@ def check_parity(vae: VAE, directory: Path, real_inputs: dict[str, tuple[torch.T
         for runtime, outputs in (("onnx", onnx_out), ("torchscript", ts_out)):
             for output, ref, got in zip(output_names(graph), eager_out, outputs, strict=True):
                 diff = np.abs(ref.astype(np.float64) - got)
-                bound = np.broadcast_to(tolerance.bound(graph, scale), diff.shape)
+                bound = np.broadcast_to(tolerance.bound(scale), diff.shape)
                 with np.errstate(divide="ignore", invalid="ignore"):  # NaN on either side, or no bound: fails
                     ratio = np.where(np.isnan(diff) | (bound <= 0), np.inf, diff / bound)
                 worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)

@@ -111,16 +111,27 @@ def inverted(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return 1.0 - _pick(images, n, rng)
 
 
-def rotated90(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(_pick(images, n, rng), k=1, axes=(2, 3)))
+# Symmetry transforms of a batch (N, C, H, W): permutations of pixels or channels (see ShiftSpec.transform).
+def _rot90(x: np.ndarray) -> np.ndarray:
+    return np.rot90(x, 1, axes=(2, 3))
 
 
-def hflipped(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.ascontiguousarray(_pick(images, n, rng)[..., ::-1])
+def _hflip(x: np.ndarray) -> np.ndarray:
+    return x[..., ::-1]
 
 
-def vflipped(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.ascontiguousarray(_pick(images, n, rng)[..., ::-1, :])
+def _vflip(x: np.ndarray) -> np.ndarray:
+    return x[..., ::-1, :]
+
+
+def _rotate_channels(x: np.ndarray) -> np.ndarray:
+    """RGB -> BRG: every colour changed, shapes and brightness kept."""
+    return x[:, [2, 0, 1]]
+
+
+def _transformed(transform: Callable[[np.ndarray], np.ndarray]) -> Shift:
+    """The shift that applies `transform` to n normal images picked at random."""
+    return lambda images, n, rng: np.ascontiguousarray(transform(_pick(images, n, rng)))
 
 
 def right_half_erased(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -242,11 +253,6 @@ def occluded(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return x
 
 
-def channels_rotated(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """RGB -> BRG: every colour changed, shapes and brightness kept."""
-    return np.ascontiguousarray(_pick(images, n, rng)[:, [2, 0, 1]])
-
-
 def greyscale(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """The ITU-R 601 luma in all three channels: the colour removed."""
     x = _pick(images, n, rng)
@@ -274,10 +280,10 @@ SHIFTS: dict[str, ShiftSpec] = {
     "constant": ShiftSpec(constant, "constant images: grey levels black to white (and colours for RGB)"),
     "noise": ShiftSpec(noise, "uniform noise per pixel"),
     "inverted": ShiftSpec(inverted, "normal images with dark and light swapped", True),
-    "rotated90": ShiftSpec(rotated90, "normal images rotated by 90 degrees", True,
-                           lambda x: np.rot90(x, 1, axes=(2, 3)), needs_square=True),
-    "hflip": ShiftSpec(hflipped, "normal images mirrored left-right", True, lambda x: x[..., ::-1]),
-    "vflip": ShiftSpec(vflipped, "normal images mirrored top-bottom", True, lambda x: x[..., ::-1, :]),
+    "rotated90": ShiftSpec(_transformed(_rot90), "normal images rotated by 90 degrees", True, _rot90,
+                           needs_square=True),
+    "hflip": ShiftSpec(_transformed(_hflip), "normal images mirrored left-right", True, _hflip),
+    "vflip": ShiftSpec(_transformed(_vflip), "normal images mirrored top-bottom", True, _vflip),
     "right_half_erased": ShiftSpec(right_half_erased, "normal images with the right half erased", True),
     "crop_zoom": ShiftSpec(centre_crop_zoomed, "the central half of a normal image, zoomed to full size",
                            True),
@@ -289,8 +295,8 @@ SHIFTS: dict[str, ShiftSpec] = {
     "textures": ShiftSpec(textures, "sinusoidal gratings and checkerboards"),
     "blurred": ShiftSpec(blurred, "normal images blurred (Gaussian, radius size/14)", True),
     "occluded": ShiftSpec(occluded, "normal images with 40% x 40% of them painted over", True),
-    "channels_rotated": ShiftSpec(channels_rotated, "RGB images with their channels rotated (BRG)", True,
-                                  lambda x: x[:, [2, 0, 1]], needs_rgb=True),
+    "channels_rotated": ShiftSpec(_transformed(_rotate_channels), "RGB images with their channels rotated "
+                                  "(BRG)", True, _rotate_channels, needs_rgb=True),
     "greyscale": ShiftSpec(greyscale, "RGB images turned grey", True, needs_rgb=True),
 }
 # Shifts whose detection depends on the source image's symmetry: ood-eval breaks their AUROC down by class.
@@ -352,14 +358,11 @@ def invariances(train: np.ndarray, normal: np.ndarray, names: list[str], max_tra
 
     train: (M, C, H, W) training images; normal: (N, C, H, W) held-out normal images (validation).
     """
-    bank = train[:max_train].reshape(min(len(train), max_train), -1).astype(np.float64)
-    bank_sq = (bank ** 2).sum(1)
+    bank = train[:max_train].reshape(min(len(train), max_train), -1)
     normal = normal[:max_normal]
 
     def nearest(x: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(x).reshape(len(x), -1).astype(np.float64)
-        d2 = (q ** 2).sum(1)[:, None] - 2 * q @ bank.T + bank_sq[None]
-        return np.sqrt(np.maximum(d2.min(1), 0.0))
+        return anomaly.knn_distance(np.ascontiguousarray(x).reshape(len(x), -1), bank)
 
     base = nearest(normal)
     return {name: auroc(base, nearest(SHIFTS[name].transform(normal)))
