@@ -11,6 +11,7 @@ serve:
 
 test:
 	scripts/bootstrap.sh train,test,torchscript
+	scripts/install_browser.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -81,6 +82,18 @@ class Metrics:
         self.model_ready = Gauge("vae_model_ready", "1 when the model is loaded and warmed up",
                                  ["model", "version", "runtime", "device"], registry=r,
                                  multiprocess_mode="livemax")
+        # Images scored and flagged per method, on every protocol: their ratio is the anomaly rate whose
+        # jump is the usual sign of drift upstream (deploy/prometheus/alerts.yml).
+        self.anomaly_scored = Counter("vae_anomaly_scored_images", "Images given an anomaly score",
+                                      ["model", "version", "method"], registry=r)
+        self.anomaly_flagged = Counter("vae_anomaly_flagged_images",
+                                       "Images flagged as anomalous (p_value <= alpha)",
+                                       ["model", "version", "method"], registry=r)
+
+    def anomaly_results(self, model: str, version: str, method: str, flags: np.ndarray) -> None:
+        """Count one request's anomaly decisions (flags: (N,) bool)."""
+        self.anomaly_scored.labels(model, version, method).inc(len(flags))
+        self.anomaly_flagged.labels(model, version, method).inc(int(np.count_nonzero(flags)))
 
     def observer(self, model: str, version: str, graph: str) -> BatcherMetrics:
         return BatcherMetrics(self, model, version, graph)

@@ -37,6 +37,8 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: st
     if (report_dir / "report.json").exists():
         report = json.loads((report_dir / "report.json").read_text())
         metrics = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+        if "kl_per_dim" in report:  # (D,) nats: ranks the latent dimensions (the explorer's traversals)
+            metrics["kl_per_dim"] = report["kl_per_dim"]
     training = {
         "data": ckpt["data"], "best_epoch": ckpt["epoch"], "best_validation_score": ckpt["best_score"],
         "config": ckpt["train_config"],

@@ -27,6 +27,7 @@ from service.api.v2 import OPERATIONS as V2_OPERATIONS
 from service.api.v2 import build_v2_health_router, build_v2_router
 from service.config import Settings
 from service.engine.interface import Engine, WorkerSlot
+from service.explorer import build_explorer_router
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None, engine_endpoint: str | None = N
     app.include_router(build_v1_router(settings, operations))
     app.include_router(build_v2_health_router(state))
     app.include_router(build_v2_router(settings))
+    app.include_router(build_explorer_router())
     # Inside RequestMiddleware (request ids, drain, admission, body limits, metrics apply to both).
     front: ASGIApp = RequestMiddleware(FastPath(app.through_fastapi, state=state, operations=operations),
                                        state=state)

@@ -37,7 +37,7 @@ from service.engine.interface import EngineError
 _PATH = re.compile(r"/v1/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                    r"/(?P<op>encode|reconstruct|log-likelihood|anomaly-score)")
 # The query parameters each hot route takes; their bounds come from api/params.py, as FastAPI's do.
-_ACCEPTS = {"encode": ("label",), "reconstruct": ("label", "format"),
+_ACCEPTS = {"encode": ("label",), "reconstruct": ("label", "format", "include_input"),
             "log-likelihood": ("label", "seed", "k"),
             "anomaly-score": ("label", "seed", "k", "method", "alpha")}
 
@@ -90,8 +90,9 @@ class FastPath:
                 return None
         if op == "log-likelihood" and params["k"] is None:
             params["k"] = self.default_k
-        if op == "reconstruct" and params["format"] is None:
-            params["format"] = "png"
+        if op == "reconstruct":
+            params["format"] = params["format"] or "png"
+            params["include_input"] = params["include_input"] or "false"
         return params
 
     def _authorized(self, scope: Scope) -> bool:
@@ -112,7 +113,8 @@ class FastPath:
             if op == "encode":
                 response = await self.operations.encode(request, ref, params["label"])
             elif op == "reconstruct":
-                response = await self.operations.reconstruct(request, ref, params["label"], params["format"])
+                response = await self.operations.reconstruct(request, ref, params["label"], params["format"],
+                                                             params["include_input"] == "true")
             elif op == "log-likelihood":
                 response = await self.operations.log_likelihood(request, ref, params["k"], params["seed"],
                                                                  params["label"])

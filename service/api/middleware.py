@@ -1,7 +1,7 @@
 """One pure-ASGI middleware for what every request needs before and after the routes.
 
 - a request id (`X-Request-ID`: the caller's if sane, else a fresh one) on the response and in logs;
-- while draining, model requests (every path but the operations paths, ops.OPS_PATHS, whatever the
+- while draining, model requests (every path but the operations paths, ops.is_ops_path, whatever the
   protocol) are refused with 503 before any work starts;
 - at most `max_inflight_requests` model requests are handled at once; one more is answered 429 at
   once, before its body is read, so bodies and decoded images in memory stay bounded under any burst.
@@ -45,7 +45,7 @@ from service.api.errors import (
     Unavailable,
     error_response,
 )
-from service.api.ops import OPS_PATHS
+from service.api.ops import is_ops_path
 from service.api.state import AppState
 from service.logs import request_id_var
 
@@ -92,7 +92,7 @@ class RequestMiddleware:
             limit = settings.max_upload_bytes
             declared = headers.get(b"content-length", b"").decode("latin-1")
             encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-            is_work = path not in OPS_PATHS
+            is_work = not is_ops_path(path)
             if self.state.draining and is_work:
                 await error_response(503, "unavailable", "the service is shutting down; retry on another "
                                      "replica", {"Retry-After": "1"}, path=path)(scope, receive, send_with_id)

@@ -38,8 +38,11 @@ class ModelRef:
     async def run(self, operation: Operation, inputs: dict[str, np.ndarray],
                   options: Options = NO_OPTIONS) -> dict[str, np.ndarray]:
         """One operation of this request, run whole by the engine."""
-        return await self.state.engine.infer(self.name, self.version, operation, inputs,
-                                             deadline=self.deadline, options=options)
+        out = await self.state.engine.infer(self.name, self.version, operation, inputs,
+                                            deadline=self.deadline, options=options)
+        if operation == "anomaly_score":  # every protocol's answers pass here: one count of the flags
+            self.state.metrics.anomaly_results(self.name, self.version, options.method, out["is_anomaly"])
+        return out
 
 
 def request_deadline(request: Request, settings: Settings) -> float:

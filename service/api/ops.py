@@ -12,7 +12,12 @@ from service.api.state import AppState
 # Paths that are not model work: never refused while draining, never counted against admission.
 # Every other path (every protocol's model routes) is subject to drain, admission and body limits.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
-                       "/openapi.json", "/v2/health/live", "/v2/health/ready"})
+                       "/openapi.json", "/v2/health/live", "/v2/health/ready", "/explore"})
+OPS_PREFIXES = ("/explore/",)  # the explorer's static files (service/explorer)
+
+
+def is_ops_path(path: str) -> bool:
+    return path in OPS_PATHS or path.startswith(OPS_PREFIXES)
 
 
 def not_ready_reason(state: AppState) -> str | None:

@@ -111,6 +111,7 @@ class Params:
     n: Param
     temperature: Param
     format: Param  # how images come back: base64 PNG or arrays
+    include_input: Param  # reconstruct: also return the input as the model sees it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Params:
@@ -125,6 +126,9 @@ class Params:
             n=Param("n", int, "number of samples", 1, settings.max_n),
             temperature=Param("temperature", float, "z = temperature * eps", 0.0, 100.0),
             format=Param("format", str, "png: base64 PNG; array: C x H x W floats", choices=("png", "array")),
+            include_input=Param("include_input", str, "true: also return each input as the model sees it "
+                                "(converted, resized, in [0, 1]), the image the errors are measured against",
+                                choices=("false", "true")),
         )
 
     def get(self, name: str) -> Param:

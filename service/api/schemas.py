@@ -180,6 +180,9 @@ class SampleResponse(_Response):
 class ReconstructResult(ImageResult):
     mse: float = Field(description="mean squared error between input and reconstruction, per pixel")
     sse: float = Field(description="sum of squared errors over all pixels")
+    input: str | list[list[list[float]]] | None = Field(
+        None, description="with include_input=true: the input as the model sees it (converted, resized, in "
+                          "[0, 1]), in the response's format")
 
 
 class ReconstructResponse(_Response):

@@ -144,7 +144,8 @@ class ImageOperations:
                    for m, v, lv in zip(mean, variance, log_var, strict=True)]
         return json_response({"model": ref.name, "version": ref.version, "results": results})
 
-    async def reconstruct(self, request: Request, ref: ModelRef, label: str | None, format: str) -> Response:
+    async def reconstruct(self, request: Request, ref: ModelRef, label: str | None, format: str,
+                          include_input: bool = False) -> Response:
         ref.admit("reconstruct")
         batch = await read_images(request, ref.manifest, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("reconstruct", _with_labels({"x": batch.x}, batch.y))
@@ -152,6 +153,9 @@ class ImageOperations:
         dims = ref.manifest.data_dims
         results = [{**r, "mse": float(s / dims), "sse": float(s)}
                    for r, s in zip(_images(x_hat, format), sse, strict=True)]
+        if include_input:  # the (N, C, H, W) input the errors were measured against
+            for r, seen in zip(results, _images(batch.x, format), strict=True):
+                r["input"] = seen["image" if format == "png" else "array"]
         return json_response({"model": ref.name, "version": ref.version, "results": results})
 
     async def log_likelihood(self, request: Request, ref: ModelRef, k: int, seed: int | None,
@@ -290,9 +294,11 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
     @router.post(f"{base}/reconstruct", response_model=ReconstructResponse, responses=image_errors,
                  openapi_extra=inputs_body, response_model_exclude_none=True)
     async def reconstruct_images(request: Request, ref: Model, label: LabelQ = None,
-                                 format: FormatQ = "png") -> Response:
+                                 format: FormatQ = "png",
+                                 include_input: params.include_input.query(optional=False) = "false",
+                                 ) -> Response:
         """Decode the posterior mean of each image; report squared errors against the (grey) input."""
-        return await operations.reconstruct(request, ref, label, format)
+        return await operations.reconstruct(request, ref, label, format, include_input == "true")
 
     @router.post(f"{base}/log-likelihood", response_model=LogLikelihoodResponse, responses=image_errors,
                  openapi_extra=inputs_body)
