@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Your own data" section, verbatim, in a scratch folder: a folder of coloured shapes ->
+# The README's "Training and serving your own model" section, verbatim, in a scratch folder: a folder of coloured shapes ->
 # trained conv VAE with a Gaussian decoder -> export (calibration split, method chosen on validation) ->
 # ood-eval on the test split. The figures in docs/own-data.md come from this run.
 #   scripts/own_data_demo.sh [WORK_DIR]     (default runs/own-data; about 25 min on 2 CPU cores)

@@ -1,7 +1,7 @@
 """Your own data, end to end (issue 19): an RGB image folder made here, trained, exported, evaluated
-out-of-distribution and served by a real `python -m service` process, through the commands the README's
-"Your own data" section gives. The anomaly flag must fire on noise and off-distribution images at alpha
-= 0.01 and stay quiet on held-out normal images.
+out-of-distribution and served by a real `python -m service` process, through the commands of the
+README's "Training and serving your own model" section. The anomaly flag must fire on noise and
+off-distribution images at alpha = 0.01 and stay quiet on held-out normal images.
 
 CI-sized: 16x16 shapes, a small MLP, a few epochs, k = 32.
 """
