@@ -16,8 +16,9 @@ Failures:
   workers become ready again when it has loaded and warmed up its models.
 - the inference process fails before it was ever ready (a refused model, VAE_ON_BAD_MODEL=fail):
   start-up fails with exit status 3.
-Shutdown (SIGTERM or Ctrl-C): the workers drain (see api/worker.py), then the inference process is
-stopped, then the supervisor exits 0.
+Shutdown (SIGTERM or Ctrl-C to the supervisor, to any child or to the whole process group; see
+service/signals.py): the workers drain (see api/worker.py), then the inference process is stopped, then
+the supervisor exits 0.
 
 Children are forked (not spawned): they start in milliseconds with the supervisor's imports, and a
 test harness that patches the runtime before calling main() patches the children too. The supervisor
@@ -44,6 +45,7 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from service import signals
 from service.config import Settings
 from service.engine.interface import WorkerSlot
 from service.metrics import enable_multiprocess
@@ -63,15 +65,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child(target: Callable[..., None], supervisor_pid: int, *args: object) -> None:
-    """Entry point of every forked child: it dies with the supervisor, however the supervisor dies.
+def _child(target: Callable[..., None], supervision: signals.Supervision, *args: object) -> None:
+    """Entry point of every forked child: it dies with the supervisor, however the supervisor dies, and
+    leaves shutdown signals to it (service/signals.py).
 
     Without this a supervisor killed with SIGKILL (or by the OOM killer) leaves its workers holding
     the port and its inference process holding the models, with nobody to stop them (Linux only).
     """
+    signals.current = supervision
+    supervision.forward_shutdown_signals()  # before anything slow: a group signal may come at any time
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+    if os.getppid() != supervision.supervisor_pid:  # it died before prctl took effect
         os._exit(1)
     target(*args)
 
@@ -86,10 +91,18 @@ class Supervisor:
         self.engine: ForkProcess | None = None
         self.engine_ready = self.ctx.Event()
         self.engine_ever_ready = False
-        self.stop_requested = 0  # number of shutdown signals received
+        self.signals_received = 0  # SIGTERM and SIGINT delivered to the supervisor itself
+        self.child_asked = False  # a child got a shutdown signal (signals.STOP_REQUEST)
+        self.drain_mode = self.ctx.Value("i", 0, lock=False)  # read by the children on signals.DRAIN
         self._crashes: dict[str, int] = {}  # role -> consecutive crashes, for the restart backoff
-        self._forwarded = 0  # shutdown signals forwarded to the workers
+        self._forwarded = 0  # the stop level last forwarded to the workers
         self._drain_deadline: float | None = None
+
+    @property
+    def stop_requested(self) -> int:
+        """0: serving; 1: draining; 2 or more: hurrying. The copies of one group-wide signal that the
+        children pass on (STOP_REQUEST) count once, whichever arrives first."""
+        return max(self.signals_received, int(self.child_asked))
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -105,8 +118,9 @@ class Supervisor:
             log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
             shutil.rmtree(runtime_dir, ignore_errors=True)
             return 2
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in signals.SHUTDOWN_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signals.STOP_REQUEST, self._on_stop_request)
         try:
             self._start_engine()
             for index in range(self.settings.worker_processes):
@@ -156,25 +170,39 @@ class Supervisor:
                 return None
             log.error("HTTP workers did not finish draining in time; killing them")
         if self.engine is not None and self.engine.is_alive() and self.engine.pid is not None:
-            os.kill(self.engine.pid, signal.SIGTERM)
+            os.kill(self.engine.pid, signals.DRAIN)
             self.engine.join(10.0)
         log.info("stopped")
         return 0
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-        self.stop_requested += 1
-        if self.stop_requested == 1:
+        before = self.stop_requested
+        self.signals_received += 1
+        if before == 0:
             log.info("signal %d: draining the HTTP workers, then stopping the inference process", sig)
-        self._forward_stop()  # at once, so /readyz turns 503 within milliseconds
+        # A first SIGTERM keeps answering 503 for the drain delay; Ctrl-C or a second signal closes at once.
+        hurry = sig != signal.SIGTERM or self.stop_requested > 1
+        self._forward_stop(signals.DRAIN_NOW if hurry else signals.DRAIN_WITH_DELAY)
 
-    def _forward_stop(self) -> None:
-        """Send SIGTERM to every live worker once per shutdown signal received (a second one hurries)."""
+    def _on_stop_request(self, sig: int, frame: FrameType | None) -> None:
+        """A child got SIGTERM or SIGINT (alone, or as part of the process group): drain as for SIGTERM."""
+        if self.stop_requested == 0:
+            log.info("a child received a shutdown signal: draining the HTTP workers, then stopping the "
+                     "inference process")
+        self.child_asked = True
+        self._forward_stop(signals.DRAIN_WITH_DELAY)
+
+    def _forward_stop(self, mode: int | None = None) -> None:
+        """Tell every live worker to drain, once per stop level (at once, so /readyz turns 503 within
+        milliseconds); a higher level (a second signal) hurries them."""
         if self._forwarded >= self.stop_requested:
             return
         self._forwarded = self.stop_requested
+        if mode is not None:
+            self.drain_mode.value = mode  # before the signal: the workers read it in their handler
         for proc in self.workers.values():
             if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signals.DRAIN)
         if self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + self.settings.drain_delay_s + \
                 self.settings.drain_timeout_s + 10.0
@@ -187,7 +215,7 @@ class Supervisor:
             self._backoff("engine")
         self.engine_ready.clear()
         self.engine = self.ctx.Process(target=_child, name="vae-inference",
-                                       args=(run_engine, os.getpid(), self.settings, self.endpoint,
+                                       args=(run_engine, self._supervision(), self.settings, self.endpoint,
                                              self.engine_ready))
         self.engine.start()
         log.info("inference process started (pid %s)", self.engine.pid)
@@ -199,11 +227,14 @@ class Supervisor:
             self._backoff(f"worker-{index}")
         self.ready_flags[index] = 0
         proc = self.ctx.Process(target=_child, name=f"vae-http-{index}",
-                                args=(run_worker, os.getpid(), self.settings, self.sock, self.endpoint,
-                                      self.metrics_dir, WorkerSlot(index, self.ready_flags)))
+                                args=(run_worker, self._supervision(), self.settings, self.sock,
+                                      self.endpoint, self.metrics_dir, WorkerSlot(index, self.ready_flags)))
         proc.start()
         self.workers[index] = proc
         log.info("HTTP worker %d started (pid %s)", index, proc.pid)
+
+    def _supervision(self) -> signals.Supervision:
+        return signals.Supervision(os.getpid(), self.drain_mode)
 
     def _backoff(self, role: str) -> None:
         crashes = self._crashes.get(role, 0)

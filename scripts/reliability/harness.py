@@ -396,6 +396,14 @@ def build_test_models(dest: Path) -> Path:
 _WORKER_STARTED = re.compile(r"HTTP worker (\d+) started \(pid (\d+)\)")
 
 
+_ENGINE_STARTED = re.compile(r"inference process started \(pid (\d+)\)")
+
+
+def engine_pids(log: str) -> list[int]:
+    """Pids of every inference process the supervisor started, in order, from its INFO log."""
+    return [int(m.group(1)) for m in _ENGINE_STARTED.finditer(log)]
+
+
 def worker_pids(log: str) -> list[int]:
     """The pid of the latest process of every HTTP worker, from the supervisor's INFO log."""
     latest: dict[int, int] = {}

@@ -18,6 +18,7 @@ from types import FrameType
 
 import uvicorn
 
+from service import signals
 from service.api.app import create_app
 from service.api.http_protocol import http_protocol
 from service.api.state import AppState
@@ -30,27 +31,45 @@ log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server that flips the app to draining the moment a shutdown signal arrives."""
+    """A uvicorn server that flips the app to draining the moment it is told to stop.
+
+    Supervised (an HTTP worker), the supervisor tells it (signals.DRAIN, service/signals.py) and a
+    SIGTERM or SIGINT that reaches the worker itself is passed on to the supervisor; alone
+    (VAE_HTTP_WORKERS=0), SIGTERM and SIGINT act directly.
+    """
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
         self.app_state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's handler of SIGTERM and SIGINT."""
+        if signals.current is not None:
+            signals.current.request_stop()
+            return
+        self.drain(sig, now=sig != signal.SIGTERM)
+
+    def on_drain_signal(self, sig: int, frame: FrameType | None) -> None:
+        assert signals.current is not None
+        self.drain(signal.SIGTERM, now=signals.current.drains_now())
+
+    def drain(self, sig: int, now: bool) -> None:
+        """Start draining; now=False keeps the port open (answering 503) for VAE_DRAIN_DELAY_S first.
+        Asked again while draining, skip what is left of the delay."""
         delay = self.app_state.settings.drain_delay_s
         if not self.app_state.draining:
             self.app_state.draining = True
             log.info("signal %d: draining (readyz 503, new requests refused); port closes in %.1fs, "
-                     "in-flight requests get up to %.1fs", sig, delay,
+                     "in-flight requests get up to %.1fs", sig, 0.0 if now else delay,
                      self.app_state.settings.drain_timeout_s)
-            if delay > 0 and sig == signal.SIGTERM:
+            if delay > 0 and not now:
                 # Keep listening (answering 503) so load balancers see readyz fail before the port
-                # closes; a second SIGTERM or a Ctrl-C skips the wait.
-                timer = threading.Timer(delay, self._exit_now, (sig, frame))
+                # closes; a second signal or a Ctrl-C skips the wait.
+                timer = threading.Timer(delay, self._exit_now, (sig, None))
                 timer.daemon = True
                 timer.start()
                 return
-        self._exit_now(sig, frame)
+        self._exit_now(sig, None)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Uvicorn's shutdown (stop listening, wait for in-flight requests), with a drain deadline.
@@ -105,5 +124,6 @@ def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str, me
     slot.set_ready(False)
     app = create_app(settings, engine_endpoint, slot)
     server = DrainingServer(uvicorn_config(app, settings), app.state.service)
+    signal.signal(signals.DRAIN, server.on_drain_signal)
     server.run(sockets=[sock])
     sys.exit(0 if server.started else 3)

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from service import signals
 from service.artifacts import ArtifactError
 from service.config import Settings
 from service.engine.interface import BatchFailed, EngineError, ModelInfo
@@ -161,7 +162,9 @@ async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:
         return STARTUP_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Supervised, only the supervisor stops it (signals.DRAIN, once the HTTP workers have drained):
+    # SIGTERM or SIGINT sent to the process group must not drop the work in flight.
+    loop.add_signal_handler(signal.SIGTERM if signals.current is None else signals.DRAIN, stop.set)
     server = EngineServer(engine, endpoint)
     serving = asyncio.create_task(server.serve(stop))
     await asyncio.sleep(0)  # bound now
@@ -176,7 +179,8 @@ async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:
 
 def run(settings: Settings, endpoint: str, ready: Event | None = None) -> None:
     """Entry point of the inference process (a child of the supervisor)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+    if signals.current is None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; SIGTERM stops it
     try:
         import uvloop
 

@@ -31,17 +31,11 @@ ENCODE = harness.ENCODE
 ENCODE_LABELS = '{endpoint="/v1/models/{model}/encode",method="POST",status="%s"}'
 BATCH_COUNT = 'vae_batch_size_rows_count{graph="encoder",model="tiny",version="1"}'
 BASE_ENV = {"VAE_MODELS": "tiny", "VAE_HTTP_WORKERS": "2", "VAE_LOG_LEVEL": "INFO"}
-ENGINE_STARTED = re.compile(r"inference process started \(pid (\d+)\)")
 WORKER_STARTED = re.compile(r"HTTP worker (\d+) started \(pid (\d+)\)")
 CONNECTED = "connected to the inference process"
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def engine_pids(log: str) -> list[int]:
-    """Pids of every inference process the supervisor started, in order."""
-    return [int(m.group(1)) for m in ENGINE_STARTED.finditer(log)]
-
-
 def worker_pids(log: str) -> dict[int, list[int]]:
     """Worker index -> pids of every process started for it, in order."""
     out: dict[int, list[int]] = {}
@@ -51,7 +45,7 @@ def worker_pids(log: str) -> dict[int, list[int]]:
 
 
 def all_child_pids(log: str) -> list[int]:
-    return engine_pids(log) + [pid for pids in worker_pids(log).values() for pid in pids]
+    return harness.engine_pids(log) + [pid for pids in worker_pids(log).values() for pid in pids]
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
@@ -171,7 +165,7 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
     n = 6  # two batches of 1 s each: certainly in flight when the kill comes
     with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=1.0) as server:
         wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
-        victim = engine_pids(server.log())[-1]
+        victim = harness.engine_pids(server.log())[-1]
 
         async def in_flight_then_kill() -> tuple[list, list[int | None], float]:
             request = encode_request(server.port)
@@ -207,10 +201,10 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
             assert after_kill_s < 5.0, after_kill_s  # never a hang
         assert 503 in ready_codes, ready_codes
 
-        log = wait_until(lambda: (lg := server.log()) and len(engine_pids(lg)) >= 2 and lg, 15,
+        log = wait_until(lambda: (lg := server.log()) and len(harness.engine_pids(lg)) >= 2 and lg, 15,
                          "a new inference process", server)
         assert f"inference process (pid {victim}) died (killed by signal 9); restarting it" in log
-        new = engine_pids(log)[-1]
+        new = harness.engine_pids(log)[-1]
         assert new != victim and alive(new) and not alive(victim) and proc_stat(new)[1] == server.pid
         wait_until(lambda: server.log().count(CONNECTED) >= 4, 30, "both workers reconnected", server)
         wait_until(lambda: readyz(server) == 200, 30, "readyz 200 again", server)

@@ -1,23 +1,46 @@
-"""SIGTERM under load, with a real `python -m service` process and real HTTP.
+"""SIGTERM and SIGINT under load, with a real `python -m service` process tree and real HTTP.
 
 In-flight requests are made slow with simulated device time (1 s per batch) so they are
-certainly in flight when the signal arrives.
+certainly in flight when the signal arrives. Every way a shutdown signal can arrive (to the supervisor,
+to the whole process group as systemd and Ctrl-C send it, to one HTTP worker, to the inference
+process) must drain the same way: in-flight work answered 200, exit status 0 (service/signals.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import harness
+import pytest
 
 ENV = {"VAE_MODELS": "tiny", "VAE_MAX_BATCH_SIZE": "4", "VAE_MAX_QUEUE_DELAY_MS": "2",
        "VAE_WARMUP": "false"}  # warm-up would pay the simulated device time too
 
 
-async def _in_flight_then_sigterm(server: harness.Server, n: int, probe: bool = True) -> dict:
+def _to_supervisor(sig: int) -> Callable[[harness.Server], None]:
+    return lambda server: os.kill(server.pid, sig)
+
+
+def _to_group(sig: int) -> Callable[[harness.Server], None]:
+    return lambda server: os.killpg(server.pid, sig)  # the supervisor leads its process group
+
+
+def _to_a_worker(server: harness.Server) -> None:
+    os.kill(harness.worker_pids(server.log())[0], signal.SIGTERM)
+
+
+def _to_the_inference_process(server: harness.Server) -> None:
+    os.kill(harness.engine_pids(server.log())[-1], signal.SIGTERM)
+
+
+async def _in_flight_then_sigterm(server: harness.Server, n: int, probe: bool = True,
+                                  deliver: Callable[[harness.Server], None] | None = None) -> dict:
     """n requests in flight, SIGTERM, then: how fast readyz turns 503, what new work and in-flight get.
 
     probe=False: no readyz and new-work probes (without VAE_DRAIN_DELAY_S the port closes at once, so
@@ -32,7 +55,11 @@ async def _in_flight_then_sigterm(server: harness.Server, n: int, probe: bool = 
             break
         await asyncio.sleep(0.05)
     print(f"in flight after {time.monotonic() - t0:.2f}s")
-    signalled = server.sigterm()
+    if deliver is None:
+        signalled = server.sigterm()
+    else:
+        deliver(server)
+        signalled = time.monotonic()
     if not probe:
         outcomes = await asyncio.gather(*in_flight)
         return {"in_flight": sorted(str(o.status) for o in outcomes), "signalled": signalled}
@@ -91,3 +118,37 @@ def test_drain_timeout_answers_the_rest_503_and_exits_zero(models_dir: Path, tmp
     assert exited_after < 1 + 4 + 3, exited_after
     assert "drain timeout" in log
 
+
+
+# (how the signal is delivered, whether the drain delay applies: SIGINT closes the port at once)
+DELIVERIES = {
+    "SIGTERM to the supervisor": (_to_supervisor(signal.SIGTERM), True),
+    "SIGTERM to the process group": (_to_group(signal.SIGTERM), True),
+    "SIGINT to the process group": (_to_group(signal.SIGINT), False),
+    "SIGINT to the supervisor": (_to_supervisor(signal.SIGINT), False),
+    "SIGTERM to one HTTP worker": (_to_a_worker, True),
+    "SIGTERM to the inference process": (_to_the_inference_process, True),
+}
+
+
+@pytest.mark.parametrize("delivery", list(DELIVERIES))
+def test_every_signal_delivery_drains_in_flight_work_and_exits_zero(models_dir: Path, tmp_path: Path,
+                                                                      delivery: str) -> None:
+    deliver, delayed = DELIVERIES[delivery]
+    env = {**ENV, "VAE_HTTP_WORKERS": "2", "VAE_DRAIN_TIMEOUT_S": "10", "VAE_DRAIN_DELAY_S": "1"}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=1.0) as server:
+        children = harness.engine_pids(server.log()) + harness.worker_pids(server.log())
+        r = asyncio.run(_in_flight_then_sigterm(server, 8, probe=delayed, deliver=deliver))  # 2 s of work
+        code = server.proc.wait(timeout=30)
+        exited_after = time.monotonic() - r["signalled"]
+        log = server.log()
+    print(delivery, {k: v for k, v in r.items() if k != "new_work_raw"}, f"exited {exited_after:.2f}s later")
+    assert r["in_flight"] == ["200"] * 8, (r, log[-3000:])
+    if delayed:  # the port stayed open answering 503 for the drain delay
+        assert r["readyz"] == 503 and r["readyz_after_s"] < 0.5, r
+        assert r["new_work"] == 503, r
+    assert code == 0, log[-3000:]
+    assert exited_after < 1 + 10, exited_after
+    assert "Traceback" not in log and "died" not in log, log[-3000:]  # no child lost or restarted
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the supervisor"
