@@ -601,3 +601,67 @@ def test_body_deadline_holds_when_it_passes_while_the_handler_is_between_two_rea
         raise AssertionError("the second read waited past its deadline for bytes that never came") from None
     assert sent and sent[0]["status"] == 408, sent[:1]
     assert time.monotonic() - started < 1.0
+
+
+# -- 5. the pixel budget on every protocol ------------------------------------------------------------------
+def test_the_pixel_budget_holds_on_every_protocol(models_dir: Path, tmp_path: Path) -> None:
+    """The same compressible PNGs (four of 3000x3000: 36M pixels in a few KB, over the 16M request budget)
+    sent as /v1 multipart, /v1 base64 JSON, V2 binary BYTES (stock tritonclient) and V2 JSON base64: 413
+    from the one decoding step before any pixel is decoded, fast and in bounded memory."""
+    import base64
+
+    import numpy as np
+    import tritonclient.http as triton
+
+    big = png(3000, 3000)
+    with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
+        wait_connected(server)
+        pids = harness.worker_pids(server.log())
+        rss_before = sum(harness.rss_mb(pid) for pid in pids)
+        url, answers = server.url, {}
+
+        def timed(name: str, send: Any) -> None:
+            t0 = time.monotonic()
+            answers[name] = (*send(), time.monotonic() - t0)
+
+        def v1_multipart() -> tuple[int, str]:
+            r = httpx.post(url + ENCODE, files=[("images", (f"{i}.png", big, "image/png")) for i in range(4)])
+            return r.status_code, r.json()["error"]["message"]
+
+        def v1_base64() -> tuple[int, str]:
+            r = httpx.post(url + ENCODE, json={"images": [base64.b64encode(big).decode()] * 4})
+            return r.status_code, r.json()["error"]["message"]
+
+        def v2_binary() -> tuple[int, str]:
+            client = triton.InferenceServerClient(url.removeprefix("http://"))
+            tensor = triton.InferInput("png", [4], "BYTES")
+            tensor.set_data_from_numpy(np.array([big] * 4, dtype=np.object_), binary_data=True)
+            try:
+                client.infer("tiny.encode", [tensor])
+            except triton.InferenceServerException as exc:
+                return int(exc.status()), exc.message()
+            finally:
+                client.close()
+            return 200, ""
+
+        def v2_json() -> tuple[int, str]:
+            body = {"inputs": [{"name": "png", "datatype": "BYTES", "shape": [4],
+                                "parameters": {"content_type": "base64"},
+                                "data": [base64.b64encode(big).decode()] * 4}]}
+            r = httpx.post(url + "/v2/models/tiny.encode/infer", json=body)
+            return r.status_code, r.json()["error"]
+
+        for name, send in (("v1 multipart", v1_multipart), ("v1 base64 JSON", v1_base64),
+                           ("V2 binary BYTES (tritonclient)", v2_binary), ("V2 JSON base64", v2_json)):
+            timed(name, send)
+        rss_after = sum(harness.rss_mb(pid) for pid in harness.worker_pids(server.log()))
+        log = server.log()
+    print({name: (status, f"{1000 * took:.0f} ms", message[:90])
+           for name, (status, message, took) in answers.items()},
+          f"workers' RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+    for name, (status, message, took) in answers.items():
+        assert status == 413, (name, status, message)
+        assert "pixel" in message, (name, message)
+        assert took < 0.5, (name, took)
+    assert rss_after - rss_before < 50, (rss_before, rss_after)
+    assert "Traceback" not in log, log[-3000:]
