@@ -37,11 +37,11 @@ method=nll; 8 connections), loglik-k1000 (`/log-likelihood?k=1000&seed=1`, 1 ima
 connections), encode-1-flood (encode-1 at 64 connections while 8 connections send log-likelihood k=5000
 requests). `--quick`: 2 s levels, encode-1 at 8 and 64, loglik at 8 only.
 The service runs with its defaults plus VAE_THREADS=1 and VAE_MODELS=<model>:<version>; its default
-VAE_MAX_INFLIGHT_REQUESTS (256) and queue sizes admit every level here (add `--service-env` to change
-them). A level's throughput is 2xx answers over hey's total time, which includes the drain of the requests
-still in flight when `-z` ends (seconds for log-likelihood at 64 connections).
-Output: a table on stdout, <output-dir>/serving_benchmark-<machine tag>[-quick].json (everything:
-hey command lines, summaries, versions, machine) and .md (the tables).
+admission (by cost and memory; VAE_MAX_INFLIGHT_REQUESTS 4096 as a backstop) and queue sizes admit every
+level here (add `--service-env` to change them). A level's throughput is 2xx answers over hey's total
+time, which includes the drain of the requests still in flight when `-z` ends (seconds for log-likelihood
+at 64 connections). Output: a table on stdout, <output-dir>/serving_benchmark-<machine tag>[-quick].json
+(everything: hey command lines, summaries, versions, machine) and .md (the tables).
 """
 
 from __future__ import annotations

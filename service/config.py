@@ -68,9 +68,13 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(1024, ge=1)  # queued rows per encoder/decoder batcher before 429
     request_timeout_s: float = Field(30.0, gt=0.0)  # deadline per request; past it: 504
     # (a caller may ask for a shorter one with the header `X-Request-Timeout: <seconds>`)
-    # /v1 requests being handled at once (reading, decoding, queued, running); past it: 429 before the
-    # body is read. Bounds the memory of bodies and decoded images that the row queues do not cover.
-    max_inflight_requests: int = Field(256, ge=1)
+    # Admission by memory, per HTTP worker (api/memory_budget.py): bytes of the bodies and pixels of the
+    # images of the requests being handled; past them: 429. Time is the engine's admission (deadlines).
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_inflight_pixels: int = Field(64_000_000, ge=1)
+    # A backstop on the count of model requests being handled at once per worker (429 before the body is
+    # read): bursts of cheap requests are admitted by cost and memory, not refused by count.
+    max_inflight_requests: int = Field(4096, ge=1)
     # Importance sampling is done in chunks of this many samples so rows of different requests (and
     # different k) stack into one (B, K, D) batch; the last chunk is padded and the padding dropped.
     iw_chunk_size: int = Field(128, ge=1, le=65536)
@@ -170,6 +174,12 @@ class Settings(BaseSettings):
             problems.append(f"max_images ({self.max_images}) exceeds max_queue_size ({self.max_queue_size})")
         if self.max_n > self.max_queue_size:
             problems.append(f"max_n ({self.max_n}) exceeds max_queue_size ({self.max_queue_size})")
+        if self.max_upload_bytes > self.max_inflight_bytes:
+            problems.append(f"max_upload_bytes ({self.max_upload_bytes}) exceeds max_inflight_bytes "
+                            f"({self.max_inflight_bytes}): the largest body could never be admitted")
+        if self.max_request_pixels > self.max_inflight_pixels:
+            problems.append(f"max_request_pixels ({self.max_request_pixels}) exceeds max_inflight_pixels "
+                            f"({self.max_inflight_pixels}): the largest request could never be decoded")
         largest = self.max_images * math.ceil(self.max_k / self.iw_chunk_size) * self.iw_chunk_size
         if largest > self.max_queue_samples:
             problems.append(f"a request of max_images x max_k needs {largest} queued samples but "

@@ -32,6 +32,7 @@ from service.api.errors import (
     UnsupportedMediaType,
 )
 from service.api.images import ImageError, ImageTooLarge, decode_base64, decode_image, open_image
+from service.api.memory_budget import reserve_pixels
 from service.api.schemas import RequestSchemas
 from service.artifacts import Manifest
 from service.config import Settings
@@ -224,6 +225,7 @@ async def decode_files(files: list[bytes], manifest: Manifest, settings: Setting
         raise PayloadTooLarge(f"the images of this request have {total} pixels in all, over the limit of "
                               f"{settings.max_request_pixels} per request (VAE_MAX_REQUEST_PIXELS); send "
                               "smaller images or fewer per request")
+    reserve_pixels(total)  # 429 when this worker is decoding or holding too many pixels already
     if total <= INLINE_DECODE_PIXELS:  # a few small images: a thread hop would cost more than decoding
         return [_decode(im, i, manifest, settings, field) for i, im in enumerate(opened)]
     arrays = await asyncio.get_running_loop().run_in_executor(

@@ -3,10 +3,12 @@
 - a request id (`X-Request-ID`: the caller's if sane, else a fresh one) on the response and in logs;
 - while draining, model requests (every path but the operations paths, ops.is_ops_path, whatever the
   protocol) are refused with 503 before any work starts;
-- at most `max_inflight_requests` model requests are handled at once; one more is answered 429 at
-  once, before its body is read, so bodies and decoded images in memory stay bounded under any burst.
-  A request counts from the moment its whole body is in: uploads that stall never hold a slot, so
-  they cannot lock other callers out (they are bounded by the body deadline instead);
+- admission by memory, not by count (api/memory_budget.py): a model request holds its body's bytes,
+  and the decoder the pixels of its images, against this worker's budgets (`max_inflight_bytes`,
+  `max_inflight_pixels`); past them it is answered 429 at once. What the work costs in time is the
+  engine's deadline-aware admission. `max_inflight_requests` stays as a backstop on the count (429
+  before the body is read). A request counts from the moment its whole body is in: uploads that stall
+  never hold anything, so they cannot lock other callers out (they are bounded by the body deadline);
 - the body: Content-Length is checked up front and bytes are counted while streaming (413); the body
   must arrive within `body_timeout_s` plus its length at `min_upload_bytes_per_s`, else 408 (and the
   connection is closed); a request still sending its body at the drain deadline gets 503;
@@ -45,6 +47,7 @@ from service.api.errors import (
     Unavailable,
     error_response,
 )
+from service.api.memory_budget import MemoryBudget, Reservation, current_reservation
 from service.api.ops import is_ops_path
 from service.api.state import AppState
 from service.logs import request_id_var
@@ -61,6 +64,8 @@ class RequestMiddleware:
         self.inflight = 0  # model requests whose body is in (or that have none), until their response
         self.inflight_peak = 0
         self.uploading: dict[_Body, None] = {}  # bodies being read: from the first read until complete
+        settings = state.settings
+        self.memory = MemoryBudget(settings.max_inflight_bytes, settings.max_inflight_pixels, state.metrics)
         state.abort_uploads = self.abort_uploads
         state.saturated = lambda: self.inflight >= state.settings.max_inflight_requests
 
@@ -246,6 +251,7 @@ class _Body:
         self.aborted: str | None = None  # "timeout" | "shutdown" when the timer or the drain cancelled us
         self.task: asyncio.Task[Any] | None = None  # the handler reading the body (from its first read)
         self.waiting = False  # the handler is waiting for body bytes now
+        self.reservation: Reservation | None = None  # bytes and pixels held while the request is handled
 
     async def __call__(self) -> Message:
         uploading = not self.done  # once the body is in, only the disconnect watcher reads: no deadline
@@ -322,6 +328,10 @@ class _Body:
         if owner.inflight >= owner.state.settings.max_inflight_requests:
             owner._refuse_inflight()
             raise Overloaded(owner._inflight_message())
+        reservation = Reservation(owner.memory)
+        reservation.add("bytes", self.received)  # 429 when the worker holds too many bytes already
+        self.reservation = reservation
+        current_reservation.set(reservation)  # the handler's task: the image decoder adds its pixels
         self.entered = True
         owner._enter()
 
@@ -332,3 +342,6 @@ class _Body:
         if self.entered:
             self.entered = False
             self.owner._leave()
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
