@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # With no `name:version` refs: serve every version found (the highest is the default of its name),
     # or only the highest one of each model.
     serve_all_versions: bool = True
+    # Look for new and removed model versions every this many seconds (0: only on SIGHUP).
+    model_poll_s: float = Field(0.0, ge=0.0)
     runtime: Literal["onnx", "torchscript"] = "onnx"  # ONNX Runtime has no Python-side overhead per op
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when a GPU and the CUDA provider exist
     # Execution threads per device (Triton's instance count), each running its own batches. 0 = auto:

@@ -12,6 +12,9 @@ SIGTERM to the supervisor does:
   then stops the inference process (DRAIN), so work in flight finishes;
 - a second SIGTERM or SIGINT to the supervisor (or the group) hurries: the workers skip the delay;
 - a child whose supervisor dies is killed by the kernel (PR_SET_PDEATHSIG, supervisor.py).
+
+SIGHUP (RESCAN) to the supervisor is passed to the inference process, which loads new model versions
+beside the running ones and retires removed ones (engine/registry.py); the HTTP workers ignore it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from types import FrameType
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DRAIN = signal.SIGUSR1  # supervisor -> child: drain (HTTP worker) or stop (inference process)
 STOP_REQUEST = signal.SIGUSR2  # child -> supervisor: a shutdown signal reached me
+RESCAN = signal.SIGHUP  # anyone -> supervisor -> inference process: load new model versions, retire gone ones
 
 # The drain mode the supervisor writes before sending DRAIN.
 DRAIN_WITH_DELAY = 1  # a first SIGTERM: answer 503 for VAE_DRAIN_DELAY_S so load balancers notice
@@ -47,6 +51,9 @@ class Supervision:
     def forward_shutdown_signals(self) -> None:
         for sig in SHUTDOWN_SIGNALS:
             signal.signal(sig, self.request_stop)
+        # SIGHUP (rescan the models) is the inference process's to handle (engine/local.py); its default
+        # action would end an HTTP worker that gets the process group's copy.
+        signal.signal(RESCAN, signal.SIG_IGN)
 
     def drains_now(self) -> bool:
         return self.drain_mode.value == DRAIN_NOW

@@ -121,6 +121,7 @@ class Supervisor:
         for sig in signals.SHUTDOWN_SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signals.STOP_REQUEST, self._on_stop_request)
+        signal.signal(signals.RESCAN, self._on_rescan)
         try:
             self._start_engine()
             for index in range(self.settings.worker_processes):
@@ -191,6 +192,12 @@ class Supervisor:
                      "inference process")
         self.child_asked = True
         self._forward_stop(signals.DRAIN_WITH_DELAY)
+
+    def _on_rescan(self, sig: int, frame: FrameType | None) -> None:
+        """SIGHUP: the inference process looks for new and removed model versions (engine/registry.py)."""
+        if self.engine is not None and self.engine.is_alive() and self.engine.pid is not None:
+            log.info("signal %d: rescanning the models directory", sig)
+            os.kill(self.engine.pid, signals.RESCAN)
 
     def _forward_stop(self, mode: int | None = None) -> None:
         """Tell every live worker to drain, once per stop level (at once, so /readyz turns 503 within

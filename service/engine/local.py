@@ -6,13 +6,20 @@ mode (`VAE_HTTP_WORKERS=0`) and the in-process tests call it directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
 
 from service.config import Settings
 from service.engine.interface import EngineUnavailable, ModelInfo
 from service.engine.registry import ModelRegistry
 from service.families import NO_OPTIONS, Arrays, Operation, Options
 from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class LocalEngine:
@@ -23,6 +30,9 @@ class LocalEngine:
         self.metrics = metrics
         self.registry: ModelRegistry | None = None
         self._infos: dict[str, dict[str, ModelInfo]] = {}
+        self.on_models_change: Callable[[], None] = lambda: None  # the inference process tells its workers
+        self._rescan_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
@@ -39,6 +49,39 @@ class LocalEngine:
     async def start(self) -> None:
         self.registry = await ModelRegistry.open(self.settings, self.metrics)
         self._infos = self.registry.infos()
+        # New model versions without a restart: on SIGHUP (in the process's main thread: the inference
+        # process, or the whole service with VAE_HTTP_WORKERS=0) and, if set, every VAE_MODEL_POLL_S.
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_rescan)
+        if self.settings.model_poll_s > 0:
+            self._spawn(self._poll())
+
+    def request_rescan(self) -> None:
+        """Look for new, changed and removed model versions soon (a signal handler's entry point)."""
+        self._spawn(self.rescan())
+
+    async def rescan(self) -> None:
+        """One rescan of the models directory at a time (registry.rescan); tell the listener on change."""
+        async with self._rescan_lock:
+            if self.registry is None:
+                return
+            if await self.registry.rescan(self.settings, self.metrics):
+                self._infos = self.registry.infos()
+                self.on_models_change()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                await self.rescan()
+            except Exception:  # a rescan must never end the polling, nor the process
+                log.exception("rescanning the models failed")
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _registry(self) -> ModelRegistry:
         if self.registry is None:
@@ -63,6 +106,9 @@ class LocalEngine:
             await self.registry.stop_batchers()
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         registry, self.registry = self.registry, None
         if registry is not None:
             await registry.close()

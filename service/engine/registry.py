@@ -210,9 +210,14 @@ class ModelRegistry:
         self.models = models
         self.workers = workers
         self.refused = refused or {}  # version folder -> why it was refused (VAE_ON_BAD_MODEL=skip)
+        # version folder -> its files when refused: a rescan retries it only once they change
+        self._refused_signatures: dict[str, tuple] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: dict[tuple[str, str], ServedModel] = {}  # no longer listed, still answering
 
     def get(self, name: str, version: str) -> ServedModel:
-        served = self.models.get((name, version))
+        # A retired version still answers what was addressed to it before every worker knew.
+        served = self.models.get((name, version)) or self._retired.get((name, version))
         if served is None:
             raise UnknownModel(f"model {name!r} version {version!r} is not served")
         return served
@@ -256,7 +261,9 @@ class ModelRegistry:
         except BaseException:
             await cls(models, workers).close()
             raise
-        return cls(models, workers, refused)
+        registry = cls(models, workers, refused)
+        registry._refused_signatures = {d: _signature(Path(d)) for d in refused}
+        return registry
 
     @staticmethod
     async def _load_one(directory: Path, settings: Settings, metrics: Metrics,
@@ -283,11 +290,81 @@ class ModelRegistry:
         model.note_anomaly_default(settings)
         return model
 
+    async def rescan(self, settings: Settings, metrics: Metrics) -> bool:
+        """Bring the served set in line with the models directory, without stopping what is served:
+        new version folders (and new models) are verified, loaded and warmed up beside the running ones
+        and only then served; folders that are gone are retired (their requests in flight finish); a
+        folder that fails is refused (one error line, vae_model_refused 1) and retried only once its
+        files change. True when the served set changed."""
+        try:
+            directories = discover(settings.models_dir, settings.models, settings.serve_all_versions)
+        except ArtifactError as exc:
+            log.error("rescanning the models: %s; still serving %s", exc, _names(self.models))
+            return False
+        wanted = {(d.parent.name, d.name): d for d in directories}
+        changed = False
+        for key, directory in wanted.items():
+            signature = _signature(directory)
+            if key in self.models or self._refused_signatures.get(str(directory)) == signature:
+                continue
+            try:
+                model = await self._load_one(directory, settings, metrics, self.workers, self.models)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+                self.refused[str(directory)] = reason
+                self._refused_signatures[str(directory)] = signature
+                metrics.model_refused.labels(*key).set(1)
+                log.error("refusing model %s/%s: %s; still serving %s", *key, reason, _names(self.models))
+                continue
+            self.models[(model.manifest.name, model.manifest.version)] = model
+            self.refused.pop(str(directory), None)
+            self._refused_signatures.pop(str(directory), None)
+            metrics.model_refused.labels(*key).set(0)
+            log.info("now serving %s version %s", *key)
+            changed = True
+        for key in [k for k in self.models if k not in wanted]:
+            served = self.models.pop(key)
+            metrics.model_ready.labels(*key, served.runtime.name, served.runtime.device).set(0)
+            log.info("retiring %s version %s (its folder is gone): no new requests; the %d s of requests in "
+                     "flight finish first", *key, settings.request_timeout_s)
+            self._retired[key] = served
+            self._retiring.add(asyncio.create_task(self._retire(key, settings.request_timeout_s + 1.0)))
+            changed = True
+        return changed
+
+    async def _retire(self, key: tuple[str, str], grace_s: float) -> None:
+        """Stop a retired version once every request that could still use it is past its deadline: the
+        ones in flight, and the ones a worker sent before it learned of the change (it is not listed
+        any more, but get() still finds it meanwhile)."""
+        try:
+            await asyncio.sleep(grace_s)
+        finally:
+            served = self._retired.pop(key)
+            await served.stop()
+            self._retiring.discard(asyncio.current_task())  # type: ignore[arg-type]
+
     async def stop_batchers(self) -> None:
         """Fail every queued and running submission with BatcherClosed (503); refuse new ones."""
         await asyncio.gather(*(m.stop() for m in self.models.values()))
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # stops its model at once
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(m.stop() for m in self.models.values()))
         for worker in self.workers.values():
             worker.close()
+
+
+def _names(models: dict[tuple[str, str], ServedModel]) -> str:
+    return ", ".join(f"{name}:{version}" for name, version in sorted(models)) or "nothing"
+
+
+def _signature(directory: Path) -> tuple:
+    """The files of a version folder (name, size, modification time): changes when a copy completes or
+    a fixed artifact replaces a broken one."""
+    try:
+        return tuple(sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in directory.rglob("*") if p.is_file()))
+    except OSError:
+        return ()

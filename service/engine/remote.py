@@ -239,6 +239,9 @@ class RemoteEngine:
             if "load" in message:  # once per message: the engine's load report of that tick
                 self._load.update(message["load"])
             for message in received:
+                if message.get("kind") == "models_changed":  # a rescan in the engine: fetch the new table
+                    self._describing = asyncio.create_task(self._describe())
+                    continue
                 future = self._pending.get(message.get("id", -1))
                 if future is not None and not future.done():
                     future.set_result(message)

@@ -13,6 +13,8 @@ Messages (engine/ipc.py), worker -> engine:
     {"kind": "infer", "id", "model", "version", "op", "inputs", "deadline", "options", "request_id"}
                                                        -> {"id", "outputs"} | {"id", "error"}
     {"kind": "cancel", "id"}                           (the caller left: drop its queued rows)
+engine -> every worker that has described it, unasked:
+    {"kind": "models_changed"}                         (a rescan changed the served set: describe again)
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class EngineServer:
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop replies; admission bounds the work instead
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._peers: set[bytes] = set()  # workers that described us: told when the served models change
+        engine.on_models_change = self.announce_models_change
         self._outbox = Outbox(self._send_now, report=lambda: {"load": self.load()})
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -95,10 +99,16 @@ class EngineServer:
             if task is not None:
                 task.cancel()
         elif kind == "describe":
+            self._peers.add(identity)
             models = {name: {version: _for_http_workers(info) for version, info in versions.items()}
                       for name, versions in self.engine.refresh_infos().items()}
             self._send(identity, {"id": message["id"], "models": models,
                                   "refused": dict(self.engine.refused)})
+
+    def announce_models_change(self) -> None:
+        """Every worker describes the engine again (a worker that is gone never reads it: NOBLOCK)."""
+        for identity in self._peers:
+            self._send(identity, {"kind": "models_changed"})
 
     async def _infer(self, identity: bytes, message: dict[str, Any]) -> None:
         token = request_id_var.set(message.get("request_id", "-"))
