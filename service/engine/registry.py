@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import time
 from functools import partial
@@ -126,22 +127,29 @@ class ServedModel:
         allocations), and the median of WARMUP_REPEATS further runs is taken, so one slow run (another
         process on the cores) does not move the estimate; a single timing could make it vary tenfold.
         """
-        m = self.manifest
         for graph, batcher in self.batchers.items():
-            timings = []
-            for rows in sorted({1, batcher.max_batch_rows}):
-                feeds, expected = self.family.warm_feeds(graph, rows)
-                out = self._run(graph, feeds)
-                shapes = {k: tuple(v.shape) for k, v in out.items()}
-                if shapes != expected:
-                    raise RuntimeError(f"{m.name}: {graph} returned shapes {shapes}, expected {expected}")
-                seconds = []
-                for _ in range(WARMUP_REPEATS):
-                    started = time.perf_counter()
-                    self._run(graph, feeds)
-                    seconds.append(time.perf_counter() - started)
-                timings.append((rows, statistics.median(seconds)))
-            batcher.calibrate(timings[0], timings[-1])
+            one = self._timed_warm_up(graph, 1)
+            largest = batcher.max_batch_rows
+            if batcher.max_batch_seconds is not None:
+                # A time-sliced batcher (log weights) never runs more rows than fit its slice: warm up and
+                # calibrate at about two slices' worth, not at its row cap (mnist-vae's 64-row log_weights
+                # batch takes 1.4 s on 2 CPU cores: 4 runs of it were most of a 9 s load, and of a rollout).
+                largest = max(2, min(largest, math.ceil(2 * batcher.max_batch_seconds / max(one[1], 1e-6))))
+            batcher.calibrate(one, self._timed_warm_up(graph, largest) if largest > 1 else one)
+
+    def _timed_warm_up(self, graph: str, rows: int) -> tuple[int, float]:
+        """(rows, median seconds of WARMUP_REPEATS runs after an untimed one); checks output shapes."""
+        feeds, expected = self.family.warm_feeds(graph, rows)
+        out = self._run(graph, feeds)
+        shapes = {k: tuple(v.shape) for k, v in out.items()}
+        if shapes != expected:
+            raise RuntimeError(f"{self.manifest.name}: {graph} returned shapes {shapes}, expected {expected}")
+        seconds = []
+        for _ in range(WARMUP_REPEATS):
+            started = time.perf_counter()
+            self._run(graph, feeds)
+            seconds.append(time.perf_counter() - started)
+        return rows, statistics.median(seconds)
 
     def too_expensive(self, operation: Operation, items: int, options: Options,
                       left_s: float) -> tuple[str, float] | None:
