@@ -54,6 +54,9 @@ class Supervision:
         # SIGHUP (rescan the models) is the inference process's to handle (engine/local.py); its default
         # action would end an HTTP worker that gets the process group's copy.
         signal.signal(RESCAN, signal.SIG_IGN)
+        # Told to drain before it serves (still importing or loading): nothing in flight, leave at once.
+        # Each child replaces this with its drain once it serves (api/worker.py, engine/server.py).
+        signal.signal(DRAIN, lambda sig, frame: os._exit(0))
 
     def drains_now(self) -> bool:
         return self.drain_mode.value == DRAIN_NOW
