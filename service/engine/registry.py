@@ -333,21 +333,22 @@ class ModelRegistry:
         for key in [k for k in self.models if k not in wanted]:
             served = self.models.pop(key)
             metrics.model_ready.labels(*key, served.runtime.name, served.runtime.device).set(0)
-            log.info("retiring %s version %s (its folder is gone): no new requests; the %d s of requests in "
-                     "flight finish first", *key, settings.request_timeout_s)
+            log.info("retiring %s version %s (its folder is gone): no longer listed; requests addressed to "
+                     "it are answered for %g s more, then it stops", *key, settings.request_timeout_s)
             self._retired[key] = served
-            self._retiring.add(asyncio.create_task(self._retire(key, settings.request_timeout_s + 1.0)))
+            self._retiring.add(asyncio.create_task(self._retire(key, served, settings.request_timeout_s + 1)))
             changed = True
         return changed
 
-    async def _retire(self, key: tuple[str, str], grace_s: float) -> None:
+    async def _retire(self, key: tuple[str, str], served: ServedModel, grace_s: float) -> None:
         """Stop a retired version once every request that could still use it is past its deadline: the
         ones in flight, and the ones a worker sent before it learned of the change (it is not listed
         any more, but get() still finds it meanwhile)."""
         try:
             await asyncio.sleep(grace_s)
         finally:
-            served = self._retired.pop(key)
+            if self._retired.get(key) is served:  # (not if the folder came back and went again since)
+                del self._retired[key]
             await served.stop()
             self._retiring.discard(asyncio.current_task())  # type: ignore[arg-type]
 
