@@ -36,13 +36,20 @@ bench:
 	benchmarks/setup.sh
 	$(PY) benchmarks/serving_benchmark.py --servers vae-serve,plain-w2
 
-# Long reliability variants: the slow burst test, then the burst and soak scripts (JSON results).
+# Long reliability variants: the slow burst test, then every script of scripts/reliability (JSON results;
+# about 50 min, the 30-minute soak last).
 reliability:
 	scripts/bootstrap.sh train,test,torchscript
 	$(PY) -m pytest tests/reliability -q --run-slow
 	$(PY) scripts/reliability/burst.py
 	$(PY) scripts/reliability/soak.py
 	$(PY) scripts/reliability/hostile.py
+	scripts/reliability/cheap_burst.sh
+	$(PY) scripts/reliability/loglik_burst.py
+	$(PY) scripts/reliability/rollout.py
+	$(PY) scripts/reliability/shutdown_and_pixels.py
+	$(PY) scripts/reliability/kill_engine.py
+	$(PY) scripts/reliability/mixed_soak.py --minutes 30
 
 # The peers of the serving benchmark (BentoML, LitServe) in their own venv, .bench-peers-venv.
 bench-peers:
