@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # HTTP worker processes (parsing, decoding, validation, serialisation) in front of one inference
     # process per device. -1: one per CPU core, at most 8; 0: a single process doing everything.
     http_workers: int = Field(-1, ge=-1, le=64)
+    # Where the models run when there are HTTP workers. `shared`: one inference process that every
+    # worker calls (rows of all workers share batches, one copy of the models; the choice for a GPU).
+    # `per-worker`: each HTTP worker loads the models and batches its own requests, with no hop to
+    # another process (the choice for the CPU, where each worker has cores of its own anyway: 1-image
+    # encodes 1.5-1.7x the requests/s of `shared` on 2 cores, docs/benchmarks.md). `auto`: per-worker
+    # when the models run on the CPU (VAE_DEVICE=cpu, or auto on a machine without an NVIDIA GPU).
+    engine_placement: Literal["auto", "shared", "per-worker"] = "auto"
 
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
@@ -196,6 +203,17 @@ class Settings(BaseSettings):
         if self.http_workers >= 0:
             return self.http_workers
         return max(1, min(8, len(os.sched_getaffinity(0))))
+
+    @property
+    def engine_per_worker(self) -> bool:
+        """Whether each HTTP worker runs the models itself (no inference process; see engine_placement)."""
+        if self.worker_processes == 0 or self.engine_placement == "shared":
+            return False
+        if self.engine_placement == "per-worker":
+            return True
+        from service.engine.runtime import gpu_present  # cheap: looks for the NVIDIA device files
+
+        return self.device == "cpu" or (self.device == "auto" and not gpu_present())
 
     @property
     def cpu_intra_op_threads(self) -> int:

@@ -13,8 +13,9 @@ SIGTERM to the supervisor does:
 - a second SIGTERM or SIGINT to the supervisor (or the group) hurries: the workers skip the delay;
 - a child whose supervisor dies is killed by the kernel (PR_SET_PDEATHSIG, supervisor.py).
 
-SIGHUP (RESCAN) to the supervisor is passed to the inference process, which loads new model versions
-beside the running ones and retires removed ones (engine/registry.py); the HTTP workers ignore it.
+SIGHUP (RESCAN) to the supervisor is passed to whoever runs the models (the inference process, or with
+engines per worker every HTTP worker), which loads new model versions beside the running ones and
+retires removed ones (engine/registry.py, engine/local.py); HTTP workers of a shared engine ignore it.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Supervision:
     def forward_shutdown_signals(self) -> None:
         for sig in SHUTDOWN_SIGNALS:
             signal.signal(sig, self.request_stop)
-        # SIGHUP (rescan the models) is the inference process's to handle (engine/local.py); its default
-        # action would end an HTTP worker that gets the process group's copy.
+        # SIGHUP (rescan the models) is for whoever runs the models (engine/local.py installs its handler);
+        # its default action would end an HTTP worker of a shared engine that gets the group's copy.
         signal.signal(RESCAN, signal.SIG_IGN)
         # Told to drain before it serves (still importing or loading): nothing in flight, leave at once.
         # Each child replaces this with its drain once it serves (api/worker.py, engine/server.py).

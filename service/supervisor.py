@@ -1,12 +1,14 @@
-"""The process tree of `python -m service`: a supervisor, N HTTP workers, one inference process.
+"""The process tree of `python -m service`: a supervisor, N HTTP workers and, with a shared engine, one
+inference process.
 
     supervisor (this module): binds the port, starts and watches the children, restarts crashed ones,
         and orchestrates shutdown. It does no request work.
     HTTP workers (api/worker.py): accept connections on the shared socket and do everything per
-        request (HTTP, parsing, image decoding, validation, serialisation); they call the engine
-        through a RemoteEngine.
-    inference process (engine/server.py): owns the runtime sessions and the batchers of the device,
-        so rows from every worker share batches.
+        request (HTTP, parsing, image decoding, validation, serialisation); with a shared engine they
+        call it through a RemoteEngine, per worker (VAE_ENGINE_PLACEMENT, the default on the CPU) each
+        loads the models and batches its own requests (a LocalEngine in its own event loop).
+    inference process (engine/server.py; shared engine only): owns the runtime sessions and the
+        batchers of the device, so rows from every worker share batches.
 
 Failures:
 - an HTTP worker dies: its connections are lost (as with any crashed server), the others keep
@@ -14,8 +16,9 @@ Failures:
 - the inference process dies: every worker notices the disconnect at once, answers its requests in
   flight 503 and reports not ready (/readyz 503); a new inference process is started, and the
   workers become ready again when it has loaded and warmed up its models.
-- the inference process fails before it was ever ready (a refused model, VAE_ON_BAD_MODEL=fail):
-  start-up fails with exit status 3.
+- the inference process fails before it was ever ready (a refused model, VAE_ON_BAD_MODEL=fail), or
+  with engines per worker a worker exits before any worker was ever ready: start-up fails with exit
+  status 3.
 Shutdown (SIGTERM or Ctrl-C to the supervisor, to any child or to the whole process group; see
 service/signals.py): the workers drain (see api/worker.py), then the inference process is stopped, then
 the supervisor exits 0.
@@ -91,6 +94,8 @@ class Supervisor:
         self.engine: ForkProcess | None = None
         self.engine_ready = self.ctx.Event()
         self.engine_ever_ready = False
+        self.per_worker = settings.engine_per_worker  # no inference process: each worker runs the models
+        self.workers_ever_ready = False
         self.signals_received = 0  # SIGTERM and SIGINT delivered to the supervisor itself
         self.child_asked = False  # a child got a shutdown signal (signals.STOP_REQUEST)
         self.drain_mode = self.ctx.Value("i", 0, lock=False)  # read by the children on signals.DRAIN
@@ -110,7 +115,7 @@ class Supervisor:
         metrics_dir = runtime_dir / "metrics"
         metrics_dir.mkdir()
         self.metrics_dir = str(metrics_dir)
-        self.endpoint = f"ipc://{runtime_dir}/engine.sock"
+        self.endpoint: str | None = None if self.per_worker else f"ipc://{runtime_dir}/engine.sock"
         enable_multiprocess(self.metrics_dir)
         try:
             self.sock = bind_socket(self.settings.host, self.settings.port)
@@ -123,12 +128,13 @@ class Supervisor:
         signal.signal(signals.STOP_REQUEST, self._on_stop_request)
         signal.signal(signals.RESCAN, self._on_rescan)
         try:
-            self._start_engine()
+            if not self.per_worker:
+                self._start_engine()
             for index in range(self.settings.worker_processes):
                 self._start_worker(index)
             host, port = self.sock.getsockname()[:2]
-            log.info("listening on http://%s:%d: %d HTTP worker(s), one inference process", host, port,
-                     len(self.workers))
+            log.info("listening on http://%s:%d: %d HTTP worker(s), %s", host, port, len(self.workers),
+                     "each running the models itself" if self.per_worker else "one inference process")
             return self._supervise()
         finally:
             self._kill_all()
@@ -144,6 +150,8 @@ class Supervisor:
             if self.engine_ready.is_set():
                 self.engine_ever_ready = True
                 self._crashes.pop("engine", None)
+            if any(self.ready_flags[:]):
+                self.workers_ever_ready = True
             if self.stop_requested:
                 status = self._drain_step()
                 if status is not None:
@@ -159,6 +167,10 @@ class Supervisor:
             for index, proc in list(self.workers.items()):
                 if not proc.is_alive():
                     self.ready_flags[index] = 0
+                    if self.per_worker and not self.workers_ever_ready:
+                        log.error("HTTP worker %d could not load the models (exit status %s); stopping",
+                                  index, proc.exitcode)
+                        return 3
                     self._reap(proc, f"HTTP worker {index}")
                     self._start_worker(index, restart=True)
 
@@ -194,10 +206,13 @@ class Supervisor:
         self._forward_stop(signals.DRAIN_WITH_DELAY)
 
     def _on_rescan(self, sig: int, frame: FrameType | None) -> None:
-        """SIGHUP: the inference process looks for new and removed model versions (engine/registry.py)."""
-        if self.engine is not None and self.engine.is_alive() and self.engine.pid is not None:
-            log.info("signal %d: rescanning the models directory", sig)
-            os.kill(self.engine.pid, signals.RESCAN)
+        """SIGHUP: whoever runs the models (the inference process, or every worker) looks for new and
+        removed model versions (engine/registry.py)."""
+        runners = list(self.workers.values()) if self.per_worker else [self.engine]
+        log.info("signal %d: rescanning the models directory", sig)
+        for proc in runners:
+            if proc is not None and proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signals.RESCAN)
 
     def _forward_stop(self, mode: int | None = None) -> None:
         """Tell every live worker to drain, once per stop level (at once, so /readyz turns 503 within

@@ -110,9 +110,9 @@ def create_app(settings: Settings | None = None, engine_endpoint: str | None = N
                worker: WorkerSlot | None = None) -> FastAPI:
     """A new app with its own metrics registry.
 
-    engine_endpoint: the inference process to talk to (an HTTP worker); None runs the models in this
-    process (single-process mode and in-process tests). worker: this HTTP worker's readiness slot
-    among its peers.
+    engine_endpoint: the inference process to talk to (an HTTP worker with a shared engine); None runs
+    the models in this process (an HTTP worker with its own engine, single-process mode, in-process
+    tests). worker: this HTTP worker's readiness slot among its peers.
     """
     settings = settings or Settings()
     metrics = Metrics()
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, engine_endpoint: str | None = N
     state = AppState(settings=settings, metrics=metrics, engine=engine)
     if worker is not None:
         state.peers_ready = worker.all_ready
-        engine.on_ready_change = worker.set_ready  # type: ignore[attr-defined]
+        engine.on_ready_change = worker.set_ready
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -116,9 +116,10 @@ def serve_single_process(settings: Settings) -> int:
     return 0 if server.started else 3
 
 
-def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str, metrics_dir: str,
+def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str | None, metrics_dir: str,
                slot: WorkerSlot) -> None:
-    """Entry point of an HTTP worker process (a forked child of the supervisor)."""
+    """Entry point of an HTTP worker process (a forked child of the supervisor); engine_endpoint: the
+    shared inference process, or None to load and run the models in this worker."""
     configure_logging(settings.log_level, settings.json_logs)
     enable_multiprocess(metrics_dir)
     slot.set_ready(False)

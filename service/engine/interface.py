@@ -14,7 +14,7 @@ process that owns the device, so a request crosses the process boundary once eac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,6 +83,9 @@ class ModelInfo:
 
 class Engine(Protocol):
     """What the routes need from the device side."""
+
+    # Called with the engine's readiness as it changes (an HTTP worker's slot among its peers).
+    on_ready_change: Callable[[bool], None]
 
     @property
     def ready(self) -> bool:

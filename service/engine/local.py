@@ -1,7 +1,8 @@
 """LocalEngine: the Engine interface over a ModelRegistry in this process and this event loop.
 
-The inference process (engine/server.py) serves one of these to every HTTP worker; the single-process
-mode (`VAE_HTTP_WORKERS=0`) and the in-process tests call it directly.
+The inference process (engine/server.py) serves one of these to every HTTP worker; an HTTP worker with
+engines per worker (VAE_ENGINE_PLACEMENT), the single-process mode (`VAE_HTTP_WORKERS=0`) and the
+in-process tests call it directly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LocalEngine:
         self.registry: ModelRegistry | None = None
         self._infos: dict[str, dict[str, ModelInfo]] = {}
         self.on_models_change: Callable[[], None] = lambda: None  # the inference process tells its workers
+        self.on_ready_change: Callable[[bool], None] = lambda ready: None  # an HTTP worker's readiness slot
         self._rescan_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -50,12 +52,14 @@ class LocalEngine:
         self.registry = await ModelRegistry.open(self.settings, self.metrics)
         self._infos = self.registry.infos()
         # New model versions without a restart: on SIGHUP (in the process's main thread: the inference
-        # process, or the whole service with VAE_HTTP_WORKERS=0) and, if set, every VAE_MODEL_POLL_S.
+        # process, an HTTP worker running its own engine, or the whole service with VAE_HTTP_WORKERS=0)
+        # and, if set, every VAE_MODEL_POLL_S.
         if threading.current_thread() is threading.main_thread():
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_rescan)
         if self.settings.model_poll_s > 0:
             self._spawn(self._poll())
+        self.on_ready_change(True)
 
     def request_rescan(self) -> None:
         """Look for new, changed and removed model versions soon (a signal handler's entry point)."""
@@ -106,6 +110,7 @@ class LocalEngine:
             await self.registry.stop_batchers()
 
     async def close(self) -> None:
+        self.on_ready_change(False)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -33,7 +33,7 @@ class Runtime(Protocol):
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
     """A cheap check that avoids asking CUDA libraries on machines that obviously have no NVIDIA GPU."""
     return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
 
@@ -47,7 +47,7 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         want_cuda = device == "cuda" or (
-            device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_present())
+            device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present())
         providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda \
             else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
