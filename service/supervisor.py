@@ -168,8 +168,8 @@ class Supervisor:
                 if not proc.is_alive():
                     self.ready_flags[index] = 0
                     if self.per_worker and not self.workers_ever_ready:
-                        log.error("HTTP worker %d could not load the models (exit status %s); stopping",
-                                  index, proc.exitcode)
+                        log.error("HTTP worker %d could not start (exit status %s; it loads the models "
+                                  "itself); stopping", index, proc.exitcode)
                         return 3
                     self._reap(proc, f"HTTP worker {index}")
                     self._start_worker(index, restart=True)

@@ -38,6 +38,7 @@ import httpx
 
 sys.path.insert(0, str(harness.ROOT))
 from benchmarks.machine import machine_info, machine_tag
+from service.engine.interface import WORKER_READY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BODY_MB = 9.5
@@ -51,7 +52,7 @@ def ms(seconds: float) -> float:
 def wait_connected(server: harness.Server, timeout: float = 60.0) -> None:
     for _ in range(int(timeout / 0.1)):
         log = server.log()
-        if log.count("connected to the inference process") >= len(harness.worker_pids(log)) > 0:
+        if log.count(WORKER_READY) >= len(harness.worker_pids(log)) > 0:
             return
         time.sleep(0.1)
     raise RuntimeError(f"workers not connected:\n{server.log()[-3000:]}")

@@ -14,12 +14,15 @@ process that owns the device, so a request crosses the process boundary once eac
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.artifacts import Manifest, version_key
 from service.families import DEFAULT_CHUNK, NO_OPTIONS, Arrays, Operation, Options
+
+log = logging.getLogger(__name__)
 
 
 # -- errors: HTTP-agnostic; service/api/errors.py maps each to one status ------------------------------------
@@ -122,6 +125,11 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
+# What an HTTP worker logs each time it becomes ready ("HTTP worker 0 ready to serve"): tests and scripts
+# wait for every worker's line.
+WORKER_READY = "ready to serve"
+
+
 @dataclass
 class WorkerSlot:
     """One HTTP worker's flag in a table shared by all workers (a multiprocessing Array of bytes)."""
@@ -130,6 +138,8 @@ class WorkerSlot:
     flags: Any  # multiprocessing.Array("b", workers): 1 = that worker is connected to the engine
 
     def set_ready(self, ready: bool) -> None:
+        if ready and not self.flags[self.index]:
+            log.info("HTTP worker %d %s", self.index, WORKER_READY)
         self.flags[self.index] = 1 if ready else 0
 
     def all_ready(self) -> bool:

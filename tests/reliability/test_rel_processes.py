@@ -26,13 +26,20 @@ from typing import Any
 
 import harness
 import httpx
+import pytest
+
+from service.engine.interface import WORKER_READY
 
 ENCODE = harness.ENCODE
 ENCODE_LABELS = '{endpoint="/v1/models/{model}/encode",method="POST",status="%s"}'
 BATCH_COUNT = 'vae_batch_size_rows_count{graph="encoder",model="tiny",version="1"}'
 BASE_ENV = {"VAE_MODELS": "tiny", "VAE_HTTP_WORKERS": "2", "VAE_LOG_LEVEL": "INFO"}
 WORKER_STARTED = re.compile(r"HTTP worker (\d+) started \(pid (\d+)\)")
-CONNECTED = "connected to the inference process"
+READY = WORKER_READY  # logged by each HTTP worker whenever it becomes ready (either engine placement)
+# The inference process is what the engine tests kill; the default on a machine without a GPU is
+# engines per worker (VAE_ENGINE_PLACEMENT=auto).
+SHARED = {"VAE_ENGINE_PLACEMENT": "shared"}
+PLACEMENTS = pytest.mark.parametrize("placement", ["shared", "per-worker"])
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -112,11 +119,13 @@ def sigterm_and_check_clean_exit(server: harness.Server, timeout: float = 30.0) 
 
 
 # -- 1. a killed HTTP worker --------------------------------------------------------------------------------
-def test_killed_http_worker_is_restarted_and_the_other_keeps_serving(models_dir: Path,
-                                                                     tmp_path: Path) -> None:
+@PLACEMENTS
+def test_killed_http_worker_is_restarted_and_the_other_keeps_serving(models_dir: Path, tmp_path: Path,
+                                                                     placement: str) -> None:
     concurrency = 4
-    with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
-        wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
+    env = {**BASE_ENV, "VAE_ENGINE_PLACEMENT": placement}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env) as server:
+        wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
         old = worker_pids(server.log())
         assert sorted(old) == [0, 1] and all(len(p) == 1 for p in old.values()), old
         victim = old[0][0]
@@ -150,7 +159,7 @@ def test_killed_http_worker_is_restarted_and_the_other_keeps_serving(models_dir:
         assert new != victim and alive(new) and not alive(victim)
         assert proc_stat(new)[1] == server.pid  # a child of the supervisor
         assert worker_pids(log)[1] == old[1] and alive(old[1][0])  # the other worker was left alone
-        wait_until(lambda: server.log().count(CONNECTED) >= 3, 30, "the new worker connected", server)
+        wait_until(lambda: server.log().count(READY) >= 3, 30, "the new worker ready", server)
         wait_until(lambda: readyz(server) == 200, 30, "readyz 200", server)
         for _ in range(10):
             r = httpx.post(f"{server.url}{ENCODE}", json=harness.tiny_image_body(1), timeout=10)
@@ -160,11 +169,11 @@ def test_killed_http_worker_is_restarted_and_the_other_keeps_serving(models_dir:
 
 # -- 2. a killed inference process ------------------------------------------------------------------------
 def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: Path, tmp_path: Path) -> None:
-    env = {**BASE_ENV, "VAE_MAX_BATCH_SIZE": "4", "VAE_MAX_QUEUE_DELAY_MS": "2",
+    env = {**BASE_ENV, **SHARED, "VAE_MAX_BATCH_SIZE": "4", "VAE_MAX_QUEUE_DELAY_MS": "2",
            "VAE_WARMUP": "false"}  # warm-up would pay the simulated device time, twice
     n = 6  # two batches of 1 s each: certainly in flight when the kill comes
     with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=1.0) as server:
-        wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
+        wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
         victim = harness.engine_pids(server.log())[-1]
 
         async def in_flight_then_kill() -> tuple[list, list[int | None], float]:
@@ -206,7 +215,7 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
         assert f"inference process (pid {victim}) died (killed by signal 9); restarting it" in log
         new = harness.engine_pids(log)[-1]
         assert new != victim and alive(new) and not alive(victim) and proc_stat(new)[1] == server.pid
-        wait_until(lambda: server.log().count(CONNECTED) >= 4, 30, "both workers reconnected", server)
+        wait_until(lambda: server.log().count(READY) >= 4, 30, "both workers ready again", server)
         wait_until(lambda: readyz(server) == 200, 30, "readyz 200 again", server)
         back_s = time.monotonic() - killed
         print(f"ready again {back_s:.2f}s after the kill")
@@ -224,14 +233,15 @@ def test_killed_inference_process_fails_in_flight_503_and_recovers(models_dir: P
 
 
 # -- 3. start-up failure ------------------------------------------------------------------------------------
-def test_corrupt_model_stops_start_up_with_status_3_and_no_children_left(models_dir: Path,
-                                                                         tmp_path: Path) -> None:
+@PLACEMENTS
+def test_corrupt_model_stops_start_up_with_status_3_and_no_children_left(models_dir: Path, tmp_path: Path,
+                                                                         placement: str) -> None:
     broken = tmp_path / "models"
     shutil.copytree(models_dir, broken)
     graph = broken / "tiny" / "1" / "encoder.onnx"
     with open(graph, "ab") as f:
         f.write(b"\0")
-    env = {**BASE_ENV, "VAE_ON_BAD_MODEL": "fail"}
+    env = {**BASE_ENV, "VAE_ON_BAD_MODEL": "fail", "VAE_ENGINE_PLACEMENT": placement}
     with harness.start_server(broken, tmp_path / "server.log", env=env, wait=False) as server:
         code = server.proc.wait(timeout=60)
         log = server.log()
@@ -240,18 +250,23 @@ def test_corrupt_model_stops_start_up_with_status_3_and_no_children_left(models_
     assert "refusing model tiny/1" in log and "encoder.onnx" in log, log[-3000:]
     assert "could not start" in log
     children = all_child_pids(log)
-    assert len(children) == 3, children  # the inference process and both workers had been started
+    # Both workers had been started, and with a shared engine the inference process.
+    assert len(children) == (3 if placement == "shared" else 2), children
     wait_until(lambda: not any(alive(pid) for pid in children), 5.0, f"children {children} to exit")
     assert port_is_free(server.port)
 
 
-def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path: Path) -> None:
+@PLACEMENTS
+def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path: Path,
+                                                     placement: str) -> None:
     """SIGKILL (or the OOM killer) on the supervisor: its workers and inference process exit too, so no
     orphan keeps the port or the models (the next start can bind)."""
-    with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
-        wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
+    env = {**BASE_ENV, "VAE_ENGINE_PLACEMENT": placement}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env) as server:
+        wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
         children = all_child_pids(server.log())
-        assert len(children) == 3 and all(alive(pid) for pid in children), children
+        assert len(children) == (3 if placement == "shared" else 2), children
+        assert all(alive(pid) for pid in children), children
         os.kill(server.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
         killed = time.monotonic()
@@ -282,7 +297,7 @@ def _per_worker_counts(pids: list[int]) -> dict[int, float]:
 def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path, tmp_path: Path) -> None:
     round_size, concurrency = 20, 8
     with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
-        wait_until(lambda: server.log().count(CONNECTED) >= 2, 30, "both workers connected", server)
+        wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
         workers = [pids[0] for pids in worker_pids(server.log()).values()]
 
         async def encodes() -> list:
@@ -310,7 +325,7 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
               f"{metrics[BATCH_COUNT.replace('_count', '_sum')]}")
         assert metrics["vae_requests_total" + ENCODE_LABELS % 200] == n, metrics
         assert sum(per_worker.values()) == n and all(v > 0 for v in per_worker.values()), per_worker
-        assert metrics[BATCH_COUNT] > 0  # written by the inference process, rendered by a worker
+        assert metrics[BATCH_COUNT] > 0  # written by whoever ran the batches, rendered by a worker
         assert metrics[BATCH_COUNT.replace("_count", "_sum")] == n // round_size * sum(
             1 + i % 3 for i in range(round_size))
         sigterm_and_check_clean_exit(server)
@@ -319,7 +334,7 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
 # -- 5. deadline-aware admission ----------------------------------------------------------------------------
 # 0.2 s of simulated device time per batch of at most 2 rows: 10 rows/s. A deadline of 2.5 s (80% of it
 # for the estimate) admits about 20 requests of one image; a burst of 60 must refuse the rest at once.
-DEADLINE_ENV = {**BASE_ENV, "VAE_MAX_BATCH_SIZE": "2", "VAE_REQUEST_TIMEOUT_S": "2.5",
+DEADLINE_ENV = {**BASE_ENV, **SHARED, "VAE_MAX_BATCH_SIZE": "2", "VAE_REQUEST_TIMEOUT_S": "2.5",
                 "VAE_MAX_QUEUE_DELAY_MS": "2", "VAE_LOG_LEVEL": "WARNING"}
 DEADLINE_DELAY_S = 0.2
 BURST = 60

@@ -19,6 +19,7 @@ from typing import Any
 
 import harness
 import httpx
+import pytest
 
 WAIT_S = 10.0  # the issue's target: the new version answers within 10 s of SIGHUP
 
@@ -67,10 +68,19 @@ class Load:
         return self.result.statuses()
 
 
-def test_new_broken_and_removed_versions_switch_without_errors(models_dir: Path, tmp_path: Path) -> None:
+def everywhere(url: str, name: str, version: str) -> bool:
+    """Eight answers in a row (new connections, so both workers are asked) name `version` the default:
+    with engines per worker each worker rescans on its own signal."""
+    return all(default_version(url, name) == version for _ in range(8))
+
+
+# Shared: the inference process rescans; per worker (the default without a GPU): every worker does.
+@pytest.mark.parametrize("placement", ["per-worker", "shared"])
+def test_new_broken_and_removed_versions_switch_without_errors(models_dir: Path, tmp_path: Path,
+                                                               placement: str) -> None:
     models = tmp_path / "models"
     shutil.copytree(models_dir / "tiny", models / "tiny")
-    env = {"VAE_HTTP_WORKERS": "2", "VAE_LOG_LEVEL": "INFO"}
+    env = {"VAE_HTTP_WORKERS": "2", "VAE_LOG_LEVEL": "INFO", "VAE_ENGINE_PLACEMENT": placement}
     with harness.start_server(models, tmp_path / "server.log", env=env) as server:
         url = server.url
         load = Load(server, seconds=12.0)
@@ -78,7 +88,7 @@ def test_new_broken_and_removed_versions_switch_without_errors(models_dir: Path,
         # 1. A new version: served beside version 1, and the default once loaded and warmed up.
         add_version(models, "tiny", models / "tiny" / "1", "2")
         os.kill(server.pid, signal.SIGHUP)
-        switched = wait_for(lambda: default_version(url, "tiny") == "2", "version 2 the default")
+        switched = wait_for(lambda: everywhere(url, "tiny", "2"), "version 2 the default")
         versions = httpx.get(f"{url}/v1/models/tiny").json()["versions"]
         v2_meta = httpx.get(f"{url}/v2/models/tiny.encode/versions/2")
         # 2. A broken version: refused, named in the log and the metric; version 2 goes on answering.
@@ -86,13 +96,14 @@ def test_new_broken_and_removed_versions_switch_without_errors(models_dir: Path,
         graph = broken / "encoder.onnx"
         graph.write_bytes(graph.read_bytes()[:-64] + b"\0" * 64)
         os.kill(server.pid, signal.SIGHUP)
-        wait_for(lambda: "refusing model tiny/3" in server.log(), "tiny/3 refused")
+        refusals = 2 if placement == "per-worker" else 1  # each engine refuses it
+        wait_for(lambda: server.log().count("refusing model tiny/3") >= refusals, "tiny/3 refused")
         refused_metric = harness.scrape(url).get('vae_model_refused{model="tiny",version="3"}')
         default_after_broken = default_version(url, "tiny")
         # 3. A removed version: retired; the highest left becomes the default again.
         shutil.rmtree(models / "tiny" / "2")
         os.kill(server.pid, signal.SIGHUP)
-        retired = wait_for(lambda: default_version(url, "tiny") == "1", "version 1 the default again")
+        retired = wait_for(lambda: everywhere(url, "tiny", "1"), "version 1 the default again")
         gone = httpx.post(f"{url}/v1/models/tiny/versions/2/encode", json=harness.tiny_image_body(1))
         statuses = load.statuses()
         log = server.log()

@@ -131,11 +131,19 @@ DELIVERIES = {
 }
 
 
-@pytest.mark.parametrize("delivery", list(DELIVERIES))
+# Engines per worker (the default without a GPU) have no inference process; a shared engine is stopped
+# only after its workers drained, which the group signal and the signal to the engine itself test.
+CASES = [(d, "per-worker") for d in DELIVERIES if d != "SIGTERM to the inference process"] + [
+    (d, "shared") for d in ("SIGTERM to the supervisor", "SIGTERM to the process group",
+                            "SIGTERM to the inference process")]
+
+
+@pytest.mark.parametrize(("delivery", "placement"), CASES)
 def test_every_signal_delivery_drains_in_flight_work_and_exits_zero(models_dir: Path, tmp_path: Path,
-                                                                      delivery: str) -> None:
+                                                                      delivery: str, placement: str) -> None:
     deliver, delayed = DELIVERIES[delivery]
-    env = {**ENV, "VAE_HTTP_WORKERS": "2", "VAE_DRAIN_TIMEOUT_S": "10", "VAE_DRAIN_DELAY_S": "1"}
+    env = {**ENV, "VAE_HTTP_WORKERS": "2", "VAE_DRAIN_TIMEOUT_S": "10", "VAE_DRAIN_DELAY_S": "1",
+           "VAE_ENGINE_PLACEMENT": placement}
     with harness.start_server(models_dir, tmp_path / "server.log", env=env, batch_delay_s=1.0) as server:
         children = harness.engine_pids(server.log()) + harness.worker_pids(server.log())
         r = asyncio.run(_in_flight_then_sigterm(server, 8, probe=delayed, deliver=deliver))  # 2 s of work
