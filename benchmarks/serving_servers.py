@@ -93,7 +93,17 @@ def server_specs(
             "/readyz",
             encode,
             loglik,
-            "defaults (VAE_HTTP_WORKERS: one per core) + VAE_THREADS=1",
+            "defaults (VAE_HTTP_WORKERS: one per core, on the CPU each running the models) + VAE_THREADS=1",
+        ),
+        ServerSpec(
+            "vae-serve-shared",
+            "vae-serve",
+            service,
+            {**base, "VAE_ENGINE_PLACEMENT": "shared"},
+            "/readyz",
+            encode,
+            loglik,
+            "VAE_ENGINE_PLACEMENT=shared (one inference process behind the HTTP workers)",
         ),
         ServerSpec(
             "vae-serve-nobatch",

@@ -1,5 +1,6 @@
 """Long variant of the crash target: SIGKILL the inference process of the service (committed default
-model, default settings) while 16 connections send 1-image encodes; how long until callers get 503, how
+model, default settings but VAE_ENGINE_PLACEMENT=shared: engines per worker, the default without a GPU,
+have no inference process) while 16 connections send 1-image encodes; how long until callers get 503, how
 long until /readyz answers 200 again, and what every request got. tests/reliability/test_rel_processes.py
 (test_killed_inference_process_fails_in_flight_503_and_recovers) is the CI form.
 
@@ -69,7 +70,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS / "kill_engine.json")
     args = parser.parse_args()
-    env = {"VAE_THREADS": "0", "VAE_MODELS": "mnist-vae"}  # otherwise every setting at its default
+    # Otherwise every setting at its default; only a shared engine has an inference process to kill.
+    env = {"VAE_THREADS": "0", "VAE_MODELS": "mnist-vae", "VAE_ENGINE_PLACEMENT": "shared"}
     with tempfile.TemporaryDirectory() as tmp, \
             harness.start_server(harness.ROOT / "models", Path(tmp) / "server.log", env=env,
                                  ready_timeout=180) as server:

@@ -1,8 +1,8 @@
 """Long variants of two reliability targets, on the committed model with default settings (JSON results):
 
 1. every way a shutdown signal arrives (the supervisor, the process group, one HTTP worker, the inference
-   process; SIGTERM and SIGINT) with 16 log-likelihood requests (k = 2000) in flight: what they get and
-   the exit status (tests/reliability/test_rel_shutdown.py is the CI-sized form);
+   process of a shared engine; SIGTERM and SIGINT) with 16 log-likelihood requests (k = 2000) in flight:
+   what they get and the exit status (tests/reliability/test_rel_shutdown.py is the CI-sized form);
 2. the issue's hostile V2 request: 64 PNGs of 3990x3990 (16M pixels each, a few KB each) as one BYTES
    tensor from the stock tritonclient: status, time to the answer, HTTP workers' RSS
    (tests/reliability/test_rel_hostile.py::test_the_pixel_budget_holds_on_every_protocol is the CI form).
@@ -32,25 +32,28 @@ IN_FLIGHT = 16
 K = 2000
 
 
+def _to_engine(server: harness.Server) -> None:
+    os.kill(harness.engine_pids(server.log())[-1], signal.SIGTERM)
+
+
 def _deliveries() -> dict[str, Callable[[harness.Server], None]]:
     def to_worker(server: harness.Server) -> None:
         os.kill(harness.worker_pids(server.log())[0], signal.SIGTERM)
-
-    def to_engine(server: harness.Server) -> None:
-        os.kill(harness.engine_pids(server.log())[-1], signal.SIGTERM)
 
     return {
         "SIGTERM to the supervisor": lambda s: os.kill(s.pid, signal.SIGTERM),
         "SIGTERM to the process group": lambda s: os.killpg(s.pid, signal.SIGTERM),
         "SIGINT to the process group": lambda s: os.killpg(s.pid, signal.SIGINT),
         "SIGTERM to one HTTP worker": to_worker,
-        "SIGTERM to the inference process": to_engine,
+        "SIGTERM to the inference process (VAE_ENGINE_PLACEMENT=shared)": _to_engine,
     }
 
 
 def shutdown(models_dir: Path, model: str, tmp: Path, name: str,
              deliver: Callable[[harness.Server], None]) -> dict[str, Any]:
     env = {"VAE_MODELS": model}
+    if deliver is _to_engine:  # only a shared engine has an inference process (the default on a GPU)
+        env["VAE_ENGINE_PLACEMENT"] = "shared"
     with harness.start_server(models_dir, tmp / f"{name}.log", env=env, ready_timeout=180) as server:
         body, ctype = harness.multipart([(harness.ROOT / "docs" / "examples" / "digit.png").read_bytes()])
         path = f"/v1/models/{model}/log-likelihood?k={K}&seed=0"
