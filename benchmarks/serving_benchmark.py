@@ -238,7 +238,10 @@ def mean_batch_rows(before: dict[str, float] | None, after: dict[str, float] | N
 
 
 def measure_raw(raw: raw_baselines.RawRunner, rows: int, seconds: float) -> dict[str, Any]:
-    return {**raw.log_weights_throughput(rows, seconds), "load_average_before": load_average()}
+    """Raw log_weights samples/s on one thread, and on one thread per core at once (`all_cores`)."""
+    cores = len(os.sched_getaffinity(0))
+    return {**raw.log_weights_throughput(rows, seconds), "load_average_before": load_average(),
+            "all_cores": raw.log_weights_throughput(rows, seconds, parallel=cores)}
 
 
 def run_server(
@@ -424,7 +427,10 @@ def targets(
             }
         )
     rows += _same_service_ratios(table)
-    raw = [r["samples_per_s"] for r in raw_runs]
+    # The raw baseline on every core at once: the service may use them all (engines per worker run
+    # log-likelihood batches in each worker); the one-thread figure is kept beside it in the text.
+    raw = [r["all_cores"]["samples_per_s"] for r in raw_runs if "all_cores" in r]
+    raw_one = [r["samples_per_s"] for r in raw_runs]
     if raw:
         raw_mean = statistics.mean(raw)
         for (server, scenario, c), row in sorted(table.items()):
@@ -432,11 +438,12 @@ def targets(
                 ratio = row["samples_per_s"] / raw_mean
                 rows.append(
                     {
-                        "target": f"log-likelihood k=1000 at {c} connections vs raw log_weights",
+                        "target": f"log-likelihood k=1000 at {c} connections vs raw log_weights, every core",
                         "goal": ">= 0.9x",
                         "ratio": _r(ratio),
                         "measured": f"{row['samples_per_s']:.0f} vs {raw_mean:.0f} samples/s "
-                        f"(raw: {', '.join(f'{x:.0f}' for x in raw)})",
+                        f"(raw on every core: {', '.join(f'{x:.0f}' for x in raw)}; on one thread: "
+                        f"{', '.join(f'{x:.0f}' for x in raw_one)})",
                         "met": ratio >= 0.9,
                     }
                 )
@@ -529,7 +536,10 @@ def markdown(result: dict[str, Any]) -> str:
             + ", ".join(
                 f"{r['samples_per_s']:,.0f} samples/s (load {r['load_average_before'][0]})"
                 for r in result["raw_log_weights"]
-            ),
+            )
+            + "; on every core at once (a thread per core): "
+            + ", ".join(f"{r['all_cores']['samples_per_s']:,.0f}" for r in result["raw_log_weights"]
+                        if "all_cores" in r),
         ]
     lines += [
         "",

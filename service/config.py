@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     # Execution threads per device (Triton's instance count), each running its own batches. 0 = auto:
     # 1 on a GPU; on the CPU as many as the cores hold at the intra-op threads each (2 on 2 cores at
     # 1 thread): measured on 2 cores, 64-image requests +45-50% over 1 instance, 1-image requests the
-    # same, and time-sliced log-likelihood work always leaves one instance to cheap work.
+    # same, and time-sliced log-likelihood work always leaves one instance to cheap work. With engines
+    # per worker (engine_placement) each worker gets that many, and the OS shares the cores among them:
+    # measured on 2 cores, 1-image encodes under a log-likelihood flood keep 0.67x of their throughput
+    # alone with 2 per worker, 0.35x with 1.
     device_instances: int = Field(0, ge=0, le=64)
     # Intra-op threads per runtime. 0 = auto: 1 on the CPU when other processes (HTTP workers) or other
     # instances share its cores (+15-20% measured here), else the runtime's default (all cores).
