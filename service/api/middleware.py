@@ -29,6 +29,7 @@ handler in the same task, so contextvars (the request id) reach the handlers and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -68,6 +69,10 @@ class RequestMiddleware:
         self.memory = MemoryBudget(settings.max_inflight_bytes, settings.max_inflight_pixels, state.metrics)
         state.abort_uploads = self.abort_uploads
         state.saturated = lambda: self.inflight >= state.settings.max_inflight_requests
+        # Request ids: 32 hex digits like a uuid4's, a random prefix per process (each worker builds its
+        # own middleware after the fork) and a counter: unique without a getrandom() call per request.
+        prefix, counter = uuid.uuid4().hex[:16], itertools.count()
+        self._new_id = lambda: f"{prefix}{next(counter):016x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,7 +81,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         headers = dict((k.lower(), v) for k, v in scope.get("headers", []))
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else self._new_id()
         token = request_id_var.set(request_id)
         response: dict[str, Any] = {"status": CLIENT_CLOSED, "started": False}
         head = scope.get("method") == "HEAD"

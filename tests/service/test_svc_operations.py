@@ -145,6 +145,22 @@ def test_device_instances_default_to_the_cores_at_one_thread_each(make_settings:
     assert make_settings(device_instances=3).instances_on("cpu") == 3
 
 
+def test_engines_run_in_the_workers_on_the_cpu_and_in_one_process_with_a_gpu(
+        make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.engine import runtime
+
+    monkeypatch.setattr(runtime, "gpu_present", lambda: False)
+    assert make_settings(http_workers=2).engine_per_worker  # auto, no GPU: per worker
+    assert make_settings(http_workers=2, device="cpu").engine_per_worker
+    assert not make_settings(http_workers=2, engine_placement="shared").engine_per_worker
+    assert not make_settings(http_workers=0).engine_per_worker  # one process: nothing to place
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    assert not make_settings(http_workers=2).engine_per_worker  # auto with a GPU: one process shares it
+    assert not make_settings(http_workers=2, device="cuda").engine_per_worker
+    assert make_settings(http_workers=2, device="cpu").engine_per_worker  # the GPU is not used
+    assert make_settings(http_workers=2, engine_placement="per-worker").engine_per_worker
+
+
 def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..., FastAPI]) -> None:
     """With several execution threads, log-weights batches may hold all but one of them."""
     with TestClient(make_app(device_instances=2)) as client:
