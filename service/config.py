@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     # Where the models run when there are HTTP workers. `shared`: one inference process that every
     # worker calls (rows of all workers share batches, one copy of the models; the choice for a GPU).
     # `per-worker`: each HTTP worker loads the models and batches its own requests, with no hop to
-    # another process (the choice for the CPU, where each worker has cores of its own anyway: 1-image
-    # encodes 1.5-1.7x the requests/s of `shared` on 2 cores, docs/benchmarks.md). `auto`: per-worker
-    # when the models run on the CPU (VAE_DEVICE=cpu, or auto on a machine without an NVIDIA GPU).
+    # another process (the choice for the CPU, where each worker has cores of its own anyway: on 2 cores
+    # 1-image encodes 1.24x (64 connections) to 1.7x (1 connection) the requests/s of `shared`, and
+    # log-likelihood 2.1x, for one copy of the models per worker; docs/benchmarks.md). `auto`:
+    # per-worker when the models run on the CPU (VAE_DEVICE=cpu, or auto without an NVIDIA GPU).
     engine_placement: Literal["auto", "shared", "per-worker"] = "auto"
 
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
