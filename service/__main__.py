@@ -1,8 +1,9 @@
 """`python -m service` / `vae-serve`: start the service.
 
-By default: a supervisor process, VAE_HTTP_WORKERS HTTP worker processes (one per core) and one
-inference process that owns the models and batches the rows of every worker (service/supervisor.py).
-VAE_HTTP_WORKERS=0 runs everything in one process instead.
+By default: a supervisor process and VAE_HTTP_WORKERS HTTP worker processes (one per core); on the CPU
+each worker runs the models itself, with a GPU one inference process owns the models and batches the
+rows of every worker (VAE_ENGINE_PLACEMENT; service/supervisor.py). VAE_HTTP_WORKERS=0 runs everything
+in one process instead.
 
 Flags override the environment (`VAE_*`); everything else comes from the environment. On SIGTERM or
 Ctrl-C the service first marks itself draining (/readyz 503, new model work refused with 503), lets
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="VAE_DEVICE, default auto")
     parser.add_argument("--http-workers", type=int,
                         help="HTTP worker processes (VAE_HTTP_WORKERS; -1 = one per core, 0 = one process)")
+    parser.add_argument("--engine-placement", choices=["auto", "shared", "per-worker"],
+                        help="where the models run (VAE_ENGINE_PLACEMENT, default auto: in each HTTP worker "
+                             "on the CPU, one shared inference process with a GPU)")
     parser.add_argument("--log-level", help="VAE_LOG_LEVEL, default INFO")
     parser.add_argument("--json-logs", action="store_true", default=None, help="VAE_JSON_LOGS")
     args = vars(parser.parse_args(argv))

@@ -159,6 +159,9 @@ def test_engines_run_in_the_workers_on_the_cpu_and_in_one_process_with_a_gpu(
     assert not make_settings(http_workers=2, device="cuda").engine_per_worker
     assert make_settings(http_workers=2, device="cpu").engine_per_worker  # the GPU is not used
     assert make_settings(http_workers=2, engine_placement="per-worker").engine_per_worker
+    from service.__main__ import parse_args
+
+    assert parse_args(["--engine-placement", "shared"]) == {"engine_placement": "shared"}
 
 
 def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..., FastAPI]) -> None:
