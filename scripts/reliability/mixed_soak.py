@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default="mnist-vae")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixed_soak.json")
     args = parser.parse_args()
-    env = {"VAE_THREADS": "0", "VAE_LOG_LEVEL": "WARNING"}  # otherwise every setting at its default
+    # Otherwise every setting at its default (the harness pins one thread and one execution thread).
+    env = {"VAE_THREADS": "0", "VAE_DEVICE_INSTANCES": "0", "VAE_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as tmp, \
             harness.start_server(harness.ROOT / "models", Path(tmp) / "server.log", env=env,
                                  ready_timeout=180) as server:
@@ -123,6 +124,7 @@ def main() -> None:
              for name, counts in result["statuses"].items()}
     result.update({
         "command": "python scripts/reliability/mixed_soak.py", "minutes": args.minutes, "rate": args.rate,
+        "settings": env,
         "requests": sum(sum(c.values()) for c in result["statuses"].values()),
         "rss_after_warmup_mb": [first["rss_mb"], last["rss_mb"]], "rss_growth": round(growth, 4),
         "open_files_after_warmup": [first["open_files"], last["open_files"]],
