@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     on_bad_model: Literal["fail", "skip"] = "fail"
 
     # -- processes ------------------------------------------------------------------------------------
-    # HTTP worker processes (parsing, decoding, validation, serialisation) in front of one inference
-    # process per device. -1: one per CPU core, at most 8; 0: a single process doing everything.
+    # HTTP worker processes (parsing, decoding, validation, serialisation; per engine_placement also the
+    # models). -1: one per CPU core, at most 8; 0: a single process doing everything.
     http_workers: int = Field(-1, ge=-1, le=64)
     # Where the models run when there are HTTP workers. `shared`: one inference process that every
     # worker calls (rows of all workers share batches, one copy of the models; the choice for a GPU).
