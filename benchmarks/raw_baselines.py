@@ -26,9 +26,10 @@ import onnxruntime as ort
 
 def providers(device: str) -> list[str]:
     """The ONNX Runtime providers the service picks for VAE_DEVICE (service/engine/runtime.py's rule)."""
-    gpu = Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
+    from service.engine.runtime import gpu_present
+
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    if device == "cuda" or (device == "auto" and cuda and gpu):
+    if device == "cuda" or (device == "auto" and cuda and gpu_present()):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

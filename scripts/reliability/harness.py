@@ -111,6 +111,10 @@ class Server:
         return time.monotonic()
 
 
+# Pass in `env` to undo start_server's pins and run the service's own defaults (long-variant scripts).
+SERVICE_DEFAULTS = {"VAE_THREADS": "0", "VAE_DEVICE_INSTANCES": "0"}
+
+
 @contextmanager
 def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = None,
                  batch_delay_s: float = 0.0, wait: bool = True,

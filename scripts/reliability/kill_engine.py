@@ -71,8 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "kill_engine.json")
     args = parser.parse_args()
     # Otherwise every setting at its default; only a shared engine has an inference process to kill.
-    env = {"VAE_THREADS": "0", "VAE_DEVICE_INSTANCES": "0", "VAE_MODELS": "mnist-vae",
-           "VAE_ENGINE_PLACEMENT": "shared"}
+    env = {**harness.SERVICE_DEFAULTS, "VAE_MODELS": "mnist-vae", "VAE_ENGINE_PLACEMENT": "shared"}
     with tempfile.TemporaryDirectory() as tmp, \
             harness.start_server(harness.ROOT / "models", Path(tmp) / "server.log", env=env,
                                  ready_timeout=180) as server:

@@ -110,8 +110,7 @@ def main() -> None:
     parser.add_argument("--model", default="mnist-vae")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixed_soak.json")
     args = parser.parse_args()
-    # Otherwise every setting at its default (the harness pins one thread and one execution thread).
-    env = {"VAE_THREADS": "0", "VAE_DEVICE_INSTANCES": "0", "VAE_LOG_LEVEL": "WARNING"}
+    env = {**harness.SERVICE_DEFAULTS, "VAE_LOG_LEVEL": "WARNING"}  # otherwise every setting at its default
     with tempfile.TemporaryDirectory() as tmp, \
             harness.start_server(harness.ROOT / "models", Path(tmp) / "server.log", env=env,
                                  ready_timeout=180) as server:
