@@ -16,6 +16,7 @@ from training.data import DataError
 
 if typing.TYPE_CHECKING:
     from training.train import TrainConfig
+    from training.train_vq import VQTrainConfig
 
 TRAIN_HELP = {
     "data": "data set: mnist5k | digits8 | idx:DIR | folder:DIR | npz:FILE",
@@ -66,6 +67,22 @@ MODEL_HELP = {
     "channels": "base width of the conv layers",
     "dropout": "dropout probability on hidden layers",
 }
+# --model vqvae (training/train_vq.py): the options the VAE's flags above do not already name
+VQ_TRAIN_HELP = {
+    "prior_epochs": "VQ-VAE: maximum epochs of the PixelCNN prior",
+    "prior_lr": "VQ-VAE: Adam learning rate of the prior",
+    "prior_patience": "VQ-VAE: stop the prior after this many epochs without a better validation log p(z)",
+}
+VQ_MODEL_HELP = {
+    "codebook_size": "VQ-VAE: K, the number of codebook entries",
+    "code_dim": "VQ-VAE: D, the length of each codebook vector",
+    "commitment": "VQ-VAE: beta of the commitment loss",
+    "codebook_decay": "VQ-VAE: EMA decay of the codebook",
+    "dead_code_threshold": "VQ-VAE: restart an entry whose EMA count per batch falls below this",
+    "prior_channels": "VQ-VAE: channels of the gated PixelCNN prior",
+    "prior_layers": "VQ-VAE: gated layers of the prior",
+    "prior_kernel": "VQ-VAE: kernel size of the prior's masked convolutions (odd)",
+}
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
@@ -99,6 +116,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: di
 def build_parser() -> argparse.ArgumentParser:
     from training.models import ModelConfig
     from training.train import TrainConfig
+    from training.train_vq import VQTrainConfig
+    from training.vqvae import VQConfig
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model (use torchrun for several processes)")
     tr.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    tr.add_argument("--model", choices=["vae", "vqvae"], default=None,
+                    help="model family: vae (Gaussian latent; every --architecture) or vqvae (discrete codes "
+                         "with a PixelCNN prior); default: the --config file's `family`, else vae")
     _add_dataclass_options(tr, TrainConfig, TRAIN_HELP)
     _add_dataclass_options(tr, ModelConfig, MODEL_HELP)
+    _add_dataclass_options(tr, VQTrainConfig, VQ_TRAIN_HELP)
+    _add_dataclass_options(tr, VQConfig, VQ_MODEL_HELP)
 
     ev = sub.add_parser("evaluate", help="test-set metrics, figures and report of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a run")
@@ -173,19 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def _train_config(args: argparse.Namespace) -> TrainConfig | VQTrainConfig:
+    """The run's config: the --config file (its `family` picks the class unless --model does), then flags."""
     from training.models import ModelConfig
     from training.train import TrainConfig
+    from training.train_vq import VQTrainConfig
+    from training.vqvae import VQConfig
 
     raw: dict = json.loads(args.config.read_text()) if args.config else {}
+    family = args.model or raw.pop("family", "vae")
+    raw.pop("family", None)
+    config_cls, model_cls = (VQTrainConfig, VQConfig) if family == "vqvae" else (TrainConfig, ModelConfig)
     model_raw = dict(raw.pop("model", {}))
-    for name in TrainConfig.__dataclass_fields__:
-        if getattr(args, name, None) is not None:
-            raw[name] = getattr(args, name)
-    for name in ModelConfig.__dataclass_fields__:
-        if getattr(args, name, None) is not None:
-            model_raw[name] = getattr(args, name)
-    return TrainConfig.from_dict({**raw, "model": model_raw})
+    given = {name: getattr(args, name) for name in vars(args)
+             if getattr(args, name) is not None and name not in ("config", "resume", "model", "command")}
+    unused = set(given) - set(config_cls.__dataclass_fields__) - set(model_cls.__dataclass_fields__)
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
+        raise ValueError(f"{flags} do(es) not apply to --model {family}")
+    for name, value in given.items():
+        if name in config_cls.__dataclass_fields__:
+            raw[name] = value
+        else:
+            model_raw[name] = value
+    return config_cls.from_dict({**raw, "model": model_raw})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from training.train import train
+            from training.train_vq import VQTrainConfig, train_vq
 
-            best = train(_train_config(args), resume=args.resume)
+            config = _train_config(args)
+            trainer = train_vq if isinstance(config, VQTrainConfig) else train
+            best = trainer(config, resume=args.resume)
             if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
                 print(best)
         elif args.command == "evaluate":
