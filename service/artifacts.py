@@ -38,10 +38,25 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # (eps (B, K, D) with the main model's latent_dim D).
     "background_log_weights": (("x", "eps"), ("log_w",)),
 }
-GRAPHS = ("encoder", "decoder", "log_weights")  # every artifact has these
+GRAPHS = ("encoder", "decoder", "log_weights")  # every Gaussian-latent artifact has these
 # The anomaly methods latent_knn and fisher read the training images' encoder means from this .npy.
 LATENT_BANK_FILE = "latent_bank.npy"
 OPTIONAL_GRAPHS = ("background_log_weights",)  # loaded when the manifest lists them
+# Each model family's graphs (manifest `model.family`; artifacts without it are "gaussian"). The VQ-VAE's
+# (training/graphs_vq.py): codes are int64 (B, h, w) grids of codebook indices, z_e the encoder's
+# (B, D, h, w) vectors before quantization, u (B, S, h*w) uniforms from which log_weights draws S code
+# grids of the stochastic posterior, logits the prior's (B, K, h, w) next-code logits.
+FAMILY_GRAPH_IO: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "gaussian": GRAPH_IO,
+    "vqvae": {
+        "encoder": (("x",), ("codes", "z_e")),
+        "decoder": (("codes",), ("x_mean",)),
+        "prior": (("codes",), ("logits",)),
+        "log_weights": (("x", "u"), ("log_w",)),
+    },
+}
+FAMILY_GRAPHS: dict[str, tuple[str, ...]] = {"gaussian": GRAPHS, "vqvae": tuple(FAMILY_GRAPH_IO["vqvae"])}
+FAMILY_OPTIONAL_GRAPHS: dict[str, tuple[str, ...]] = {"gaussian": OPTIONAL_GRAPHS, "vqvae": ()}
 # Names and versions (docs/artifact-format.md): neither can be "..", contain a "/" or start with the "."
 # that marks a half-written `.<version>.partial` export; 64 characters at most.
 MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -105,7 +120,7 @@ class Manifest:
     version: str
     directory: Path
     kind: str
-    latent_dim: int
+    latent_dim: int  # gaussian: D; vqvae: the length of the flattened pre-quantization vectors, D*h*w
     channels: int
     height: int
     width: int
@@ -115,6 +130,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     raw: dict[str, Any]
     anomaly: AnomalyCalibration | None = None  # conformal calibration per method
+    family: str = "gaussian"  # manifest model.family: which graphs there are and what they mean
 
     @property
     def conditional(self) -> bool:
@@ -268,8 +284,13 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         raise ValueError(f"preprocessing.color_mode {color_mode!r} does not give {channels} channels")
     threshold = prep.get("binarize_threshold")
     labels = raw.get("labels")
+    family = str(model.get("family", "gaussian"))
+    if family not in FAMILY_GRAPHS:
+        raise ValueError(f"model.family {family!r} is not served by this service (known: "
+                         f"{sorted(FAMILY_GRAPHS)}); upgrade the service")
     graphs = {}
-    for graph in GRAPHS + tuple(g for g in OPTIONAL_GRAPHS if g in raw["graphs"]):
+    optional = FAMILY_OPTIONAL_GRAPHS[family]
+    for graph in FAMILY_GRAPHS[family] + tuple(g for g in optional if g in raw["graphs"]):
         spec = raw["graphs"][graph]
         if runtime not in spec:
             raise ValueError(f"graph {graph} has no {runtime} file")
@@ -301,6 +322,7 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
         graphs=graphs,
         raw=raw,
         anomaly=anomaly,
+        family=family,
     )
 
 

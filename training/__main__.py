@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(tr, VQConfig, VQ_MODEL_HELP)
 
     ev = sub.add_parser("evaluate", help="test-set metrics, figures and report of a checkpoint")
-    ev.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a run")
+    ev.add_argument("checkpoint", type=Path,
+                    help="best.pt or last.pt of a run, or an exported models/NAME/VERSION folder (then only "
+                         "sample quality and --amortization-gap are measured, into its report)")
     ev.add_argument("--out-dir", type=Path,
                     help="where report.json, report.md, figures/ go (default: RUN/report)")
     ev.add_argument("--k", type=int, default=5000,
@@ -144,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--data", help="where the training data is now, if it moved (e.g. folder:/data/shapes)")
     ev.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ev.add_argument("--no-sample-quality", action="store_true",
+                    help="skip the FID of 1000 samples and their class shares (trains a digit classifier)")
+    ev.add_argument("--classifier-cache", type=Path,
+                    help="a .pt file for the FID's feature classifier: reused if present, else written")
+    ev.add_argument("--amortization-gap", type=int, default=0, metavar="N",
+                    help="Gaussian-latent models: fit q* per image for N test digits and report the "
+                         "amortization and approximation gaps (Cremer et al. 2018)")
     ev.add_argument("--binarization", choices=["stochastic", "threshold"], default="stochastic",
                     help="Bernoulli models: binarize the test set stochastically once (seed 0, the IWAE "
                          "paper's protocol) or at 0.5 (what the service does)")
@@ -238,15 +247,39 @@ def main(argv: list[str] | None = None) -> int:
                 print(best)
         elif args.command == "evaluate":
             from training.evaluate import evaluate, json_safe
-            from training.pipeline import splits_for_checkpoint
-            from training.train import model_from_checkpoint
+            from training.pipeline import is_vq_checkpoint, splits_for_checkpoint
 
-            vae, ckpt = model_from_checkpoint(args.checkpoint)
             out = args.out_dir or args.checkpoint.parent / "report"
-            report = evaluate(vae, splits_for_checkpoint(ckpt, args.data), out, k=args.k, seed=args.seed,
-                              metrics_path=args.checkpoint.parent / "metrics.jsonl",
-                              figures=not args.no_figures, binarization=args.binarization)
-            scalars = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+            metrics = args.checkpoint.parent / "metrics.jsonl"
+            if (args.checkpoint / "manifest.json").is_file():  # an exported artifact: its report grows
+                from training.artifact_eval import evaluate_artifact
+
+                report = evaluate_artifact(args.checkpoint, k=args.k, seed=args.seed,
+                                           amortization_images=args.amortization_gap,
+                                           sample_quality=not args.no_sample_quality,
+                                           classifier_cache=args.classifier_cache, data=args.data)
+            elif is_vq_checkpoint(args.checkpoint):
+                from training.evaluate_vq import evaluate_vq
+                from training.train_vq import model_from_checkpoint as vq_from_checkpoint
+
+                if args.amortization_gap:
+                    raise ValueError("--amortization-gap is for Gaussian-latent models (a VQ-VAE's "
+                                     "posterior is a point mass)")
+                model, ckpt = vq_from_checkpoint(args.checkpoint)
+                report = evaluate_vq(model, splits_for_checkpoint(ckpt, args.data), out, k=args.k,
+                                     seed=args.seed, metrics_path=metrics, figures=not args.no_figures,
+                                     classifier_cache=args.classifier_cache)
+            else:
+                from training.train import model_from_checkpoint
+
+                vae, ckpt = model_from_checkpoint(args.checkpoint)
+                report = evaluate(vae, splits_for_checkpoint(ckpt, args.data), out, k=args.k, seed=args.seed,
+                                  metrics_path=metrics, figures=not args.no_figures,
+                                  binarization=args.binarization, sample_quality=not args.no_sample_quality,
+                                  amortization_images=args.amortization_gap,
+                                  classifier_cache=args.classifier_cache)
+            scalars = {k: v for k, v in report.items()
+                       if not isinstance(v, list | dict) or k in ("sample_quality", "amortization")}
             print(json.dumps(json_safe(scalars), indent=2))
         elif args.command == "export":
             from training.pipeline import export_checkpoint

@@ -73,12 +73,15 @@ def latent_statistics(vae: VAE, images: torch.Tensor, labels: torch.Tensor | Non
 
 def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, seed: int = 0,
              metrics_path: str | Path | None = None, figures: bool = True,
-             binarization: str = "stochastic") -> dict:
+             binarization: str = "stochastic", sample_quality: bool = True, amortization_images: int = 0,
+             classifier_cache: Path | None = None) -> dict:
     """Evaluate on the test split; writes report.json, report.md and figures/ into out_dir.
 
     binarization (Bernoulli models): "stochastic" binarizes the test set once with a fixed seed, the
     protocol of the IWAE paper for dynamically binarized MNIST; "threshold" uses x >= 0.5, which is
-    what the service's likelihood endpoints do.
+    what the service's likelihood endpoints do. sample_quality: FID of 1000 prior samples and their
+    class shares (training/sample_quality.py; labelled data only). amortization_images: measure the
+    amortization gap on this many test images (training/amortization.py; 0: skip).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -117,6 +120,21 @@ def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, s
         "unit_activity": lat["unit_activity"],
         "seconds": None,
     }
+    if sample_quality and len(splits.label_names) > 1:
+        from training import sample_quality as sq
+
+        gen = torch.Generator().manual_seed(seed)
+        y = torch.arange(sq.SAMPLES) % cfg.num_classes if cfg.num_classes else None
+        with torch.no_grad():
+            samples = vae.decode_mean(torch.randn(sq.SAMPLES, cfg.latent_dim, generator=gen), y)
+        report["sample_quality"] = sq.sample_quality(samples, splits, sq.train_classifier(splits,
+                                                                                         cache=classifier_cache))
+    if amortization_images:
+        from training.amortization import amortization_gap
+
+        n = min(amortization_images, len(x))
+        report["amortization"] = amortization_gap(vae, x[:n], None if labels is None else labels[:n],
+                                                  k=k, seed=seed)
     if figures:
         from training import figures as fig
 
@@ -161,6 +179,25 @@ def render_markdown(report: dict) -> str:
         f"Binarization of the test images: {report['binarization']}.",
         "",
     ]
+    if "sample_quality" in report:
+        lines += sample_quality_markdown(report["sample_quality"])
+    if "amortization" in report:
+        from training.amortization import render_markdown as amortization_markdown
+
+        lines += [amortization_markdown(report["amortization"])]
     for title, path in (report.get("figures") or {}).items():
         lines += [f"## {title.replace('_', ' ').capitalize()}", "", f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def sample_quality_markdown(q: dict) -> list[str]:
+    """The sample-quality section of a report (training/sample_quality.py)."""
+    shares = ", ".join(f"{k}: {100 * v:.1f} %" for k, v in q["class_fractions"].items())
+    return [f"## Sample quality ({q['samples']} samples vs {q['test_images']} test digits)", "",
+            "| metric | value |", "|---|---|",
+            f"| FID in the digit classifier's feature space | {q['fid']:.2f} |",
+            "| FID of the test digits, half vs half (a floor at this sample size) | "
+            f"{q['fid_test_halves']:.2f} |",
+            f"| smallest class share of the samples | {100 * q['min_class_fraction']:.1f} % |",
+            f"| feature classifier's test accuracy | {100 * q['classifier_test_accuracy']:.1f} % |", "",
+            f"Class shares of the samples (the classifier's labels): {shares}.", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -107,3 +108,16 @@ def make_all(vae: VAE, images: torch.Tensor, labels: torch.Tensor, latent_stats:
         plt.close(fig)
         made["training_curves"] = "figures/training_curves.png"
     return made
+
+
+def plot_curves(series: dict[str, list[float | None]], path: Path, title: str) -> None:
+    """Line per named series, against its own epoch index (nats per image)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in series.items():
+        ax.plot(range(len(values)), [math.nan if v is None else v for v in values], label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.legend()
+    ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from service.anomaly import TypicalityReference, anomaly_scores
-from service.artifacts import GRAPH_IO, AnomalyCalibration, Preprocessing
+from service.artifacts import FAMILY_GRAPH_IO, AnomalyCalibration, Preprocessing
 from service.families import DEFAULT_CHUNK, Arrays
-from service.families.gaussian import METHOD_NEEDS, GaussianLatentVAE
+from service.families.common import METHOD_NEEDS, ImageFamily
+from service.families.gaussian import GaussianLatentVAE
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,25 @@ class GraphScorer:
     def __init__(self, directory: Path, latent_dim: int, preprocessing: Preprocessing, likelihood: str,
                  threads: int = 1, chunk: int = DEFAULT_CHUNK, batch_rows: int = 256,
                  input_shape: tuple[int, int, int] | None = None, conditional: bool = False,
-                 decoder_rows: int = 4096) -> None:
+                 decoder_rows: int = 4096, family: ImageFamily | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        shape = input_shape or (preprocessing.channels, preprocessing.height, preprocessing.width)
+        # family: the model's family object (e.g. a VQ-VAE's); default: a Gaussian-latent model
+        self.family = family or GaussianLatentVAE(latent_dim=latent_dim, input_shape=shape,
+                                                  preprocessing=preprocessing, likelihood=likelihood,
+                                                  conditional=conditional, chunk=chunk)
+        self.graph_io = FAMILY_GRAPH_IO[self.family.name]
         self.sessions = {}
-        for graph in ("encoder", "decoder", "log_weights", "background_log_weights"):
+        for graph in self.graph_io:  # the family's graphs, optional ones included: loaded when present
             path = Path(directory) / f"{graph}.onnx"
             if path.is_file():
                 self.sessions[graph] = ort.InferenceSession(str(path), sess_options=options,
                                                             providers=["CPUExecutionProvider"])
-        shape = input_shape or (preprocessing.channels, preprocessing.height, preprocessing.width)
-        self.family = GaussianLatentVAE(latent_dim=latent_dim, input_shape=shape, preprocessing=preprocessing,
-                                        likelihood=likelihood, conditional=conditional, chunk=chunk)
         self.batch_rows = batch_rows
         # A (rows, chunk) log_weights call decodes rows * chunk images at once: 256 x 128 conv decodes of
         # 32x32 RGB images held 12 GB of activations in ONNX Runtime's arena.
@@ -87,10 +91,12 @@ class GraphScorer:
     def from_artifact(cls, directory: Path, threads: int = 1) -> GraphScorer:
         """From a version folder, verified by the service's own reader."""
         from service.artifacts import load_manifest
+        from service.families import family_for
 
         m = load_manifest(Path(directory), "onnx")
         return cls(m.directory, m.latent_dim, m.preprocessing, m.likelihood, threads=threads,
-                   input_shape=m.input_shape, conditional=m.conditional)
+                   input_shape=m.input_shape, conditional=m.conditional,
+                   family=family_for(m))  # type: ignore[arg-type]
 
     @property
     def has_background(self) -> bool:
@@ -98,10 +104,10 @@ class GraphScorer:
 
     async def _run_graph(self, graph: str, feeds: Arrays) -> Arrays:
         """The family's GraphRunner: rows in calls of at most batch_rows, as the device thread runs them."""
-        session, (inputs, outputs) = self.sessions[graph], GRAPH_IO[graph]
+        session, (inputs, outputs) = self.sessions[graph], self.graph_io[graph]
         inputs += ("y",) if self.family.conditional else ()
         rows = len(next(iter(feeds.values())))
-        per_row = self.family.chunk if graph.endswith("log_weights") else 1  # decodes per row
+        per_row = self.family.chunk if graph in self.family.sliced_graphs else 1  # decodes per row
         step = max(1, min(self.batch_rows, self.decoder_rows // per_row))
         parts = []
         for i in range(0, rows, step):
@@ -121,9 +127,10 @@ class GraphScorer:
         return -out["log_likelihood"]
 
     def latent_means(self, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """Encoder means of the likelihood view, as the service encodes it: (N, C, H, W) -> (N, D) float32."""
+        """The family's latent vectors of the likelihood view (Gaussian: encoder means), as the service
+        computes them: (N, C, H, W) -> (N, L) float32."""
         view = self.family.preprocessing.likelihood_view(np.asarray(images, dtype=np.float32))
-        return asyncio.run(self.family.encode(self._run_graph, view, labels))["mean"]
+        return asyncio.run(self.family.latent_vectors(self._run_graph, view, labels))
 
     def anomaly_inputs(self, images: np.ndarray, k: int, seed: int, methods: tuple[str, ...],
                        labels: np.ndarray | None = None) -> dict:

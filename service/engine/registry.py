@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import OPTIONAL_GRAPHS, ArtifactError, Manifest, discover, load_manifest
+from service.artifacts import ArtifactError, Manifest, discover, load_manifest
 from service.config import Settings
 from service.engine.batching import Arrays, Batcher, DeviceExecutor
 from service.engine.interface import ModelInfo, OperationFailed, UnknownModel
@@ -53,16 +53,13 @@ class ServedModel:
         # log_weights batches are time-sliced so encode/decode batches never wait behind more than
         # one slice of log-likelihood work (see batching's module docstring).
         slice_s = settings.log_weights_slice_ms / 1000.0 if settings.log_weights_slice_ms > 0 else None
+        # One batcher per graph the artifact has; the family names its importance-sampling graphs, which
+        # take log-weights rows and time slices, the others take rows of single items.
         self.batchers: dict[str, Batcher] = {
-            "encoder": batcher("encoder", settings.max_batch_size, settings.max_queue_size),
-            "decoder": batcher("decoder", settings.max_batch_size, settings.max_queue_size),
-            "log_weights": batcher("log_weights", settings.log_weights_batch_rows,
-                                   settings.log_weights_queue_rows, slice_s),
-        }
-        for graph in OPTIONAL_GRAPHS:  # the likelihood-ratio background model, when the artifact has one
-            if graph in manifest.graphs:
-                self.batchers[graph] = batcher(graph, settings.log_weights_batch_rows,
-                                               settings.log_weights_queue_rows, slice_s)
+            graph: batcher(graph, settings.log_weights_batch_rows, settings.log_weights_queue_rows, slice_s)
+            if graph in self.family.sliced_graphs
+            else batcher(graph, settings.max_batch_size, settings.max_queue_size)
+            for graph in manifest.graphs}
 
     @property
     def info(self) -> ModelInfo:

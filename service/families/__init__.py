@@ -13,13 +13,15 @@ from service.families.base import (
     Family,
     FamilyError,
     GraphRunner,
+    LatentSpace,
     Operation,
     Options,
 )
 from service.families.gaussian import DEFAULT_CHUNK, GaussianLatentVAE
+from service.families.vqvae import VQVAE
 
-# manifest `model.family` -> class; artifacts without the field are Gaussian-latent models
-FAMILIES: dict[str, type[GaussianLatentVAE]] = {"gaussian": GaussianLatentVAE}
+# manifest `model.family` -> class (Manifest.family; artifacts without the field are Gaussian-latent)
+FAMILIES: dict[str, type[GaussianLatentVAE] | type[VQVAE]] = {"gaussian": GaussianLatentVAE, "vqvae": VQVAE}
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -30,15 +32,22 @@ __all__ = [
     "Family",
     "FamilyError",
     "GraphRunner",
+    "LatentSpace",
     "Operation",
     "Options",
     "family_for",
+    "latent_space",
 ]
 
 
 def family_for(manifest: Manifest, chunk: int = DEFAULT_CHUNK) -> Family:
     """The family object of a served artifact."""
-    name = (manifest.raw.get("model") or {}).get("family", "gaussian")
-    if name not in FAMILIES:
-        raise ValueError(f"{manifest.directory}: unknown model family {name!r} (known: {sorted(FAMILIES)})")
-    return FAMILIES[name].from_manifest(manifest, chunk)
+    if manifest.family not in FAMILIES:
+        raise ValueError(f"{manifest.directory}: unknown model family {manifest.family!r} "
+                         f"(known: {sorted(FAMILIES)})")
+    return FAMILIES[manifest.family].from_manifest(manifest, chunk)
+
+
+def latent_space(manifest: Manifest) -> LatentSpace:
+    """How the model's latents look to clients (decode's input, encode's outputs)."""
+    return FAMILIES[manifest.family].latent_space(manifest)

@@ -7,10 +7,12 @@ A family turns one request's inputs into outputs by calling its graphs through a
 Both run the very same pipeline code, so served scores equal the exporter's calibration by
 construction. A family never sees HTTP, processes or batchers.
 
-Operations (rows first; shapes per request of N items):
-    encode:         x (N, C, H, W) [, y (N,)]         -> mean, log_var (N, D) f32
-    decode:         z (N, D) [, y (N,)]               -> x_mean (N, C, H, W) f32
-    sample:         [y (n,)]; n, seed, temperature    -> z (n, D), x_mean (n, C, H, W) f32
+Operations (rows first; shapes per request of N items; z is the family's latent, LatentSpace: (N, D)
+float32 for the Gaussian family, (N, h, w) int64 code grids for the VQ-VAE):
+    encode:         x (N, C, H, W) [, y (N,)]         -> gaussian: mean, log_var (N, D) f32;
+                                                         vqvae: codes (N, h, w) i64, z_e (N, D, h, w) f32
+    decode:         z [, y (N,)]                      -> x_mean (N, C, H, W) f32
+    sample:         [y (n,)]; n, seed, temperature    -> z, x_mean (n, C, H, W) f32
     reconstruct:    x [, y]                           -> x_mean (N, C, H, W) f32, sse (N,) f64
     log_likelihood: x [, y]; k, seed [, graph]        -> log_likelihood, elbo, standard_error (N,) f64
     anomaly_score:  x [, y]; k, seed, method, alpha   -> score, p_value, percentile, threshold,
@@ -65,6 +67,7 @@ class Family(Protocol):
 
     name: str
     chunk: int  # rows of importance sampling carry this many samples each (an execution detail)
+    sliced_graphs: frozenset[str]  # graphs of importance-sampling rows: batched by time slice
 
     def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """Graph -> rows one request of `items` items submits: the one cost formula of admission."""
@@ -82,6 +85,34 @@ class Family(Protocol):
                   options: Options) -> Arrays:
         """One operation of one request."""
         ...
+
+    @staticmethod
+    def encodings(out: Arrays, include: frozenset[str]) -> dict[str, np.ndarray]:
+        """The encode outputs clients get (LatentSpace.encode_outputs), from the encode operation's
+        arrays; `include`: the optional outputs asked for."""
+        ...
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """A family's latents as clients see them, on every protocol: what decode takes, what encode gives.
+
+    input: decode's input (the /v1 body key and the V2 input name), one item of `shape` and `dtype`,
+    values in [0, upper) when upper is set (codebook indices); encode_outputs: (name, V2 datatype,
+    per-item shape) of every encode output, the optional ones (asked for with ?include=) last.
+    """
+
+    input: str
+    shape: tuple[int, ...]
+    dtype: Literal["float32", "int64"]
+    upper: int | None
+    encode_outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    optional_outputs: frozenset[str] = frozenset()
+
+    @property
+    def size(self) -> int:
+        """Numbers in one latent item."""
+        return int(np.prod(self.shape))
 
 
 NO_OPTIONS = Options()  # operations without options (encode, decode, reconstruct)
