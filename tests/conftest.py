@@ -71,3 +71,31 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
 @pytest.fixture(scope="session")
 def models_dir(artifacts: Artifacts) -> Path:
     return artifacts.models_dir
+
+
+@dataclass
+class VQArtifact:
+    models_dir: Path  # holds tinyvq/1 alone
+    model: Any  # the trained torch VQVAE (eval mode), for reference computations
+    test_images: Any
+
+
+@pytest.fixture(scope="session")
+def vq_artifact(tmp_path_factory: pytest.TempPathFactory) -> VQArtifact:
+    """tinyvq: a VQ-VAE on 8x8 digits, a 2x2 grid of 8 codes, exported like the default model."""
+    import torch
+
+    from training.data import load_dataset
+    from training.export_vq import export_vq_model
+    from training.train_vq import VQTrainConfig, model_from_checkpoint, train_vq
+    from training.vqvae import VQConfig
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("vq-artifact")
+    splits = load_dataset("digits8")
+    config = VQTrainConfig(data="digits8", out_dir=str(tmp / "run"), epochs=3, prior_epochs=3, progress=False,
+                           model=VQConfig(codebook_size=8, code_dim=4, channels=8, prior_channels=8,
+                                          prior_layers=2))
+    model, _ = model_from_checkpoint(train_vq(config, splits=splits))
+    export_vq_model(model, splits, tmp / "models", "tinyvq", "1", calibration_k=16, anomaly_method="nll")
+    return VQArtifact(tmp / "models", model.eval(), splits.test_images)

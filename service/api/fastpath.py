@@ -37,7 +37,7 @@ from service.engine.interface import EngineError
 _PATH = re.compile(r"/v1/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                    r"/(?P<op>encode|reconstruct|log-likelihood|anomaly-score)")
 # The query parameters each hot route takes; their bounds come from api/params.py, as FastAPI's do.
-_ACCEPTS = {"encode": ("label",), "reconstruct": ("label", "format", "include_input"),
+_ACCEPTS = {"encode": ("label", "include"), "reconstruct": ("label", "format", "include_input"),
             "log-likelihood": ("label", "seed", "k"),
             "anomaly-score": ("label", "seed", "k", "method", "alpha")}
 
@@ -111,7 +111,7 @@ class FastPath:
         try:
             ref = resolve_model(self.state, request, match.group("model"), version)
             if op == "encode":
-                response = await self.operations.encode(request, ref, params["label"])
+                response = await self.operations.encode(request, ref, params["label"], params["include"])
             elif op == "reconstruct":
                 response = await self.operations.reconstruct(request, ref, params["label"], params["format"],
                                                              params["include_input"] == "true")

@@ -36,6 +36,7 @@ from service.api.memory_budget import reserve_pixels
 from service.api.schemas import RequestSchemas
 from service.artifacts import Manifest
 from service.config import Settings
+from service.families import latent_space
 
 _INDEX_RE = re.compile(r"[0-9]{1,7}")
 INLINE_BODY_BYTES = 64 * 1024  # JSON bodies up to this size are parsed on the event loop (~1 ms at most)
@@ -281,27 +282,58 @@ def _check_array(values: list[Any], index: int, manifest: Manifest) -> np.ndarra
 
 async def read_latents(request: Request, manifest: Manifest, label: str | None,
                        schemas: RequestSchemas) -> tuple[np.ndarray, np.ndarray | None]:
-    """JSON {"latents": [[...], ...]} -> z (N, D) float32 and labels (N,) for conditional models."""
+    """The model family's latents (families/base.py LatentSpace) from JSON, checked, and labels (N,) for
+    conditional models: {"latents": [[...D floats], ...]} -> (N, D) float32 (Gaussian-latent models), or
+    {"codes": [[[...w ints], ...h rows], ...]} -> (N, h, w) int64 in [0, K) (VQ-VAEs)."""
+    space = latent_space(manifest)
+    example = LATENT_EXAMPLES[space.input]
     media_type = _media_type(request)
     if not _is_json(media_type):
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send "
-                                   'application/json like {"latents": [[0.1, -0.3, ...]]}')
+                                   f"application/json like {example}")
     body = await request.body()
     max_items = schemas.settings.max_images
-    bound_values(body, max_items * (manifest.latent_dim + 1), f"{max_items} latents of {manifest.latent_dim}")
+    bound_values(body, max_items * (space.size + 1), f"{max_items} {space.input} of {space.size} numbers")
+    model = schemas.latents if space.input == "latents" else schemas.codes
     if len(body) <= INLINE_BODY_BYTES:
-        req = _validate(body, schemas.latents)
+        req = _validate(body, model)
     else:  # validation is CPU work: off the event loop
-        req = await asyncio.to_thread(_validate, body, schemas.latents)
-    for i, z in enumerate(req.latents):
-        if len(z) != manifest.latent_dim:
-            raise InvalidInput(f"latents[{i}] has length {len(z)}; model {manifest.name} has latent_dim "
-                               f"{manifest.latent_dim}")
+        req = await asyncio.to_thread(_validate, body, model)
+    items = getattr(req, space.input)
+    for i, item in enumerate(items):
+        shape = _nested_shape(item, len(space.shape))
+        if shape != space.shape:
+            raise InvalidInput(f"{space.input}[{i}] has shape {list(shape)}; model {manifest.name} takes "
+                               f"{space.input} of shape {list(space.shape)}")
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
-        z = np.asarray(req.latents, dtype=np.float32)  # (N, D)
-    if not np.isfinite(z).all():
-        raise InvalidInput("latents overflow float32; use values of a sensible magnitude")
-    return z, resolve_labels(manifest, len(z), label, req.labels)
+        z = np.asarray(items, dtype=np.float32 if space.dtype == "float32" else object)  # (N, *shape)
+    return checked_latents(manifest, z), resolve_labels(manifest, len(z), label, req.labels)
+
+
+def checked_latents(manifest: Manifest, z: np.ndarray) -> np.ndarray:
+    """Latents of the model's family (shape already checked) as the graph takes them: finite float32
+    vectors, or int64 codebook indices in [0, K); every protocol's decode passes here."""
+    space = latent_space(manifest)
+    if space.dtype == "float32":
+        if not np.isfinite(z).all():
+            raise InvalidInput(f"{space.input} overflow float32; use values of a sensible magnitude")
+        return z.astype(np.float32, copy=False)
+    low, high = (int(z.min()), int(z.max())) if z.size else (0, 0)  # Python ints: any JSON integer fits
+    if space.upper is not None and (low < 0 or high >= space.upper):
+        raise InvalidInput(f"{space.input} must be codebook indices in 0..{space.upper - 1}; got values "
+                           f"{low}..{high}")
+    return z.astype(np.int64)
+
+
+LATENT_EXAMPLES = {"latents": '{"latents": [[0.1, -0.3, ...]]}', "codes": '{"codes": [[[3, 17, ...], ...]]}'}
+
+
+def _nested_shape(item: Sequence, depth: int) -> tuple[int, ...]:
+    """The shape of a nested list `depth` levels deep; a ragged list gets -1 where its rows differ."""
+    if depth == 1 or not item:
+        return (len(item), *(0,) * (depth - 1))
+    inner = {_nested_shape(row, depth - 1) for row in item}
+    return (len(item), *(inner.pop() if len(inner) == 1 else (-1,) * (depth - 1)))
 
 
 def resolve_labels(manifest: Manifest, n: int, query_label: str | None,

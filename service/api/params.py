@@ -112,6 +112,7 @@ class Params:
     temperature: Param
     format: Param  # how images come back: base64 PNG or arrays
     include_input: Param  # reconstruct: also return the input as the model sees it
+    include: Param  # encode: an optional output of the family (families/base.py LatentSpace)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Params:
@@ -129,6 +130,9 @@ class Params:
             include_input=Param("include_input", str, "true: also return each input as the model sees it "
                                 "(converted, resized, in [0, 1]), the image the errors are measured against",
                                 choices=("false", "true")),
+            include=Param("include", str, "encode: an optional output of the model's family; VQ-VAE: "
+                          "pre_quantization, the encoder's vectors before quantization (D x h x w)",
+                          choices=("pre_quantization",)),
         )
 
     def get(self, name: str) -> Param:

@@ -7,7 +7,7 @@ their models are built per app from the settings: the limits in the schema are t
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.anomaly import METHODS, STANDARD_ERROR_METHODS
 from service.config import Settings
@@ -102,8 +102,13 @@ class ModelSummary(BaseModel):
     version: str = Field(examples=["1"])
     versions: list[str] = Field(description="every served version; `version` is the highest (the default)",
                                 examples=[["1", "2"]])
-    kind: str = Field(description="vae, cvae or linear", examples=["vae"])
-    latent_dim: int = Field(examples=[32])
+    kind: str = Field(description="vae, cvae, linear or vqvae", examples=["vae"])
+    family: str = Field(description="model family: gaussian (latent vectors) or vqvae (code grids)",
+                        examples=["gaussian"])
+    latent_dim: int = Field(examples=[32], description="gaussian: D; vqvae: D x h x w of its z_e vectors")
+    latent: dict[str, Any] = Field(description="what decode takes and sample returns: input (the body key), "
+                                   "shape, dtype and, for code grids, codebook_size",
+                                   examples=[{"input": "latents", "shape": [32], "dtype": "float32"}])
     input: InputShape
     likelihood: dict[str, Any] = Field(description="manifest likelihood: family and, for gaussian, variance")
     labels: list[str] | None = Field(description="class names of a conditional model, else null")
@@ -142,9 +147,14 @@ class _Response(BaseModel):
 
 
 class EncodeResult(BaseModel):
-    mean: list[float] = Field(description="mean of q(z|x), length latent_dim")
-    variance: list[float] = Field(description="diagonal variance of q(z|x)")
-    log_variance: list[float]
+    """Gaussian-latent models: mean, variance, log_variance. VQ-VAEs: codes (and pre_quantization)."""
+
+    mean: list[float] | None = Field(None, description="mean of q(z|x), length latent_dim")
+    variance: list[float] | None = Field(None, description="diagonal variance of q(z|x)")
+    log_variance: list[float] | None = None
+    codes: list[list[int]] | None = Field(None, description="VQ-VAE: h x w codebook indices")
+    pre_quantization: list[list[list[float]]] | None = Field(
+        None, description="VQ-VAE with include=pre_quantization: the encoder's D x h x w vectors")
 
 
 class EncodeResponse(_Response):
@@ -164,7 +174,9 @@ class DecodeResponse(_Response):
 
 
 class SampleResult(ImageResult):
-    latent: list[float] = Field(description="z = temperature * eps, the latent that was decoded")
+    latent: list[float] | list[list[int]] = Field(
+        description="the latent that was decoded: z = temperature * eps (Gaussian), or the code grid drawn "
+                    "from the PixelCNN prior (VQ-VAE)")
     label: str | None = Field(None, description="class of a conditional model")
 
 
@@ -269,9 +281,17 @@ class RequestSchemas:
                                                 description="latent vectors, each of length latent_dim")
             labels: list[Label] | None = labels_field
 
+        class CodesRequest(BaseModel):
+            model_config = ConfigDict(extra="forbid", json_schema_extra={
+                "examples": [{"codes": [[[3, 17], [40, 5]]]}]})
+            codes: list[list[list[StrictInt]]] = Field(
+                min_length=1, max_length=n, description="VQ-VAE code grids: h x w codebook indices each")
+            labels: list[Label] | None = labels_field
+
         self.images = ImagesRequest
         self.arrays = ArraysRequest
         self.latents = LatentsRequest
+        self.codes = CodesRequest
 
     def inputs_openapi(self, max_images: int) -> dict[str, Any]:
         """openapi_extra for the routes taking images: JSON (two forms) or multipart files."""
@@ -300,8 +320,9 @@ class RequestSchemas:
         }}}
 
     def latents_openapi(self) -> dict[str, Any]:
+        """Gaussian-latent models take latent vectors, VQ-VAEs code grids (the model's `latent.input`)."""
         return {"requestBody": {"required": True, "content": {
-            "application/json": {"schema": _inline(self.latents)}}}}
+            "application/json": {"schema": {"oneOf": [_inline(self.latents), _inline(self.codes)]}}}}}
 
 
 def _inline(model: type[BaseModel]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from service.api.auth import auth_dependencies
-from service.api.errors import InferenceFailed, Unavailable
+from service.api.errors import InferenceFailed, InvalidInput, Unavailable
 from service.api.images import encode_png_base64, grid_png
 from service.api.inputs import read_images, read_latents, resolve_labels
 from service.api.model_ref import ModelRef, resolve_model
@@ -36,10 +36,11 @@ from service.api.schemas import (
     error_responses,
 )
 from service.api.state import AppState, app_state
+from service.artifacts import Manifest
 from service.config import Settings
 from service.engine.interface import ModelInfo, default_version
 from service.estimators import bits_per_dim
-from service.families import Options
+from service.families import Options, family_class, latent_space
 
 State = Annotated[AppState, Depends(app_state)]
 
@@ -80,8 +81,12 @@ def _images(x: np.ndarray, fmt: str) -> list[dict[str, Any]]:
 
 def _summary(name: str, info: ModelInfo, versions: list[str]) -> dict[str, Any]:
     m = info.manifest
-    return {"name": name, "version": m.version, "versions": versions, "kind": m.kind,
-            "latent_dim": m.latent_dim,
+    space = latent_space(m)
+    latent: dict[str, Any] = {"input": space.input, "shape": list(space.shape), "dtype": space.dtype}
+    if space.upper is not None:
+        latent["codebook_size"] = space.upper
+    return {"name": name, "version": m.version, "versions": versions, "kind": m.kind, "family": m.family,
+            "latent_dim": m.latent_dim, "latent": latent,
             "input": {"channels": m.channels, "height": m.height, "width": m.width},
             "likelihood": m.raw.get("likelihood", {"family": m.likelihood}),
             "labels": list(m.labels) if m.labels is not None else None}
@@ -119,6 +124,18 @@ def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
     }
 
 
+def checked_include(manifest: Manifest, include: str | None) -> frozenset[str]:
+    """The optional encode outputs asked for, refused (400) when the model's family has none of that name."""
+    if include is None:
+        return frozenset()
+    space = latent_space(manifest)
+    if include not in space.optional_outputs:
+        have = ", ".join(sorted(space.optional_outputs)) or "none"
+        raise InvalidInput(f"model {manifest.name} ({manifest.family} family) has no optional encode output "
+                           f"{include!r} (it has: {have})")
+    return frozenset({include})
+
+
 def _with_labels(inputs: dict[str, np.ndarray], y: np.ndarray | None) -> dict[str, np.ndarray]:
     if y is not None:
         inputs["y"] = y
@@ -133,15 +150,16 @@ class ImageOperations:
         self.settings = settings
         self.schemas = RequestSchemas(settings)
 
-    async def encode(self, request: Request, ref: ModelRef, label: str | None) -> Response:
+    async def encode(self, request: Request, ref: ModelRef, label: str | None,
+                     include: str | None = None) -> Response:
+        extras = checked_include(ref.manifest, include)
         ref.admit("encode")
         batch = await read_images(request, ref.manifest, label, self.settings, self.schemas, ref.deadline)
         out = await ref.run("encode", _with_labels({"x": batch.x}, batch.y))
-        mean = _finite(out["mean"].astype(np.float64), "means")
-        log_var = out["log_var"].astype(np.float64)
-        variance = _finite(np.exp(log_var), "variances")  # exp overflows only for absurd log-variances
-        results = [{"mean": m, "variance": v, "log_variance": lv}
-                   for m, v, lv in zip(mean, variance, log_var, strict=True)]
+        encoded = family_class(ref.manifest).encodings(out, extras)  # name -> (N, ...), the family's outputs
+        for name, values in encoded.items():
+            _finite(values, name)  # e.g. exp(log-variance) overflows only for absurd log-variances
+        results = [dict(zip(encoded, item, strict=True)) for item in zip(*encoded.values(), strict=True)]
         return json_response({"model": ref.name, "version": ref.version, "results": results})
 
     async def reconstruct(self, request: Request, ref: ModelRef, label: str | None, format: str,
@@ -240,16 +258,20 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
 
     @router.post(f"{base}/encode", response_model=EncodeResponse, responses=image_errors,
                  openapi_extra=inputs_body)
-    async def encode_images(request: Request, ref: Model, label: LabelQ = None) -> Response:
-        """Posterior q(z|x) = N(mean, diag variance) of each image, in order."""
-        return await operations.encode(request, ref, label)
+    async def encode_images(request: Request, ref: Model, label: LabelQ = None,
+                            include: params.include.query() = None) -> Response:
+        """The posterior of each image, in order: Gaussian-latent models give q(z|x) = N(mean, diag
+        variance); VQ-VAEs the grid of codebook indices (and with include=pre_quantization the encoder's
+        vectors before quantization)."""
+        return await operations.encode(request, ref, label, include)
 
     @router.post(f"{base}/decode", response_model=DecodeResponse, response_model_exclude_none=True,
                  responses=error_responses(*common, 400, 413, 415, 422),
                  openapi_extra=schemas.latents_openapi())
     async def decode_latents(request: Request, ref: Model, label: LabelQ = None,
                              format: FormatQ = "png") -> Response:
-        """E[x|z] for each latent vector, as base64 PNG or arrays."""
+        """E[x|z] for each latent (Gaussian: {"latents": [[...D floats]]}; VQ-VAE: {"codes": [h x w grids of
+        codebook indices]}), as base64 PNG or arrays."""
         ref.admit("decode")
         z, y = await read_latents(request, ref.manifest, label, schemas)
         x = (await ref.run("decode", _with_labels({"z": z}, y)))["x_mean"]
@@ -283,7 +305,8 @@ def _add_model_routes(router: APIRouter, base: str, resolve: Callable[..., Model
             return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
         names = [None] * n if y is None or m.labels is None else [m.labels[int(i)] for i in y]
         results = []
-        for r, zi, name in zip(_images(x, format), z.astype(np.float64), names, strict=True):
+        latents = z.astype(np.float64) if z.dtype.kind == "f" else z  # VQ-VAE: int64 code grids
+        for r, zi, name in zip(_images(x, format), latents, names, strict=True):
             r["latent"] = zi
             if name is not None:
                 r["label"] = name

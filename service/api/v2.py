@@ -5,8 +5,9 @@ Each served VAE appears as four V2 models (the operation after the last dot):
     {model}.encode          images FP32 [N, C, H, W] in [0, 1] (or png BYTES [N]: image files as
                             binary tensor data, or base64 text with the input parameter
                             "content_type": "base64")
-                            -> mean, variance, log_variance FP32 [N, D]
-    {model}.decode          latents FP32 [N, D]  -> images FP32 [N, C, H, W]
+                            -> mean, variance, log_variance FP32 [N, D] (Gaussian-latent models), or
+                            codes INT64 [N, h, w] and pre_quantization FP32 [N, D, h, w] (VQ-VAEs)
+    {model}.decode          latents FP32 [N, D] (or codes INT64 [N, h, w]) -> images FP32 [N, C, H, W]
     {model}.log_likelihood  images (or png)      -> log_likelihood, elbo, standard_error FP64 [N]
                             parameters: k, seed
     {model}.anomaly_score   images (or png)      -> score, percentile, p_value FP64 [N],
@@ -31,7 +32,7 @@ from service.api import v2_codec as codec
 from service.api.auth import auth_dependencies
 from service.api.errors import InvalidInput, ModelNotFound, Unavailable
 from service.api.images import ImageError, decode_base64
-from service.api.inputs import decode_files, resolve_labels
+from service.api.inputs import checked_latents, decode_files, resolve_labels
 from service.api.model_ref import ModelRef, resolve_model
 from service.api.options import anomaly_options
 from service.api.params import Param, Params
@@ -39,7 +40,7 @@ from service.api.schemas import v2_error_responses
 from service.api.state import AppState, app_state
 from service.config import Settings
 from service.engine.interface import ModelInfo
-from service.families import Operation, Options
+from service.families import Operation, Options, family_class, latent_space
 
 OPERATIONS = ("encode", "decode", "log_likelihood", "anomaly_score")
 ENGINE_OPERATION: dict[str, Operation] = {"encode": "encode", "decode": "decode",
@@ -98,12 +99,13 @@ def _specs(info: ModelInfo, operation: str) -> tuple[list[codec.TensorSpec], lis
     m = info.manifest
     images = codec.TensorSpec("images", "FP32", (-1, *m.input_shape))
     labels = [codec.TensorSpec("labels", "INT64", (-1,))] if m.conditional else []
-    d = m.latent_dim
+    space = latent_space(m)  # the family's latents: what encode gives and decode takes
     if operation == "encode":
-        outputs = [codec.TensorSpec(n, "FP32", (-1, d)) for n in ("mean", "variance", "log_variance")]
+        outputs = [codec.TensorSpec(n, datatype, (-1, *shape)) for n, datatype, shape in space.encode_outputs]
         return [images, *labels], outputs
     if operation == "decode":
-        return [codec.TensorSpec("latents", "FP32", (-1, d)), *labels], [images]
+        datatype = "FP32" if space.dtype == "float32" else "INT64"
+        return [codec.TensorSpec(space.input, datatype, (-1, *space.shape)), *labels], [images]
     if operation == "log_likelihood":
         return [images, *labels], [codec.TensorSpec(n, "FP64", (-1,))
                                    for n in ("log_likelihood", "elbo", "standard_error")]
@@ -223,7 +225,7 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings,
     ref = v2.ref
     if v2.operation == "decode":
         inputs, _ = _specs(ref.info, "decode")
-        z = codec.match_inputs(request, inputs)["latents"]
+        z = checked_latents(ref.manifest, codec.match_inputs(request, inputs)[inputs[0].name])
         _check_count(len(z), settings)
         y = _labels(request, v2, len(z))
         out = await ref.run("decode", {"z": z} if y is None else {"z": z, "y": y})
@@ -233,8 +235,10 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings,
     y = _labels(request, v2, n)
     if v2.operation == "encode":
         out = await ref.run("encode", {"x": x} if y is None else {"x": x, "y": y})
-        log_var = out["log_var"]
-        return [("mean", out["mean"]), ("variance", np.exp(log_var)), ("log_variance", log_var)], {}
+        optional = latent_space(ref.manifest).optional_outputs
+        wanted = optional if request.outputs is None else optional & {o.name for o in request.outputs}
+        encoded = family_class(ref.manifest).encodings(out, frozenset(wanted))
+        return list(encoded.items()), {}
     seed = _parameter(request, params.seed, secrets.randbits(63))
     inputs = {"x": x} if y is None else {"x": x, "y": y}
     if v2.operation == "log_likelihood":
@@ -252,7 +256,7 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings,
 def _decode_body(body: bytes, header_length: int | None, v2: V2Model, settings: Settings
                  ) -> codec.InferRequest:
     m = v2.ref.manifest
-    per_item = max(m.data_dims, m.latent_dim) + 1  # one image or latent, plus a label
+    per_item = max(m.data_dims, latent_space(m).size) + 1  # one image or latent, plus a label
     return codec.decode_infer_request(body, header_length, max_elements=settings.max_images * per_item)
 
 

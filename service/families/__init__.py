@@ -35,6 +35,7 @@ __all__ = [
     "LatentSpace",
     "Operation",
     "Options",
+    "family_class",
     "family_for",
     "latent_space",
 ]
@@ -46,6 +47,11 @@ def family_for(manifest: Manifest, chunk: int = DEFAULT_CHUNK) -> Family:
         raise ValueError(f"{manifest.directory}: unknown model family {manifest.family!r} "
                          f"(known: {sorted(FAMILIES)})")
     return FAMILIES[manifest.family].from_manifest(manifest, chunk)
+
+
+def family_class(manifest: Manifest) -> type[GaussianLatentVAE] | type[VQVAE]:
+    """The family's class: what the HTTP side needs of it (latent_space, encodings) without an instance."""
+    return FAMILIES[manifest.family]
 
 
 def latent_space(manifest: Manifest) -> LatentSpace:

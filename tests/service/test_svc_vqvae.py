@@ -1,0 +1,164 @@
+"""The VQ-VAE family served through the real app: every /v1 route and the V2 models, against the
+trained torch model, with the same validation as the Gaussian family (tests/conftest.py: tinyvq)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import Settings
+from service.families.noise import sample_uniforms
+from training import losses
+
+BASE = "/v1/models/tinyvq"
+
+
+def _settings(models_dir, **overrides) -> Settings:
+    values = dict(models_dir=models_dir, threads=1, device_instances=1, max_batch_size=16,
+                  max_batch_samples=2048, max_queue_delay_ms=2.0)
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def vq_client(vq_artifact) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(vq_artifact.models_dir))) as client:
+        yield client
+
+
+def _arrays(images: torch.Tensor) -> list:
+    return images.numpy().astype(float).tolist()
+
+
+def test_metadata_names_the_family_grid_and_codebook(vq_client: TestClient) -> None:
+    body = vq_client.get(BASE).json()
+    assert body["family"] == "vqvae" and body["kind"] == "vqvae"
+    assert body["latent"] == {"input": "codes", "shape": [2, 2], "dtype": "int64", "codebook_size": 8}
+    assert body["latent_dim"] == 4 * 2 * 2  # the flattened pre-quantization vectors
+
+
+def test_encode_gives_the_models_codes_and_optionally_its_vectors(vq_client: TestClient, vq_artifact) -> None:
+    x = vq_artifact.test_images[:5]
+    with torch.no_grad():
+        codes, z_e = vq_artifact.model.codes(x), vq_artifact.model.encode(x)
+    plain = vq_client.post(f"{BASE}/encode", json={"inputs": _arrays(x)})
+    assert plain.status_code == 200, plain.text
+    assert [r["codes"] for r in plain.json()["results"]] == codes.tolist()
+    assert "pre_quantization" not in plain.json()["results"][0]
+    full = vq_client.post(f"{BASE}/encode?include=pre_quantization", json={"inputs": _arrays(x)}).json()
+    got = np.array([r["pre_quantization"] for r in full["results"]])
+    np.testing.assert_allclose(got, z_e.numpy(), atol=1e-4)
+
+
+def test_decode_takes_code_grids_and_refuses_bad_ones(vq_client: TestClient, vq_artifact) -> None:
+    codes = torch.tensor([[[0, 1], [2, 3]], [[7, 7], [4, 5]]])
+    with torch.no_grad():
+        expected = vq_artifact.model.decode_mean(codes).numpy()
+    r = vq_client.post(f"{BASE}/decode?format=array", json={"codes": codes.tolist()})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array([i["array"] for i in r.json()["results"]]), expected, atol=1e-4)
+    cases = {
+        "out of range": ({"codes": [[[0, 1], [2, 8]]]}, 422, "0..7"),
+        "negative": ({"codes": [[[0, -1], [2, 3]]]}, 422, "0..7"),
+        "huge": ({"codes": [[[0, 1], [2, 2**70]]]}, 422, "0..7"),
+        "wrong grid": ({"codes": [[[0, 1, 2], [2, 3, 4]]]}, 422, "shape [2, 2]"),
+        "ragged": ({"codes": [[[0, 1], [2]]]}, 422, "shape"),
+        "floats": ({"codes": [[[0.5, 1], [2, 3]]]}, 422, "integer"),
+        "latents of the other family": ({"latents": [[0.1, 0.2, 0.3, 0.4]]}, 422, "codes"),
+    }
+    for name, (body, status, words) in cases.items():
+        r = vq_client.post(f"{BASE}/decode", json=body)
+        assert r.status_code == status, (name, r.text)
+        assert words in r.text and "error" in r.json(), (name, r.text)
+
+
+def test_samples_are_seeded_per_sample_and_decode_to_their_codes(vq_client: TestClient) -> None:
+    five = vq_client.get(f"{BASE}/sample?n=5&seed=11&format=array").json()["results"]
+    three = vq_client.get(f"{BASE}/sample?n=3&seed=11&format=array").json()["results"]
+    other = vq_client.get(f"{BASE}/sample?n=5&seed=12&format=array").json()["results"]
+    assert [r["latent"] for r in five[:3]] == [r["latent"] for r in three]  # sample i depends on (seed, i)
+    assert [r["latent"] for r in five] != [r["latent"] for r in other]
+    grids = np.array([r["latent"] for r in five])
+    assert grids.shape == (5, 2, 2) and grids.min() >= 0 and grids.max() < 8
+    decoded = vq_client.post(f"{BASE}/decode?format=array", json={"codes": grids.tolist()}).json()["results"]
+    np.testing.assert_allclose([d["array"] for d in decoded], [r["array"] for r in five], atol=1e-6)
+    cold = vq_client.get(f"{BASE}/sample?n=64&seed=3&temperature=0.05").json()["results"]
+    hot = vq_client.get(f"{BASE}/sample?n=64&seed=3&temperature=5").json()["results"]
+    distinct = lambda rs: len({str(r["latent"]) for r in rs})  # noqa: E731
+    assert distinct(cold) < distinct(hot)  # a cold prior concentrates on its modes
+
+
+def test_reconstruct_decodes_the_codes(vq_client: TestClient, vq_artifact) -> None:
+    x = vq_artifact.test_images[:4]
+    with torch.no_grad():
+        rec = vq_artifact.model.decode_mean(vq_artifact.model.codes(x)).numpy()
+    body = vq_client.post(f"{BASE}/reconstruct?format=array", json={"inputs": _arrays(x)}).json()
+    np.testing.assert_allclose(np.array([r["array"] for r in body["results"]]), rec, atol=1e-4)
+    sse = ((rec - x.numpy()) ** 2).reshape(4, -1).sum(1)
+    np.testing.assert_allclose([r["sse"] for r in body["results"]], sse, rtol=1e-4)
+
+
+def test_log_likelihood_is_the_iw_bound_of_the_seeded_uniforms(vq_client: TestClient, vq_artifact) -> None:
+    x = (vq_artifact.test_images[:3] >= 0.5).float()  # the service's likelihood view
+    k, seed = 40, 5
+    body = vq_client.post(f"{BASE}/log-likelihood?k={k}&seed={seed}", json={"inputs": _arrays(x)}).json()
+    u = torch.from_numpy(np.stack([sample_uniforms(seed, i, 0, k, 4) for i in range(3)]))
+    with torch.no_grad():
+        log_w = vq_artifact.model.log_weights(x, u).double()
+    np.testing.assert_allclose([r["log_likelihood"] for r in body["results"]],
+                               losses.iwae_bound(log_w).numpy(), atol=2e-3)
+    np.testing.assert_allclose([r["elbo"] for r in body["results"]], log_w.mean(-1).numpy(), atol=2e-3)
+
+
+def test_results_do_not_depend_on_chunk_or_batching(vq_artifact) -> None:
+    x = _arrays(vq_artifact.test_images[:6])
+    answers = []
+    for chunk, batch in ((128, 16), (7, 2)):
+        with TestClient(create_app(_settings(vq_artifact.models_dir, iw_chunk_size=chunk,
+                                             max_batch_size=batch))) as client:
+            ll = client.post(f"{BASE}/log-likelihood?k=50&seed=9", json={"inputs": x}).json()
+            sample = client.get(f"{BASE}/sample?n=6&seed=4").json()
+            answers.append(([r["log_likelihood"] for r in ll["results"]],
+                            [r["latent"] for r in sample["results"]]))
+    np.testing.assert_allclose(answers[0][0], answers[1][0], rtol=1e-6)
+    assert answers[0][1] == answers[1][1]
+
+
+def test_anomaly_score_is_calibrated(vq_client: TestClient, vq_artifact) -> None:
+    images = _arrays(vq_artifact.test_images[:4])
+    body = vq_client.post(f"{BASE}/anomaly-score?seed=1", json={"inputs": images})
+    assert body.status_code == 200, body.text
+    for r in body.json()["results"]:
+        assert 0 < r["p_value"] <= 1 and r["method"] == "nll"
+
+
+def test_v2_models_use_int64_codes(vq_client: TestClient, vq_artifact) -> None:
+    meta = vq_client.get("/v2/models/tinyvq.encode").json()
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "codes": ("INT64", [-1, 2, 2]), "pre_quantization": ("FP32", [-1, 4, 2, 2])}
+    x = vq_artifact.test_images[:2].numpy()
+    enc = vq_client.post("/v2/models/tinyvq.encode/infer", json={
+        "inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
+                    "data": x.ravel().tolist()}],
+        "outputs": [{"name": "codes"}]}).json()
+    assert [o["name"] for o in enc["outputs"]] == ["codes"] and enc["outputs"][0]["datatype"] == "INT64"
+    codes = enc["outputs"][0]["data"]
+    dec = vq_client.post("/v2/models/tinyvq.decode/infer", json={
+        "inputs": [{"name": "codes", "datatype": "INT64", "shape": [2, 2, 2], "data": codes}]})
+    assert dec.status_code == 200, dec.text
+    with torch.no_grad():
+        expected = vq_artifact.model.decode_mean(torch.tensor(codes).reshape(2, 2, 2)).numpy()
+    np.testing.assert_allclose(np.array(dec.json()["outputs"][0]["data"]).reshape(expected.shape), expected,
+                               atol=1e-4)
+    bad = vq_client.post("/v2/models/tinyvq.decode/infer", json={
+        "inputs": [{"name": "codes", "datatype": "INT64", "shape": [1, 2, 2], "data": [0, 1, 2, 99]}]})
+    assert bad.status_code == 400 and "0..7" in bad.text  # V2 answers every invalid input with 400
+
+
+def test_include_is_refused_for_a_family_without_that_output(client: TestClient) -> None:
+    r = client.post("/v1/models/tiny/encode?include=pre_quantization", json={"inputs": [[[[0.0] * 8] * 8]]})
+    assert r.status_code == 422 and "no optional encode output" in r.json()["error"]["message"]
