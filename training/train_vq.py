@@ -254,8 +254,6 @@ class _Run:
 
     def prior(self, model: VQVAE, val_x: torch.Tensor, labels: Callable, state: dict, resume: bool) -> dict:
         cfg = self.config
-        train_codes = all_codes(model, prepare_eval_images(self.splits.train_images, model.config.likelihood,
-                                                           seed=cfg.seed + 5))
         val_codes = all_codes(model, val_x)
         train_y, val_y = labels(self.splits.train_labels), labels(self.splits.val_labels)
         optimizer = torch.optim.Adam(model.prior.parameters(), lr=cfg.prior_lr)
@@ -266,6 +264,11 @@ class _Run:
         for epoch in _progress(range(state["epoch"], cfg.prior_epochs), cfg.progress):
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 100_019 + epoch * 103)
+            # A fresh binarization of the training images every epoch (as the autoencoder saw them): more
+            # distinct code grids than one fixed binarization, which the prior would otherwise overfit.
+            binarized = prepare_eval_images(self.splits.train_images, model.config.likelihood,
+                                            seed=cfg.seed * 1_000 + epoch)
+            train_codes = all_codes(model, binarized)
             model.prior.train()
             total, count = 0.0, 0
             for idx in self._batches(10_000 + epoch):

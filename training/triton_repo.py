@@ -13,6 +13,11 @@ Runtime backend:
                                                          the same for the likelihood-ratio background
                                                          model, when the artifact has one
 
+A VQ-VAE artifact (model.family "vqvae") gives <name>_encoder, _decoder, _prior, _log_weights and
+_log_likelihood the same way. Sampling from its prior is a loop of h*w calls of <name>_prior, one per
+code position, each feeding back the codes drawn so far; Triton runs each call, the loop belongs to the
+client (docs/triton-and-kserve.md shows it).
+
 The configs are `inference.ModelConfig` protobuf messages serialised with `text_format`, so they are
 valid by construction; their inputs and outputs are read from the ONNX graphs themselves. Triton's
 schema is `tritonclient/grpc/model_config_pb2.py`, loaded by file path because importing the
@@ -39,7 +44,13 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
 # The artifact contract (format version, graph names, name rules) is defined once, in the service.
-from service.artifacts import FORMAT_VERSION, GRAPHS, MODEL_NAME_RE, OPTIONAL_GRAPHS, version_key
+from service.artifacts import (
+    FAMILY_GRAPHS,
+    FAMILY_OPTIONAL_GRAPHS,
+    FORMAT_VERSION,
+    MODEL_NAME_RE,
+    version_key,
+)
 
 # log_weights-like graph (x, eps [, y] -> log_w) -> the Triton model that reduces it over the samples
 REDUCTIONS = {"log_weights": "log_likelihood", "background_log_weights": "background_log_likelihood"}
@@ -180,8 +191,11 @@ def read_artifact(directory: Path) -> VerifiedArtifact:
     files = manifest.get("files", {})
     onnx_bytes = {}
     graphs = manifest.get("graphs")
-    optional = [g for g in OPTIONAL_GRAPHS if isinstance(graphs, dict) and g in graphs]
-    for graph in (*GRAPHS, *optional):
+    family = str((manifest.get("model") or {}).get("family", "gaussian"))
+    if family not in FAMILY_GRAPHS:
+        raise TritonRepoError(f"{directory}: model family {family!r} is unknown to this exporter")
+    optional = [g for g in FAMILY_OPTIONAL_GRAPHS[family] if isinstance(graphs, dict) and g in graphs]
+    for graph in (*FAMILY_GRAPHS[family], *optional):
         try:
             relative = str(manifest["graphs"][graph]["onnx"])
         except (KeyError, TypeError) as exc:
@@ -206,13 +220,15 @@ def read_artifact(directory: Path) -> VerifiedArtifact:
 
 # -- the log-likelihood graph ---------------------------------------------------------------------------
 def log_likelihood_graph(log_weights: onnx.ModelProto) -> onnx.ModelProto:
-    """log_weights (x, eps [, y] -> log_w (B, K)) extended to log_likelihood (B,) and elbo (B,).
+    """log_weights (x, eps [, y] -> log_w (B, K); a VQ-VAE's takes uniforms u instead of eps) extended to
+    log_likelihood (B,) and elbo (B,).
 
     log_likelihood = max_k log_w + log sum_k exp(log_w_k - max_k log_w) - log K: the importance-weighted
     bound, with the max shifted out explicitly rather than left to ReduceLogSumExp, whose ONNX
     definition is the naive log(sum(exp(x))) that underflows to -inf for log_w below about -104 in
     float32 (a runtime or execution provider is free to implement it that way). K is read from
-    the shape of eps at run time. elbo = mean_k log_w. All in float32: see docs/triton-and-kserve.md.
+    the shape of the noise input at run time. elbo = mean_k log_w. All in float32: see
+    docs/triton-and-kserve.md.
     """
     opset = max((o.version for o in log_weights.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < MIN_OPSET:
@@ -220,8 +236,10 @@ def log_likelihood_graph(log_weights: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(log_weights)
     graph = model.graph
-    if len(graph.output) != 1 or "eps" not in {i.name for i in graph.input}:
-        raise TritonRepoError("log_weights graph must have an input 'eps' and exactly one output (log_w)")
+    noise = next((n for n in ("eps", "u") if n in {i.name for i in graph.input}), None)
+    if len(graph.output) != 1 or noise is None:
+        raise TritonRepoError("log_weights graph must have a noise input ('eps' of the Gaussian family, 'u' "
+                              "of the VQ-VAE) and exactly one output (log_w)")
     log_w = graph.output[0].name
     taken = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     taken |= {name for node in graph.node for name in [*node.input, *node.output]}
@@ -239,7 +257,7 @@ def log_likelihood_graph(log_weights: onnx.ModelProto) -> onnx.ModelProto:
         helper.make_node("Log", ["iw_sum"], ["iw_log_sum"], name="iw_log_sum"),
         helper.make_node("Squeeze", ["iw_max", "iw_axes"], ["iw_max_row"], name="iw_max_row"),
         helper.make_node("Add", ["iw_log_sum", "iw_max_row"], ["iw_lse"], name="iw_lse"),
-        helper.make_node("Shape", ["eps"], ["iw_k"], name="iw_k", start=1, end=2),  # (1,) int64: K
+        helper.make_node("Shape", [noise], ["iw_k"], name="iw_k", start=1, end=2),  # (1,) int64: K
         helper.make_node("Cast", ["iw_k"], ["iw_k_float"], name="iw_k_float", to=TensorProto.FLOAT),
         helper.make_node("Log", ["iw_k_float"], ["iw_log_k"], name="iw_log_k"),
         helper.make_node("Sub", ["iw_lse", "iw_log_k"], ["log_likelihood"], name="iw_log_likelihood"),
@@ -251,8 +269,10 @@ def log_likelihood_graph(log_weights: onnx.ModelProto) -> onnx.ModelProto:
     for name in ("log_likelihood", "elbo"):
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch_dim]))
     del graph.value_info[:]  # stale shape annotations of the old output; the checker re-infers them
+    supplied = ("eps ~ N(0, I) of shape (B, K, D)" if noise == "eps"
+                else "u ~ U[0, 1) of shape (B, K, h*w), one uniform per sample and code position")
     model.doc_string = ("Importance-weighted log-likelihood log (1/K) sum_k exp(log_w_k) and ELBO "
-                        "mean_k log_w_k per row; the caller supplies eps ~ N(0, I) of shape (B, K, D).")
+                        f"mean_k log_w_k per row; the caller supplies {supplied}.")
     onnx.checker.check_model(model, full_check=True)
     return model
 

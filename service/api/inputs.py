@@ -303,8 +303,10 @@ async def read_latents(request: Request, manifest: Manifest, label: str | None,
     for i, item in enumerate(items):
         shape = _nested_shape(item, len(space.shape))
         if shape != space.shape:
+            what = (f"latent_dim {space.shape[0]}" if space.input == "latents"
+                    else f"{space.input} of shape {list(space.shape)}")
             raise InvalidInput(f"{space.input}[{i}] has shape {list(shape)}; model {manifest.name} takes "
-                               f"{space.input} of shape {list(space.shape)}")
+                               f"{what}")
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
         z = np.asarray(items, dtype=np.float32 if space.dtype == "float32" else object)  # (N, *shape)
     return checked_latents(manifest, z), resolve_labels(manifest, len(z), label, req.labels)

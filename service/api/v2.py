@@ -43,6 +43,7 @@ from service.engine.interface import ModelInfo
 from service.families import Operation, Options, family_class, latent_space
 
 OPERATIONS = ("encode", "decode", "log_likelihood", "anomaly_score")
+V2_NUMPY = {"FP32": np.float32, "INT64": np.int64}  # the datatypes of the families' encode outputs
 ENGINE_OPERATION: dict[str, Operation] = {"encode": "encode", "decode": "decode",
                                           "log_likelihood": "log_likelihood",
                                           "anomaly_score": "anomaly_score"}
@@ -235,10 +236,12 @@ async def _run(v2: V2Model, request: codec.InferRequest, settings: Settings,
     y = _labels(request, v2, n)
     if v2.operation == "encode":
         out = await ref.run("encode", {"x": x} if y is None else {"x": x, "y": y})
-        optional = latent_space(ref.manifest).optional_outputs
-        wanted = optional if request.outputs is None else optional & {o.name for o in request.outputs}
+        space = latent_space(ref.manifest)
+        wanted = space.optional_outputs if request.outputs is None else (
+            space.optional_outputs & {o.name for o in request.outputs})
         encoded = family_class(ref.manifest).encodings(out, frozenset(wanted))
-        return list(encoded.items()), {}
+        datatypes = {name: V2_NUMPY[datatype] for name, datatype, _ in space.encode_outputs}
+        return [(name, values.astype(datatypes[name])) for name, values in encoded.items()], {}
     seed = _parameter(request, params.seed, secrets.randbits(63))
     inputs = {"x": x} if y is None else {"x": x, "y": y}
     if v2.operation == "log_likelihood":

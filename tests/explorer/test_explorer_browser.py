@@ -206,3 +206,38 @@ def test_an_api_key_typed_in_opens_a_protected_service_and_errors_are_shown(
         chrome.refresh()
         wait_for(chrome, lambda d: "401 unauthorized" in by_id(d, "error").text, "the 401 after a reload")
         assert by_id(chrome, "api-key").get_attribute("value") == ""
+
+
+@pytest.fixture(scope="module")
+def vq_server(vq_artifact: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Server]:
+    log = tmp_path_factory.mktemp("explorer-vq") / "service.log"
+    with harness.start_server(vq_artifact.models_dir, log, env={"VAE_HTTP_WORKERS": "1"}) as running:
+        yield running
+
+
+def test_a_vq_model_shows_its_code_grid_and_decodes_an_edited_one(
+        vq_server: harness.Server, chrome: Any, digit_files: list[Path]) -> None:
+    chrome.get(f"{vq_server.url}/explore")
+    wait_for(chrome, lambda d: len(sample_sources(d)) == 36, "the VQ model's samples")
+    assert "2x2 codes of 8" in by_id(chrome, "model").text
+    by_id(chrome, "upload").send_keys(str(digit_files[0]))
+    wait_for(chrome, analysed, "the analysis of the uploaded digit")
+    wait_for(chrome, lambda d: len(d.find_elements("css selector", "#code-grid input")) == 4, "the code grid")
+    cells = chrome.find_elements("css selector", "#code-grid input")
+    with open(digit_files[0], "rb") as f:
+        files = [("images", ("d.png", f.read(), "image/png"))]
+    codes = httpx.post(f"{vq_server.url}/v1/models/tinyvq/encode", files=files).json()["results"][0]["codes"]
+    assert [int(c.get_attribute("value")) for c in cells] == [c for row in codes for c in row]
+    assert not by_id(chrome, "traversal-section").is_displayed()  # Gaussian-only views are hidden
+    assert not by_id(chrome, "interpolation-section").is_displayed()
+    edited = (codes[0][0] + 1) % 8
+    cells[0].clear()
+    cells[0].send_keys(str(edited))
+    by_id(chrome, "decode-codes").click()
+    wait_for(chrome, lambda d: len(d.find_elements("css selector", "#code-decoded img")) == 1, "the decoding")
+    shown = by_id(chrome, "code-decoded").find_element("css selector", "img").get_attribute("src")
+    grid = [[edited, codes[0][1]], codes[1]]
+    answer = httpx.post(f"{vq_server.url}/v1/models/tinyvq/decode", json={"codes": [grid]}).json()
+    assert shown.endswith(answer["results"][0]["image"])  # the page shows the API's decoding of the edit
+    assert not by_id(chrome, "error").is_displayed()
+    assert browser.console_errors(chrome) == []

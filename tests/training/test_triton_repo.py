@@ -286,3 +286,23 @@ def test_missing_tritonclient_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "tritonclient", None)  # `import tritonclient` raises ImportError
     with pytest.raises(TritonRepoError, match=r"pip install 'tritonclient\[grpc\]'"):
         export_triton_repo(REPO_ROOT / "models", tmp_path / "repo")
+
+
+def test_vq_model_exports_its_four_graphs_and_a_log_likelihood(pb2: ModuleType, tmp_path: Path,
+                                                               vq_artifact: Any) -> None:
+    out = tmp_path / "repo"
+    names = export_triton_repo(vq_artifact.models_dir, out, ["tinyvq"])
+    assert sorted(names) == sorted(f"tinyvq_{g}" for g in ("encoder", "decoder", "prior", "log_weights",
+                                                           "log_likelihood"))
+    config = text_format.Parse((out / "tinyvq_prior" / "config.pbtxt").read_text(), pb2.ModelConfig())
+    assert [(i.name, pb2.DataType.Name(i.data_type)) for i in config.input] == [("codes", "TYPE_INT64")]
+    log_weights = ort.InferenceSession(out / "tinyvq_log_weights" / "1" / "model.onnx")
+    reduction = ort.InferenceSession(out / "tinyvq_log_likelihood" / "1" / "model.onnx")
+    rng = np.random.default_rng(0)
+    x = (vq_artifact.test_images[:3].numpy() >= 0.5).astype(np.float32)
+    u = rng.random((3, 50, 4)).astype(np.float32)
+    [log_w] = log_weights.run(None, {"x": x, "u": u})
+    log_likelihood, elbo = reduction.run(None, {"x": x, "u": u})
+    expected_ll, expected_elbo = _log_likelihood_reference(log_w)
+    np.testing.assert_allclose(log_likelihood, expected_ll, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(elbo, expected_elbo, rtol=1e-6, atol=1e-5)

@@ -151,7 +151,10 @@ async function connect() {
   const {models} = await api("/v1/models");
   const select = $("model");
   const previous = select.value;
-  select.replaceChildren(...models.map((m) => new Option(`${m.name} (${m.kind}, ${m.latent_dim} latents)`, m.name)));
+  const describe = (m) => m.latent.codebook_size
+    ? `${m.name} (${m.kind}, ${m.latent.shape.join("x")} codes of ${m.latent.codebook_size})`
+    : `${m.name} (${m.kind}, ${m.latent_dim} latents)`;
+  select.replaceChildren(...models.map((m) => new Option(describe(m), m.name)));
   select.dataset.models = JSON.stringify(models);
   if (models.some((m) => m.name === previous)) select.value = previous;
   listVersions();
@@ -184,12 +187,22 @@ async function loadModel() {
   $("k").value = Math.min(1000, detail.limits.max_k);
   const input = detail.input;
   const metric = detail.metrics && detail.metrics.test_nll ? `, test NLL ${fmt(detail.metrics.test_nll)} nats` : "";
+  const latent = detail.latent.codebook_size
+    ? `a ${detail.latent.shape.join("x")} grid of codes from a codebook of ${detail.latent.codebook_size}`
+    : `${detail.latent_dim} latent dimensions`;
   $("model-info").textContent = `${detail.name} version ${detail.version}: ${detail.kind}, ${detail.architecture || "?"} ` +
-    `architecture, ${input.channels}x${input.height}x${input.width} inputs, ${detail.latent_dim} latent dimensions, ` +
+    `architecture, ${input.channels}x${input.height}x${input.width} inputs, ${latent}, ` +
     `${detail.likelihood.family} likelihood${metric}; anomaly default ${anomaly ? anomaly.default_method : "none"}.`;
+  // Gaussian latents get interpolation and traversals; a VQ-VAE's code grid gets the code editor.
+  const codes = detail.family === "vqvae";
+  $("codes-section").hidden = !codes;
+  for (const id of ["interpolation-section", "traversal-section", "ab-buttons"]) $(id).hidden = codes;
+  $("reconstruction-caption").textContent = codes ? "reconstruction E[x | z_q(x)]" : "reconstruction E[x | z = \u03bc(x)]";
   $("analysis").hidden = true;
   $("traversal").replaceChildren();
   $("interpolation").replaceChildren();
+  $("code-grid").replaceChildren();
+  $("code-decoded").replaceChildren();
   await sample();
   if (page.current) await analyse();
 }
@@ -250,7 +263,35 @@ async function analyse() {
     for (const id of ["anomaly-score", "p-value", "verdict"]) $(id).textContent = "this model has no anomaly calibration";
   }
   $("analysis").hidden = false;
-  await traverse();
+  if (page.model.family === "vqvae") await showCodes();
+  else await traverse();
+}
+
+// ---------------------------------------------------------------- code grid (VQ-VAE)
+
+async function showCodes() {
+  const result = await api(modelPath("encode"), {body: imagesForm(page.current.blob)});
+  const grid = result.results[0].codes;  // h rows of w codebook indices
+  const top = page.model.latent.codebook_size - 1;
+  const cells = grid.flat().map((code, i) => {
+    const cell = document.createElement("input");
+    Object.assign(cell, {type: "number", min: 0, max: top, step: 1, value: code,
+                         title: `row ${Math.floor(i / grid[0].length)}, column ${i % grid[0].length}`});
+    return cell;
+  });
+  $("code-grid").style.gridTemplateColumns = `repeat(${grid[0].length}, auto)`;
+  $("code-grid").replaceChildren(...cells);
+  $("code-grid").dataset.width = grid[0].length;
+  $("code-decoded").replaceChildren();
+}
+
+async function decodeCodes() {
+  const width = Number($("code-grid").dataset.width);
+  const values = [...$("code-grid").querySelectorAll("input")].map((cell) => Number(cell.value));
+  const grid = [];
+  for (let i = 0; i < values.length; i += width) grid.push(values.slice(i, i + width));
+  const result = await api(modelPath("decode"), {json: {codes: [grid]}});
+  $("code-decoded").replaceChildren(pngImage(result.results[0].image, "the edited code grid, decoded"));
 }
 
 // ---------------------------------------------------------------- latent space
@@ -380,6 +421,7 @@ function start() {
   $("set-a").addEventListener("click", () => setSlot("a"));
   $("set-b").addEventListener("click", () => setSlot("b"));
   $("interpolate").addEventListener("click", action(interpolate));
+  $("decode-codes").addEventListener("click", action(decodeCodes));
   action(connect)();
 }
 

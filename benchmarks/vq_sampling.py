@@ -1,0 +1,157 @@
+"""Sampling from a VQ-VAE's PixelCNN prior through the real service: latency, and what batching the
+prior's steps of concurrent requests buys.
+
+    .venv/bin/python benchmarks/vq_sampling.py [--model mnist-vqvae] [--version 1] [--seconds 8]
+
+Starts `python -m service` on 127.0.0.1 with its defaults serving only that model, then
+1. latency: `GET /v1/models/{model}/sample?n=64` one at a time, `--repeats` times (fresh seed each):
+   median and p90 milliseconds (target: <= 250 ms on the 2-core CPU machine);
+2. throughput: for n in --sizes, requests one at a time for `--seconds` (the baseline), then 8 at a
+   time for `--seconds`: samples per second and the ratio (target: 8 concurrent >= 3x one at a time,
+   because the h*w prior calls of concurrent requests share the prior's batches).
+Before them, the prior graph alone in ONNX Runtime (one thread, in process): milliseconds per call at
+1, 8 and 64 rows, so the end-to-end figures can be read against the device work they contain.
+Writes benchmarks/results/vq_sampling-<machine>.json and .md. Do not run it beside training or tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+from anomaly_cost import _median_ms, free_port, start_service
+from hey_runner import HOST
+from machine import machine_info, machine_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prior_profile(directory: Path) -> dict[str, float]:
+    """Median ms of one prior call at 1, 8 and 64 rows (ONNX Runtime, one thread, in process)."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from service.artifacts import load_manifest
+
+    manifest = load_manifest(directory, "onnx")
+    h, w = manifest.raw["model"]["grid"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    cpu = ["CPUExecutionProvider"]
+    prior = ort.InferenceSession(str(directory / "prior.onnx"), options, providers=cpu)
+    decoder = ort.InferenceSession(str(directory / "decoder.onnx"), options, providers=cpu)
+    out = {}
+    for rows in (1, 8, 64):
+        codes = np.zeros((rows, h, w), np.int64)
+        out[f"prior, {rows} rows"] = _median_ms(lambda c=codes: prior.run(None, {"codes": c}), 50)
+    grid64 = np.zeros((64, h, w), np.int64)
+    out["decoder, 64 rows"] = _median_ms(lambda: decoder.run(None, {"codes": grid64}), 50)
+    out["positions"] = h * w
+    return out
+
+
+async def _one(client: httpx.AsyncClient, url: str, n: int, seed: int) -> float:
+    start = time.perf_counter()
+    response = await client.get(url, params={"n": n, "seed": seed})
+    response.raise_for_status()
+    assert len(response.json()["results"]) == n
+    return time.perf_counter() - start
+
+
+async def latency(url: str, n: int, repeats: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        await _one(client, url, n, 0)  # warm
+        times = [await _one(client, url, n, seed) for seed in range(1, repeats + 1)]
+    ms = sorted(t * 1e3 for t in times)
+    return {"n": n, "requests": repeats, "median_ms": round(statistics.median(ms), 1),
+            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1), "min_ms": round(ms[0], 1)}
+
+
+async def throughput(url: str, n: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """Samples/s with `concurrency` clients each sending one request after another for `seconds`."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client_loop(worker: int) -> None:
+        nonlocal done
+        seed = worker * 1_000_000
+        async with httpx.AsyncClient(timeout=60) as client:
+            while time.perf_counter() < stop:
+                await _one(client, url, n, seed)
+                done += 1
+                seed += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return {"n": n, "concurrency": concurrency, "requests": done, "seconds": round(elapsed, 2),
+            "samples_per_s": round(done * n / elapsed, 1)}
+
+
+def render(report: dict) -> str:
+    lat = report["latency"]
+    lines = [f"# VQ-VAE sampling ({report['model']}, {report['machine']['cpu']}, "
+             f"{report['machine']['usable_cores']} cores)", "",
+             f"Command: `{report['command']}`", "",
+             "| prior graph alone (ONNX Runtime, 1 thread) | ms per call |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["profile"].items() if k != "positions"]
+    lines += ["", f"Each sample takes {report['profile']['positions']} prior calls (one per code position) "
+              "and one decoder call.", "",
+              "| target | measured | status |", "|---|---|---|",
+              f"| sample?n=64 <= 250 ms | median {lat['median_ms']} ms, p90 {lat['p90_ms']} ms over "
+              f"{lat['requests']} requests | {'met' if lat['median_ms'] <= 250 else '**not met**'} |"]
+    for row in report["throughput"]:
+        ratio = row["ratio"]
+        lines.append(f"| n={row['n']}: 8 concurrent >= 3x one at a time | {ratio:.2f}x "
+                     f"({row['concurrent']['samples_per_s']} vs {row['alone']['samples_per_s']} samples/s) | "
+                     f"{'met' if ratio >= 3 else '**not met**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mnist-vqvae")
+    parser.add_argument("--version", default="1")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sizes", default="1,8", help="samples per request of the throughput runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    directory = ROOT / "models" / args.model / args.version
+    report: dict = {"model": f"{args.model}:{args.version}", "command": " ".join(["python", *sys.argv]),
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                    "profile": prior_profile(directory)}
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_service(args.model, args.version, port, Path(tmp) / "service.log")
+        try:
+            url = f"http://{HOST}:{port}/v1/models/{args.model}/versions/{args.version}/sample"
+            report["latency"] = asyncio.run(latency(url, 64, args.repeats))
+            report["throughput"] = []
+            for n in (int(s) for s in args.sizes.split(",")):
+                alone = asyncio.run(throughput(url, n, 1, args.seconds))
+                concurrent = asyncio.run(throughput(url, n, 8, args.seconds))
+                report["throughput"].append({"n": n, "alone": alone, "concurrent": concurrent,
+                                             "ratio": concurrent["samples_per_s"] / alone["samples_per_s"]})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"vq_sampling-{machine_tag()}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()
