@@ -217,6 +217,7 @@ def vq_server(vq_artifact: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_a_vq_model_shows_its_code_grid_and_decodes_an_edited_one(
         vq_server: harness.Server, chrome: Any, digit_files: list[Path]) -> None:
+    browser.console_errors(chrome)  # drain: the API-key test's intended 401s stay in the browser's log
     chrome.get(f"{vq_server.url}/explore")
     wait_for(chrome, lambda d: len(sample_sources(d)) == 36, "the VQ model's samples")
     assert "2x2 codes of 8" in by_id(chrome, "model").text
