@@ -68,7 +68,10 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
 
     model = ArtifactModel(directory)
     m = model.manifest
-    config = m.raw["training"]["config"]
+    config = (m.raw.get("training") or {}).get("config")
+    if not config:
+        raise ValueError(f"{directory}/manifest.json records no training config, so its data split is "
+                         "unknown; evaluate the checkpoint instead")
     splits = load_dataset_for(config, data)
     labels = splits.test_labels if m.conditional else None
     results: dict = {}
@@ -85,6 +88,7 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
         results["amortization"] = amortization_gap(model, x[:n], None if labels is None else labels[:n],
                                                    k=k, seed=seed)
     report_dir = m.directory / "report"
+    report_dir.mkdir(exist_ok=True)
     report_json = report_dir / "report.json"
     report = json.loads(report_json.read_text()) if report_json.is_file() else {}
     report.update(json_safe(results))
