@@ -1,5 +1,5 @@
-"""Command line: `python -m training {train,evaluate,export,ood-eval,calibrate,triton-repo,make-shapes}`
-(also installed as `vae-train`)."""
+"""Command line: `python -m training {train,evaluate,export,attach-report,ood-eval,calibrate,triton-repo,
+make-shapes}` (also installed as `vae-train`)."""
 
 from __future__ import annotations
 
@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_shapes_parser(sub)
 
+    at = sub.add_parser("attach-report", help="replace an artifact's report/ (e.g. after ood-eval added its "
+                                              "table) without re-exporting; checksums and metrics follow")
+    at.add_argument("artifact", type=Path, help="an exported version folder, e.g. models/mnist-vqvae/1")
+    at.add_argument("report", type=Path, help="the report folder to copy in (report.json, report.md, ...)")
+
     tri = sub.add_parser("triton-repo", help="write an NVIDIA Triton model repository from exported models "
                                              "(docs/triton-and-kserve.md)")
     tri.add_argument("--models-dir", type=Path, default=Path("models"))
@@ -302,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             from training.calibrate import main_from_args as calibrate_from_args
 
             calibrate_from_args(args)
+        elif args.command == "attach-report":
+            from training.artifact_eval import attach_report
+
+            attach_report(args.artifact, args.report)
+            print(args.artifact / "report")
         elif args.command == "triton-repo":
             from training.triton_repo import TritonOptions, export_triton_repo
 

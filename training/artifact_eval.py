@@ -13,13 +13,14 @@ artifact's report (report.json, report.md) and the manifest's checksums are brou
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from service.artifacts import load_manifest, sha256_file
 from training import losses
-from training.evaluate import BINARIZATION_SEED, json_safe, sample_quality_markdown
+from training.evaluate import BINARIZATION_SEED, json_safe, manifest_metrics, sample_quality_markdown
 from training.export import _quiet
 from training.train import load_dataset_for, prepare_eval_images
 
@@ -115,3 +116,30 @@ def _rehash(directory: Path, changed: list[Path]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(path)
+
+
+def attach_report(directory: Path, report_dir: Path) -> None:
+    """Replace an artifact's report/ with `report_dir` (e.g. after `ood-eval --report-md` added its table):
+    the manifest's metrics follow report.json and its checksums the new files. The graphs and the
+    calibration are not touched, so nothing is recomputed."""
+    load_manifest(directory, "onnx")  # refuse to touch a corrupt artifact
+    if not (report_dir / "report.json").is_file():
+        raise ValueError(f"{report_dir} has no report.json (run `python -m training evaluate` first)")
+    target = directory / "report"
+    staging = directory / ".report.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(report_dir, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    report = json.loads((target / "report.json").read_text())
+    manifest["metrics"] = manifest_metrics(report)
+    files = {name: digest for name, digest in manifest["files"].items() if not name.startswith("report/")}
+    files.update({str(p.relative_to(directory)): sha256_file(p)
+                  for p in sorted(target.rglob("*")) if p.is_file()})
+    manifest["files"] = dict(sorted(files.items()))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+    load_manifest(directory, "onnx")  # and verify the result as the service will

@@ -148,6 +148,15 @@ def evaluate(vae: VAE, splits: DataSplits, out_dir: str | Path, k: int = 5000, s
     return report
 
 
+def manifest_metrics(report: dict) -> dict:
+    """The manifest's `metrics` from a report: its scalars, and kl_per_dim (D,), which ranks the latent
+    dimensions (the explorer's traversals)."""
+    metrics = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+    if "kl_per_dim" in report:
+        metrics["kl_per_dim"] = report["kl_per_dim"]
+    return metrics
+
+
 def json_safe(value: object) -> object:
     """NaN/inf -> None, recursively. json.dumps would write NaN/Infinity, which is not JSON, and the
     report ends up in manifest.json, which strict readers (the service, jq) must be able to parse."""

@@ -141,10 +141,10 @@ def render_markdown(report: dict) -> str:
         f"| NLL, importance-weighted bound, k={report['k']}, stochastic posterior tau = "
         f"{report['posterior_temperature']:g} (nats) | {report['test_nll']:.2f} ± "
         f"{report['test_nll_standard_error']:.2f} |",
-        f"| NLL, deterministic bound -log p(x | z_q) - log p(z_q) (nats) | "
+        f"| NLL, deterministic bound -log p(x \\| z_q) - log p(z_q) (nats) | "
         f"{report['test_nll_deterministic']:.2f} ± {report['test_nll_deterministic_standard_error']:.2f} |",
         f"| ELBO of the stochastic posterior (nats) | {report['test_elbo']:.2f} |",
-        f"| log p(x | z_q) (nats) | {report['test_reconstruction_log_likelihood']:.2f} |",
+        f"| log p(x \\| z_q) (nats) | {report['test_reconstruction_log_likelihood']:.2f} |",
         f"| log p(z_q) under the PixelCNN prior (nats) | {report['test_log_prior']:.2f} |",
         f"| bits per dimension | {report['test_bits_per_dim']:.4f} |",
         f"| codebook: entries used on the test digits | {report['test_codes_used']} / "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from training.data import DataSplits
+from training.evaluate import manifest_metrics
 from training.export import export_model
 from training.train import load_dataset_for, model_from_checkpoint
 
@@ -45,12 +46,7 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: st
                              f"(compare {', '.join(split_keys)}): its scores would see calibration images")
     run = checkpoint.parent
     report_dir = report_dir or (run / "report")
-    metrics = {}
-    if (report_dir / "report.json").exists():
-        report = json.loads((report_dir / "report.json").read_text())
-        metrics = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
-        if "kl_per_dim" in report:  # (D,) nats: ranks the latent dimensions (the explorer's traversals)
-            metrics["kl_per_dim"] = report["kl_per_dim"]
+    metrics = _report_metrics(report_dir)
     training = {
         "data": ckpt["data"], "best_epoch": ckpt["epoch"], "best_validation_score": ckpt["best_score"],
         "config": ckpt["train_config"],
@@ -66,11 +62,10 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: st
 
 
 def _report_metrics(report_dir: Path) -> dict:
-    """The scalar metrics of an evaluation report, for the manifest."""
+    """The manifest's metrics from an evaluation report folder (none without a report.json)."""
     if not (report_dir / "report.json").exists():
         return {}
-    report = json.loads((report_dir / "report.json").read_text())
-    return {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+    return manifest_metrics(json.loads((report_dir / "report.json").read_text()))
 
 
 def _export_vq_checkpoint(checkpoint: Path, models_dir: Path, name: str, version: str, *,

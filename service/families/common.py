@@ -89,18 +89,18 @@ class ImageFamily:
         sq = (x_mean.astype(np.float64) - x.astype(np.float64)) ** 2
         return {"x_mean": x_mean, "sse": sq.reshape(len(x), -1).sum(axis=1)}
 
-    def anomaly_work(self, items: int, options: Options, rows: int, latent_graph: str = "encoder",
-                     reconstruction_graphs: tuple[str, ...] = ("encoder", "decoder")) -> dict[str, int]:
-        """Graph -> rows of an anomaly_score request beside its `rows` log-weights rows."""
+    def anomaly_work(self, items: int, options: Options, rows: int) -> dict[str, int]:
+        """Graph -> rows of an anomaly_score request of `items` images beside its `rows` log-weights rows
+        (the latent vectors come from the encoder, reconstructions from the encoder and decoder)."""
         work = {"log_weights": rows}
         needs = METHOD_NEEDS.get(options.method, frozenset())
         if "background_nll" in needs:
             work["background_log_weights"] = rows
         if "reconstruction_errors" in needs:
             views = items * (1 + len(anomaly.transform_names(*self.input_shape[1:])))
-            work.update(dict.fromkeys(reconstruction_graphs, views))
+            work.update(encoder=views, decoder=views)
         elif "latent_mean" in needs:
-            work[latent_graph] = items
+            work["encoder"] = items
         return work
 
     async def log_likelihood(self, runner: GraphRunner, x: np.ndarray, y: np.ndarray | None, k: int,

@@ -71,3 +71,18 @@ def test_evaluate_an_artifact_adds_its_sections_and_keeps_the_manifest_valid(art
     again = ["evaluate", str(version), "--no-sample-quality", "--amortization-gap", "3", "--k", "20"]
     assert main(again) == 0
     assert (version / "report" / "report.md").read_text().count("## Amortization gap") == 1  # replaced
+
+
+def test_attach_report_replaces_the_report_and_its_checksums(artifacts: Any, tmp_path: Path) -> None:
+    shutil.copytree(artifacts.models_dir / "tiny", tmp_path / "models" / "tiny")
+    version = tmp_path / "models" / "tiny" / "1"
+    report = tmp_path / "report"
+    (report / "ood").mkdir(parents=True)
+    (report / "report.json").write_text(json.dumps({"test_nll": 12.5, "kl_per_dim": [0.1, 0.2]}))
+    (report / "report.md").write_text("# report\n")
+    (report / "ood" / "ood.md").write_text("| shift | auroc |\n")
+    assert main(["attach-report", str(version), str(report)]) == 0
+    manifest = load_manifest(version, "onnx")  # every file verifies, the new report's included
+    assert manifest.raw["metrics"] == {"test_nll": 12.5, "kl_per_dim": [0.1, 0.2]}
+    assert "report/ood/ood.md" in manifest.raw["files"]
+    assert main(["attach-report", str(version), str(tmp_path / "nowhere")]) == 2
