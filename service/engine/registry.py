@@ -80,9 +80,11 @@ class ServedModel:
         Called before the body is read or any image decoded, so under overload the 429 costs almost
         nothing; each submission is checked again with its real rows.
         """
+        at_once = self.family.work_at_once(operation, items, options)
         for graph, rows in self.family.work(operation, items, options).items():
             batcher = self._batcher(graph)
-            batcher.check_capacity(min(rows, batcher.max_queue_rows))  # larger work goes in parts
+            # Queue space for what is queued at one time; larger work goes in parts (see _submit).
+            batcher.check_capacity(min(at_once[graph], batcher.max_queue_rows))
             batcher.check_deadline(rows, deadline)
 
     async def _submit(self, graph: str, feeds: Arrays, deadline: float) -> Arrays:

@@ -73,6 +73,11 @@ class Family(Protocol):
         """Graph -> rows one request of `items` items submits: the one cost formula of admission."""
         ...
 
+    def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
+        """Graph -> the most rows the request has queued at one time (what queue capacity is checked
+        against): work() unless the operation submits its rows step by step (ancestral sampling)."""
+        ...
+
     def device_feeds(self, graph: str, feeds: Arrays) -> Arrays:
         """On the device thread before a batch runs: e.g. draw the noise of keyed rows."""
         ...

@@ -89,6 +89,13 @@ class ImageFamily:
         sq = (x_mean.astype(np.float64) - x.astype(np.float64)) ** 2
         return {"x_mean": x_mean, "sse": sq.reshape(len(x), -1).sum(axis=1)}
 
+    def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
+        raise NotImplementedError
+
+    def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
+        """The rows queued at one time: all of work() unless a family submits step by step."""
+        return self.work(operation, items, options)
+
     def anomaly_work(self, items: int, options: Options, rows: int) -> dict[str, int]:
         """Graph -> rows of an anomaly_score request of `items` images beside its `rows` log-weights rows
         (the latent vectors come from the encoder, reconstructions from the encoder and decoder)."""

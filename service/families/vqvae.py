@@ -83,6 +83,12 @@ class VQVAE(ImageFamily):
             return {"log_weights": rows}
         return self.anomaly_work(items, options, rows)
 
+    def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
+        """Sampling queues one position's prior rows at a time (n rows per step)."""
+        if operation == "sample":
+            return {"prior": items, "decoder": items}
+        return self.work(operation, items, options)
+
     def device_feeds(self, graph: str, feeds: Arrays) -> Arrays:
         """On the device thread, just before a batch runs: draw the uniforms of log-weights rows."""
         if graph == "log_weights":

@@ -162,3 +162,14 @@ def test_v2_models_use_int64_codes(vq_client: TestClient, vq_artifact) -> None:
 def test_include_is_refused_for_a_family_without_that_output(client: TestClient) -> None:
     r = client.post("/v1/models/tiny/encode?include=pre_quantization", json={"inputs": [[[[0.0] * 8] * 8]]})
     assert r.status_code == 422 and "no optional encode output" in r.json()["error"]["message"]
+
+
+def test_concurrent_samples_need_queue_space_for_one_step_not_the_whole_walk(vq_artifact) -> None:
+    """Sampling submits n prior rows per position: 4 requests of 60 samples (240 prior rows per request
+    in all) fit a 256-row queue together, since at most 4 x 60 rows are ever queued at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = _settings(vq_artifact.models_dir, max_queue_size=256, max_n=256, max_images=64)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda s: client.get(f"{BASE}/sample?n=60&seed={s}"), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
