@@ -46,6 +46,7 @@ from vae_client._retry import RetryState  # noqa: E402
 from vae_client.errors import retry_after_seconds  # noqa: E402
 
 MODEL = "mnist-vae"
+VQ_MODEL = "mnist-vqvae"
 API_KEY = "client-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -116,9 +117,11 @@ def _multipart(pngs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 def test_models_health_ready(client: VAEClient, direct: httpx.Client) -> None:
     assert client.health().status == "ok"
     assert client.ready() is True
-    assert client.wait_until_ready(timeout=5).models == (MODEL,)
-    (info,) = client.models()
+    assert client.wait_until_ready(timeout=5).models == (MODEL, VQ_MODEL)
+    info, vq = client.models()
     assert (info.name, info.latent_dim, info.input_shape, info.labels) == (MODEL, 32, (1, 28, 28), None)
+    assert (vq.family, vq.latent) == ("vqvae", {"input": "codes", "shape": [7, 7], "dtype": "int64",
+                                                "codebook_size": 64})
     detail = client.model()
     reference = direct.get(f"/v1/models/{MODEL}").json()
     assert detail.version == reference["version"] and detail.limits == reference["limits"]
@@ -454,3 +457,21 @@ def test_backoff_schedule_jitter_and_budget() -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
     assert 1.5 < (retry_after_seconds(httpx.Response(503, headers={"Retry-After": when})) or 0) <= 3.0
     assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": "soon"})) is None
+
+
+def test_vq_model_codes_round_trip(client: VAEClient, direct: httpx.Client, arrays: np.ndarray) -> None:
+    """The committed VQ-VAE: encode gives code grids, decode takes them, samples carry theirs."""
+    encoded = client.encode(arrays, model=VQ_MODEL, include="pre_quantization")
+    reference = direct.post(f"/v1/models/{VQ_MODEL}/encode", params={"include": "pre_quantization"},
+                            json={"inputs": arrays.tolist()}).json()["results"]
+    assert encoded.mean is None and encoded.codes.dtype == np.int64
+    assert encoded.codes.shape == (len(arrays), 7, 7)
+    np.testing.assert_array_equal(encoded.codes, [r["codes"] for r in reference])
+    np.testing.assert_array_equal(encoded.pre_quantization, [r["pre_quantization"] for r in reference])
+    decoded = client.decode(encoded.codes, model=VQ_MODEL)
+    expected = direct.post(f"/v1/models/{VQ_MODEL}/decode", params={"format": "array"},
+                           json={"codes": encoded.codes.tolist()}).json()["results"]
+    np.testing.assert_array_equal(decoded.images, np.asarray([r["array"] for r in expected], np.float32))
+    sample = client.sample(2, seed=3, model=VQ_MODEL)
+    assert sample.latents.dtype == np.int64 and sample.latents.shape == (2, 7, 7)
+    np.testing.assert_array_equal(client.decode(sample.latents, model=VQ_MODEL).images, sample.images)

@@ -156,7 +156,8 @@ def _model_info(item: dict[str, Any]) -> dict[str, Any]:
     return {"name": item["name"], "version": str(item["version"]), "kind": item["kind"],
             "latent_dim": int(item["latent_dim"]),
             "input_shape": (int(shape["channels"]), int(shape["height"]), int(shape["width"])),
-            "likelihood": item.get("likelihood") or {}, "labels": None if labels is None else tuple(labels)}
+            "likelihood": item.get("likelihood") or {}, "labels": None if labels is None else tuple(labels),
+            "family": item.get("family", "gaussian"), "latent": item.get("latent") or {}}
 
 
 def _read_health(body: Any, _: str | None) -> Health:
@@ -177,10 +178,10 @@ def _read_detail(body: Any, _: str | None) -> ModelDetail:
 
 def _read_encode(body: Any, request_id: str | None) -> EncodeResult:
     rows = body["results"]
-    return EncodeResult(body["model"], str(body["version"]), request_id,
-                        mean=np.asarray([r["mean"] for r in rows], dtype=np.float64),
-                        variance=np.asarray([r["variance"] for r in rows], dtype=np.float64),
-                        log_variance=np.asarray([r["log_variance"] for r in rows], dtype=np.float64))
+    names = [n for n in ("mean", "variance", "log_variance", "codes", "pre_quantization") if n in rows[0]]
+    arrays = {n: np.asarray([r[n] for r in rows], dtype=np.int64 if n == "codes" else np.float64)
+              for n in names}
+    return EncodeResult(body["model"], str(body["version"]), request_id, **arrays)
 
 
 def _read_decode(body: Any, request_id: str | None) -> DecodeResult:
@@ -188,12 +189,18 @@ def _read_decode(body: Any, request_id: str | None) -> DecodeResult:
     return DecodeResult(body["model"], str(body["version"]), request_id, images, png)
 
 
+def _latents(values: list[Any]) -> np.ndarray:
+    """Sampled latents: float vectors (N, D) as float64, or a VQ-VAE's code grids (N, h, w) as int64."""
+    array = np.asarray(values)
+    return array.astype(np.int64 if array.dtype.kind in "iu" else np.float64)
+
+
 def _read_sample(body: Any, request_id: str | None) -> SampleResult:
     rows = body["results"]
     images, png = _images(rows)
     return SampleResult(body["model"], str(body["version"]), request_id, images, png, seed=int(body["seed"]),
                         temperature=float(body["temperature"]),
-                        latents=np.asarray([r["latent"] for r in rows], dtype=np.float64),
+                        latents=_latents([r["latent"] for r in rows]),
                         labels=tuple(r.get("label") for r in rows))
 
 
@@ -255,8 +262,9 @@ def _image_call(operation: str, read: Callable[[Any, str | None], T], target: Ta
                 data=payload.data, headers=headers(opts.request_id), timeout=opts.timeout)
 
 
-def encode(target: Target, images: Any, label: Labels, opts: Options) -> Call[EncodeResult]:
-    return _image_call("encode", _read_encode, target, images, label, {}, opts)
+def encode(target: Target, images: Any, label: Labels, opts: Options,
+           include: str | None = None) -> Call[EncodeResult]:
+    return _image_call("encode", _read_encode, target, images, label, {"include": include}, opts)
 
 
 def reconstruct(target: Target, images: Any, label: Labels, fmt: ImageFormat,
@@ -278,14 +286,22 @@ def anomaly_score(target: Target, images: Any, k: int | None, seed: int | None, 
 
 def decode(target: Target, latents: Any, label: Labels, fmt: ImageFormat,
            opts: Options) -> Call[DecodeResult]:
-    """Latents (D,) or (N, D) -> JSON {"latents": [[...], ...]}; float64 holds float32 values exactly."""
-    z = np.asarray(latents, dtype=np.float64)
-    if z.ndim == 1:
-        z = z[None]
-    if z.ndim != 2 or len(z) == 0:
-        raise ValueError(f"latents must be (latent_dim,) or (N, latent_dim); got shape {z.shape}")
+    """Float latents (D,) or (N, D) -> JSON {"latents": [[...], ...]} (float64 holds float32 values
+    exactly); integer arrays are a VQ-VAE's code grids, (h, w) or (N, h, w) -> {"codes": [...]}."""
+    given = np.asarray(latents)
+    if given.dtype.kind in "iu":
+        codes = given[None] if given.ndim == 2 else given
+        if codes.ndim != 3 or len(codes) == 0:
+            raise ValueError(f"code grids must be (h, w) or (N, h, w) integers; got shape {given.shape}")
+        body: dict[str, Any] = {"codes": codes.astype(np.int64).tolist()}
+    else:
+        z = given.astype(np.float64)
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or len(z) == 0:
+            raise ValueError(f"latents must be (latent_dim,) or (N, latent_dim); got shape {z.shape}")
+        body = {"latents": z.tolist()}
     one_label, labels = split_label(label)
-    body: dict[str, Any] = {"latents": z.tolist()}
     if labels is not None:
         body["labels"] = labels
     return Call("POST", model_path(*target, "decode"), _read_decode,

@@ -112,11 +112,12 @@ class AsyncVAEClient(ClientBase):
         call = calls.model(self._target(name, version), Options(request_id, timeout))
         return await self._run(call)
 
-    async def encode(self, images: Images, *, label: Labels = None, model: str | None = None,
-                     version: Version = None, request_id: str | None = None, timeout: Timeout = UNSET
-                     ) -> EncodeResult:
+    async def encode(self, images: Images, *, label: Labels = None, include: str | None = None,
+                     model: str | None = None, version: Version = None, request_id: str | None = None,
+                     timeout: Timeout = UNSET) -> EncodeResult:
         """Async `VAEClient.encode`."""
-        call = calls.encode(self._target(model, version), images, label, Options(request_id, timeout))
+        call = calls.encode(self._target(model, version), images, label, Options(request_id, timeout),
+                            include)
         return await self._run(call)
 
     async def decode(self, latents: Any, *, format: ImageFormat = "array", label: Labels = None,

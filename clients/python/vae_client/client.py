@@ -109,22 +109,25 @@ class VAEClient(ClientBase):
         call = calls.model(self._target(name, version), Options(request_id, timeout))
         return self._run(call)
 
-    def encode(self, images: Images, *, label: Labels = None, model: str | None = None,
-               version: Version = None, request_id: str | None = None, timeout: Timeout = UNSET
-               ) -> EncodeResult:
-        """Posterior mean, variance and log-variance (N, latent_dim) of each image.
+    def encode(self, images: Images, *, label: Labels = None, include: str | None = None,
+               model: str | None = None, version: Version = None, request_id: str | None = None,
+               timeout: Timeout = UNSET) -> EncodeResult:
+        """Posterior mean, variance and log-variance (N, latent_dim) of each image; for a VQ-VAE its code
+        grid (N, h, w), and with include="pre_quantization" the encoder's vectors (N, D, h, w).
 
         `images`: a (C, H, W) or (N, C, H, W) float array in [0, 1] or a list of (C, H, W) arrays (sent as
         exact values), or PIL images, PNG/JPEG bytes or file paths (sent as files, which the service
         converts and resizes). `label`: one class for all images, or one per image (conditional models).
         """
-        call = calls.encode(self._target(model, version), images, label, Options(request_id, timeout))
+        call = calls.encode(self._target(model, version), images, label, Options(request_id, timeout),
+                            include)
         return self._run(call)
 
     def decode(self, latents: Any, *, format: ImageFormat = "array", label: Labels = None,
                model: str | None = None, version: Version = None, request_id: str | None = None,
                timeout: Timeout = UNSET) -> DecodeResult:
-        """E[x|z] of each latent vector ((D,) or (N, D)); images (N, C, H, W) float32.
+        """E[x|z] of each latent vector ((D,) or (N, D) floats), or of each code grid of a VQ-VAE ((h, w) or
+        (N, h, w) integers); images (N, C, H, W) float32.
 
         format="array" returns the exact floats; "png" transfers 8-bit PNGs (smaller), kept in `.png`.
         """

@@ -30,11 +30,14 @@ class ModelInfo:
 
     name: str
     version: str
-    kind: str  # vae, cvae or linear
+    kind: str  # vae, cvae, linear or vqvae
     latent_dim: int
     input_shape: tuple[int, int, int]  # (channels, height, width) the model expects
     likelihood: dict[str, Any]
     labels: tuple[str, ...] | None  # class names of a conditional model
+    family: str = "gaussian"  # gaussian (latent vectors) or vqvae (grids of codebook indices)
+    # what decode takes and sample returns: input ("latents" | "codes"), shape, dtype[, codebook_size]
+    latent: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,18 @@ class _Result:
 
 @dataclass(frozen=True, eq=False)
 class EncodeResult(_Result):
-    """Posterior q(z|x) = N(mean, diag variance) per image; arrays (N, latent_dim), float64."""
+    """The posterior of each image. Gaussian-latent models: q(z|x) = N(mean, diag variance), arrays
+    (N, latent_dim) float64. VQ-VAEs: `codes` (N, h, w) int64 codebook indices, and `pre_quantization`
+    (N, D, h, w) float64 when asked for with include="pre_quantization". The other fields are None."""
 
-    mean: np.ndarray
-    variance: np.ndarray
-    log_variance: np.ndarray
+    mean: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    log_variance: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    pre_quantization: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return len(self.mean if self.mean is not None else self.codes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +98,8 @@ class DecodeResult(_ImagesResult):
 
 @dataclass(frozen=True, eq=False)
 class SampleResult(_ImagesResult):
-    """Samples from the prior: `latents` (N, latent_dim) z = temperature * eps, decoded to `images`."""
+    """Samples from the prior, decoded to `images`: `latents` (N, latent_dim) z = temperature * eps, or for
+    a VQ-VAE the (N, h, w) int64 code grids drawn from its PixelCNN prior."""
 
     seed: int
     temperature: float
