@@ -3,7 +3,8 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint default-model default-model-2 bench reliability bench-peers bench-serving
+.PHONY: serve test lint default-model default-model-2 default-model-vqvae bench bench-vq reliability bench-peers \
+	bench-serving
 
 serve:
 	scripts/bootstrap.sh
@@ -29,6 +30,17 @@ default-model:
 default-model-2:
 	scripts/bootstrap.sh train
 	scripts/train_default_model_2.sh
+
+# Reproduces models/mnist-vqvae/1 (resumable; RUNS=/work/runs): autoencoder ~5 min, prior ~12 min,
+# k=1000 evaluation ~25 min, export + ood-eval ~5 min on one core of this 2-core CPU machine.
+default-model-vqvae:
+	scripts/bootstrap.sh train
+	scripts/train_default_vqvae.sh
+
+# Sampling from the VQ-VAE's prior through the real service: latency of n=64, batching of concurrent requests.
+bench-vq:
+	scripts/bootstrap.sh train,test,torchscript
+	$(PY) benchmarks/vq_sampling.py
 
 # The serving benchmark against the plain FastAPI endpoint only (no peers venv needed).
 bench:

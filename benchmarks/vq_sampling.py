@@ -99,8 +99,8 @@ async def throughput(url: str, n: int, concurrency: int, seconds: float) -> dict
 
 def render(report: dict) -> str:
     lat = report["latency"]
-    lines = [f"# VQ-VAE sampling ({report['model']}, {report['machine']['cpu']}, "
-             f"{report['machine']['usable_cores']} cores)", "",
+    lines = [f"# VQ-VAE sampling ({report['model']}, {report['machine']['cpu_model']}, "
+             f"{report['machine']['cores']} cores)", "",
              f"Command: `{report['command']}`", "",
              "| prior graph alone (ONNX Runtime, 1 thread) | ms per call |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["profile"].items() if k != "positions"]
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     directory = ROOT / "models" / args.model / args.version
     report: dict = {"model": f"{args.model}:{args.version}", "command": " ".join(["python", *sys.argv]),
-                    "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(ROOT),
                     "profile": prior_profile(directory)}
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +147,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"vq_sampling-{machine_tag()}"
+    stem = args.out / f"vq_sampling-{machine_tag(report['machine'])}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(render(report))
     print(render(report))

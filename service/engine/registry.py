@@ -53,13 +53,16 @@ class ServedModel:
         # log_weights batches are time-sliced so encode/decode batches never wait behind more than
         # one slice of log-likelihood work (see batching's module docstring).
         slice_s = settings.log_weights_slice_ms / 1000.0 if settings.log_weights_slice_ms > 0 else None
-        # One batcher per graph the artifact has; the family names its importance-sampling graphs, which
-        # take log-weights rows and time slices, the others take rows of single items.
+        # One batcher per graph the artifact has (but those only the family's device loops call) and per
+        # device loop; the family names its importance-sampling graphs, which take log-weights rows and
+        # time slices, the others take rows of single items.
+        family = self.family
+        names = [g for g in manifest.graphs if g not in family.loop_graphs] + sorted(family.device_loops)
         self.batchers: dict[str, Batcher] = {
             graph: batcher(graph, settings.log_weights_batch_rows, settings.log_weights_queue_rows, slice_s)
-            if graph in self.family.sliced_graphs
+            if graph in family.sliced_graphs
             else batcher(graph, settings.max_batch_size, settings.max_queue_size)
-            for graph in manifest.graphs}
+            for graph in names}
 
     @property
     def info(self) -> ModelInfo:
@@ -113,7 +116,10 @@ class ServedModel:
         """On the device thread: the family's last step (e.g. noise from keys), then the runtime.
 
         The runtime is looked up per call (not bound once), so it can be swapped or wrapped while serving.
+        A device loop (e.g. ancestral sampling) calls its graphs directly, several times per batch.
         """
+        if graph in self.family.device_loops:
+            return self.family.device_loop(graph, self.runtime.run, feeds)
         return self.runtime.run(graph, self.family.device_feeds(graph, feeds))
 
     # -- lifecycle -------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ float32 for the Gaussian family, (N, h, w) int64 code grids for the VQ-VAE):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -68,6 +69,8 @@ class Family(Protocol):
     name: str
     chunk: int  # rows of importance sampling carry this many samples each (an execution detail)
     sliced_graphs: frozenset[str]  # graphs of importance-sampling rows: batched by time slice
+    device_loops: frozenset[str]  # batchers whose device work is device_loop(), e.g. ancestral sampling
+    loop_graphs: frozenset[str]  # graphs only device loops call: they get no batcher of their own
 
     def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """Graph -> rows one request of `items` items submits: the one cost formula of admission."""
@@ -76,6 +79,10 @@ class Family(Protocol):
     def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """Graph -> the most rows the request has queued at one time (what queue capacity is checked
         against): work() unless the operation submits its rows step by step (ancestral sampling)."""
+        ...
+
+    def device_loop(self, name: str, run_graph: Callable[[str, Arrays], Arrays], feeds: Arrays) -> Arrays:
+        """On the device thread: one batch of the loop `name`, calling graphs through run_graph directly."""
         ...
 
     def device_feeds(self, graph: str, feeds: Arrays) -> Arrays:

@@ -11,7 +11,7 @@ steps as hooks:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ class ImageFamily:
     """The operations shared by every image model family; subclasses implement the hooks."""
 
     name = "abstract"
+    device_loops: frozenset[str] = frozenset()  # batchers whose device work is a loop of the family's
+    loop_graphs: frozenset[str] = frozenset()  # graphs called only inside those loops (no batcher)
 
     def __init__(self, *, input_shape: tuple[int, int, int], preprocessing: Preprocessing, likelihood: str,
                  conditional: bool, calibration: AnomalyCalibration | None, chunk: int) -> None:
@@ -91,6 +93,10 @@ class ImageFamily:
 
     def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         raise NotImplementedError
+
+    def device_loop(self, name: str, run_graph: Callable[[str, Arrays], Arrays], feeds: Arrays) -> Arrays:
+        """On the device thread, one batch of a device loop (`device_loops`), calling graphs directly."""
+        raise NotImplementedError(f"{self.name} has no device loop {name!r}")
 
     def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """The rows queued at one time: all of work() unless a family submits step by step."""

@@ -7,9 +7,13 @@ posterior q(k | x) ~ softmax(-||z_e - e_k||^2 / tau) by inverse CDF of the unifo
 
 - log_likelihood: as the Gaussian family, with uniforms u(seed, image, sample) (families/noise.py) in
   place of eps: the importance-weighted bound with k samples, independent of chunk and batch size.
-- sample: ancestral sampling in raster order. Each of the h*w steps is one call of the prior graph for
-  all n samples, so the steps of concurrent requests share the prior's batches. Position p of sample i
-  takes the code where the CDF of softmax(logits / temperature) first reaches u(seed, i)[p].
+- sample: ancestral sampling in raster order, run on the device thread as a loop over the prior graph
+  (SAMPLER, a batcher of its own): each call advances every row of its batch by up to STEPS_PER_CALL
+  positions, each row at its own position, so rows of concurrent requests share every prior call
+  whatever their progress, a request crosses to the device h*w / STEPS_PER_CALL times instead of h*w,
+  and no call holds the device longer than STEPS_PER_CALL prior passes (encodes of other requests run
+  between calls). Position p of sample i takes the code where the CDF of softmax(logits / temperature)
+  first reaches u(seed, i)[p].
 - anomaly scores: -log p(x) from the IW bound; latent_knn and fisher compare the flattened z_e
   (N, D*h*w), which is what the manifest's latent_dim counts and the latent bank holds.
 """
@@ -17,6 +21,7 @@ posterior q(k | x) ~ softmax(-||z_e - e_k||^2 / tau) by inverse CDF of the unifo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,6 +31,8 @@ from service.families.common import ImageFamily
 from service.families.noise import importance_keys, prior_uniforms, rows_uniforms
 
 DEFAULT_CHUNK = 128
+SAMPLER = "prior_sampler"  # the device loop of ancestral sampling (a batcher, not a graph file)
+STEPS_PER_CALL = 7  # positions one sampler call advances each row: a 7x7 grid's row, 7 calls per sample
 
 
 class VQVAE(ImageFamily):
@@ -33,6 +40,8 @@ class VQVAE(ImageFamily):
 
     name = "vqvae"
     sliced_graphs = frozenset({"log_weights"})
+    device_loops = frozenset({SAMPLER})  # batchers whose device work is the family's loop, not one graph
+    loop_graphs = frozenset({"prior"})  # graphs called only inside device loops: no batcher of their own
 
     def __init__(self, *, grid: tuple[int, int], codebook_size: int, code_dim: int,
                  input_shape: tuple[int, int, int], preprocessing: Preprocessing, likelihood: str,
@@ -75,7 +84,7 @@ class VQVAE(ImageFamily):
         if operation == "decode":
             return {"decoder": items}
         if operation == "sample":
-            return {"prior": items * self.positions, "decoder": items}
+            return {SAMPLER: items * math.ceil(self.positions / STEPS_PER_CALL), "decoder": items}
         if operation == "reconstruct":
             return {"encoder": items, "decoder": items}
         rows = items * math.ceil(options.k / self.chunk)
@@ -86,7 +95,7 @@ class VQVAE(ImageFamily):
     def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """Sampling queues one position's prior rows at a time (n rows per step)."""
         if operation == "sample":
-            return {"prior": items, "decoder": items}
+            return {SAMPLER: items, "decoder": items}
         return self.work(operation, items, options)
 
     def device_feeds(self, graph: str, feeds: Arrays) -> Arrays:
@@ -104,8 +113,10 @@ class VQVAE(ImageFamily):
             return {"x": x}, {"codes": (rows, *self.grid), "z_e": (rows, self.code_dim, *self.grid)}
         if graph == "decoder":
             return {"codes": codes}, {"x_mean": (rows, *self.input_shape)}
-        if graph == "prior":
-            return {"codes": codes}, {"logits": (rows, self.codebook_size, *self.grid)}
+        if graph == SAMPLER:
+            feeds = {"codes": codes, "u": np.full((rows, self.positions), 0.5, np.float32),
+                     "temperature": np.ones(rows, np.float32), "position": np.zeros(rows, np.int64)}
+            return feeds, {"codes": (rows, *self.grid), "position": (rows,)}
         return {"x": x, "u_key": np.zeros((rows, 3), np.int64)}, {"log_w": (rows, self.chunk)}
 
     # -- operations --------------------------------------------------------------------------------------
@@ -118,19 +129,39 @@ class VQVAE(ImageFamily):
         return await runner("decoder", {"codes": z})
 
     async def sample(self, runner: GraphRunner, y: np.ndarray | None, options: Options) -> Arrays:
-        """Ancestral sampling from the prior, one prior call per grid position: z (n, h, w) and x_mean."""
-        n, (h, w) = options.n, self.grid
-        u = prior_uniforms(options.seed, n, self.positions).astype(np.float64)  # (n, P)
-        codes = np.zeros((n, h, w), np.int64)
-        for position in range(self.positions):
-            i, j = divmod(position, w)
-            logits = (await runner("prior", {"codes": codes}))["logits"][:, :, i, j].astype(np.float64)
-            scaled = logits / options.temperature  # (n, K)
+        """Ancestral sampling from the prior (the device loop below): z (n, h, w) and x_mean."""
+        n = options.n
+        feeds = {"codes": np.zeros((n, *self.grid), np.int64),
+                 "u": prior_uniforms(options.seed, n, self.positions),  # (n, P)
+                 "temperature": np.full(n, options.temperature, np.float32),
+                 "position": np.zeros(n, np.int64)}
+        while feeds["position"].min() < self.positions:
+            feeds.update(await runner(SAMPLER, feeds))
+        return {"z": feeds["codes"], **await self.decode(runner, feeds["codes"], y)}
+
+    def device_loop(self, name: str, run_graph: Callable[[str, Arrays], Arrays], feeds: Arrays) -> Arrays:
+        """On the device thread: advance each row (B of them, from any requests) by up to STEPS_PER_CALL
+        positions. codes (B, h, w) int64, u (B, P) f32, temperature (B,) f32, position (B,) int64 (the next
+        position of each row) -> codes and position."""
+        assert name == SAMPLER
+        codes, position = feeds["codes"].copy(), feeds["position"].copy()
+        u, temperature = feeds["u"].astype(np.float64), feeds["temperature"].astype(np.float64)
+        rows = np.arange(len(codes))
+        for _ in range(STEPS_PER_CALL):
+            active = position < self.positions
+            if not active.any():
+                break
+            at = np.minimum(position, self.positions - 1)
+            i, j = np.divmod(at, self.grid[1])
+            logits = run_graph("prior", {"codes": codes})["logits"]  # (B, K, h, w)
+            logits = logits[rows, :, i, j].astype(np.float64)  # (B, K): each row at its own position
+            scaled = logits / temperature[:, None]
             probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
             cdf = np.cumsum(probs, axis=1) / probs.sum(axis=1, keepdims=True)
-            picked = (cdf < u[:, position:position + 1]).sum(axis=1)  # the first code whose CDF reaches u
-            codes[:, i, j] = np.minimum(picked, self.codebook_size - 1)
-        return {"z": codes, **await self.decode(runner, codes, y)}
+            picked = (cdf < u[rows, at][:, None]).sum(axis=1)  # the first code whose CDF reaches u
+            codes[rows[active], i[active], j[active]] = np.minimum(picked, self.codebook_size - 1)[active]
+            position[active] += 1
+        return {"codes": codes, "position": position}
 
     async def log_weights(self, runner: GraphRunner, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
                           graph: str = "log_weights") -> np.ndarray:
