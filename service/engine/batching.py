@@ -242,16 +242,18 @@ class Batcher:
         check_deadline refuses with it, and the start-up warning counts with it what fits, so the two
         cannot disagree.
         """
-        if self.always_tried(rows):
+        # An idle device tries one batch whatever the estimate says, but not when the deadline leaves less
+        # than a one-row batch takes: no batch of this graph finishes that fast (a 0.1 ms deadline).
+        if self.always_tried(rows) and left_s >= self.batch_seconds(1):
             return None
         alone = math.ceil(rows / self.batch_rows()) * self.batch_seconds()
         return alone if alone > left_s else None
 
     def check_deadline(self, rows: int, deadline: float) -> None:
         """Refuse at once work that could not finish before `deadline` (see the module docstring)."""
-        if self.always_tried(rows):
-            return
         left = (deadline - time.monotonic()) * self.admission_share
+        if self.always_tried(rows) and left >= self.batch_seconds(1):
+            return
         alone = self.too_expensive(rows, left)
         if alone is not None:
             self._observer.rejected("too_expensive")

@@ -252,3 +252,20 @@ def test_several_instances_run_batches_side_by_side_and_rows_come_back_in_order(
 
     asyncio.run(main())
     assert graph.calls == 3 and graph.most_concurrent == 2
+
+
+def test_an_idle_device_tries_one_batch_unless_the_deadline_is_shorter_than_any_batch() -> None:
+    """One batch on an idle device is always tried, even when the cost model says it is too slow (the
+    run corrects an inflated estimate), but a deadline below a one-row batch's time is refused at once."""
+    from service.engine.interface import TooExpensive
+
+    worker = DeviceExecutor("cpu")
+    batcher = Batcher(run=FakeGraph(), worker=worker, name="test", max_batch_rows=8, max_queue_rows=64,
+                      max_delay_s=0.0)
+    try:
+        batcher.calibrate((1, 0.010), (8, 0.080))  # 10 ms per row as measured
+        batcher.check_deadline(8, time.monotonic() + 0.05 / batcher.admission_share)  # 80 ms > 50: tried
+        with pytest.raises(TooExpensive):
+            batcher.check_deadline(1, time.monotonic() + 0.0001)  # 0.1 ms: no batch is that fast
+    finally:
+        worker.close()
