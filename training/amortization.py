@@ -130,14 +130,15 @@ def amortization_gap(model: LatentModel | VAE, x: torch.Tensor, y: torch.Tensor 
 
 
 def render_markdown(gap: dict) -> str:
-    names = {"elbo_q": "ELBO, amortized q(z|x) (the encoder)", "elbo_q_star": "ELBO, optimised q*(z|x)",
+    names = {"elbo_q": "ELBO, amortized q(z\\|x) (the encoder)", "elbo_q_star": "ELBO, optimised q*(z\\|x)",
              "iw_bound_q": f"IW bound, k={gap['k']}, samples from q",
              "iw_bound_q_star": f"IW bound, k={gap['k']}, samples from q*",
              "log_px_estimate": "log p(x) estimate (the larger IW bound)",
              "amortization_gap": "amortization gap ELBO(q*) - ELBO(q)",
              "approximation_gap": "approximation gap log p(x) - ELBO(q*)",
              "inference_gap": "inference gap log p(x) - ELBO(q)"}
-    lines = [f"## Amortization gap ({gap['images']} test digits; Cremer et al. 2018)", "",
+    lines = [f"## Amortization gap ({gap['images']} test digits spread over the split; Cremer et al. 2018)",
+             "",
              "| quantity | nats (mean ± s.e. over images) |", "|---|---|"]
     lines += [f"| {label} | {gap[key]['mean']:.2f} ± {gap[key]['standard_error']:.2f} |"
               for key, label in names.items()]

@@ -20,7 +20,13 @@ import torch
 
 from service.artifacts import load_manifest, sha256_file
 from training import losses
-from training.evaluate import BINARIZATION_SEED, json_safe, manifest_metrics, sample_quality_markdown
+from training.evaluate import (
+    BINARIZATION_SEED,
+    json_safe,
+    manifest_metrics,
+    sample_quality_markdown,
+    spread_indices,
+)
 from training.export import _quiet
 from training.train import load_dataset_for, prepare_eval_images
 
@@ -65,7 +71,6 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
     """Measure, then write into the artifact's report and re-checksum the manifest; returns the results."""
     from training import sample_quality as sq
     from training.amortization import amortization_gap
-    from training.amortization import render_markdown as amortization_markdown
 
     model = ArtifactModel(directory)
     m = model.manifest
@@ -85,8 +90,8 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
                                                       sq.train_classifier(splits, cache=classifier_cache))
     if amortization_images:
         x = prepare_eval_images(splits.test_images, m.likelihood, seed=BINARIZATION_SEED)
-        n = min(amortization_images, len(x))
-        results["amortization"] = amortization_gap(model, x[:n], None if labels is None else labels[:n],
+        picks = spread_indices(len(x), amortization_images)  # test splits may be sorted by class
+        results["amortization"] = amortization_gap(model, x[picks], None if labels is None else labels[picks],
                                                    k=k, seed=seed)
     report_dir = m.directory / "report"
     report_dir.mkdir(exist_ok=True)
@@ -94,6 +99,18 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
     report = json.loads(report_json.read_text()) if report_json.is_file() else {}
     report.update(json_safe(results))
     report_json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_report_sections(m.directory)
+    return results
+
+
+def write_report_sections(directory: Path) -> None:
+    """(Re)write report.md's sample-quality and amortization sections from report.json, and bring the
+    manifest's checksums of both files up to date."""
+    from training.amortization import render_markdown as amortization_markdown
+
+    report_dir = directory / "report"
+    report_json = report_dir / "report.json"
+    report = json.loads(report_json.read_text())
     section = [SECTION_START, ""]
     if "sample_quality" in report:
         section += sample_quality_markdown(report["sample_quality"])
@@ -103,8 +120,7 @@ def evaluate_artifact(directory: Path, k: int = 5000, seed: int = 0, amortizatio
     text = report_md.read_text() if report_md.is_file() else ""
     text = text.split(SECTION_START)[0].rstrip("\n") + "\n\n" + "\n".join(section)
     report_md.write_text(text.rstrip("\n") + "\n")
-    _rehash(m.directory, [report_json, report_md])
-    return results
+    _rehash(directory, [report_json, report_md])
 
 
 def _rehash(directory: Path, changed: list[Path]) -> None:

@@ -125,7 +125,7 @@ def _detail(ref: ModelRef, settings: Settings) -> dict[str, Any]:
 
 
 def checked_include(manifest: Manifest, include: str | None) -> frozenset[str]:
-    """The optional encode outputs asked for, refused (400) when the model's family has none of that name."""
+    """The optional encode outputs asked for, refused (422) when the model's family has none of that name."""
     if include is None:
         return frozenset()
     space = latent_space(manifest)
