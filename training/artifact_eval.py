@@ -129,9 +129,14 @@ def _rehash(directory: Path, changed: list[Path]) -> None:
     manifest = json.loads(path.read_text())
     for file in changed:
         manifest["files"][str(file.relative_to(directory))] = sha256_file(file)
-    tmp = path.with_suffix(".json.tmp")
+    _replace_manifest(directory, manifest)
+
+
+def _replace_manifest(directory: Path, manifest: dict) -> None:
+    """Write manifest.json atomically (a reader never sees half of it)."""
+    tmp = directory / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    tmp.replace(directory / "manifest.json")
 
 
 def attach_report(directory: Path, report_dir: Path) -> None:
@@ -155,7 +160,5 @@ def attach_report(directory: Path, report_dir: Path) -> None:
     files.update({str(p.relative_to(directory)): sha256_file(p)
                   for p in sorted(target.rglob("*")) if p.is_file()})
     manifest["files"] = dict(sorted(files.items()))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    _replace_manifest(directory, manifest)
     load_manifest(directory, "onnx")  # and verify the result as the service will

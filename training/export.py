@@ -342,14 +342,7 @@ def export_model(
             raise ExportError("the background model must have the main model's input shape, latent "
                               "dimension, labels and likelihood")
     conditional = bool(vae.config.num_classes)
-    final = Path(models_dir) / name / version
-    if final.exists() and not force:
-        raise ExportError(f"{final} exists; pass --force to replace it or choose another --version")
-    created_parent = not final.parent.exists()
-    tmp = final.parent / f".{version}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_version(models_dir, name, version, force) as tmp:
         prep = splits.preprocessing
         if vae.config.likelihood == "bernoulli":
             prep = dataclasses.replace(prep, binarize_threshold=0.5)
@@ -373,19 +366,41 @@ def export_model(
         manifest = _manifest(vae, name, version, prep, splits, parity, metrics, training,
                              graphs=tuple(graphs), background=background)
         manifest["anomaly"] = anomaly_record
-        manifest["files"] = file_checksums(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n")
+        write_manifest(tmp, manifest)
+    return Path(models_dir) / name / version
+
+
+@contextlib.contextmanager
+def staged_version(models_dir: str | Path, name: str, version: str, force: bool) -> Iterator[Path]:
+    """A `.<version>.partial` folder to write an artifact into, renamed to models_dir/name/version when
+    the block ends normally (replacing an old one only with force); removed if it raises, so a failed
+    export leaves neither a half-written version nor, for a first export, an empty models/<name>/."""
+    final = Path(models_dir) / name / version
+    if final.exists() and not force:
+        raise ExportError(f"{final} exists; pass --force to replace it or choose another --version")
+    created_parent = not final.parent.exists()
+    tmp = final.parent / f".{version}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:  # a failed first export of a model leaves no empty models/<name>/ behind
+        if created_parent:
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
         raise
     log.info("exported %s", final)
-    return final
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """manifest.json with the checksums of every other file of the folder (written last)."""
+    manifest["files"] = file_checksums(directory)
+    text = json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n"
+    (directory / "manifest.json").write_text(text)
 
 
 def file_checksums(directory: Path) -> dict[str, str]:

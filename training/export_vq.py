@@ -10,9 +10,7 @@ match exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import shutil
 from datetime import UTC, datetime
@@ -25,7 +23,6 @@ from service.artifacts import FAMILY_GRAPH_IO, FORMAT_VERSION, MODEL_NAME_RE, VE
 from service.families.vqvae import VQVAE as ServedVQVAE
 from training import losses
 from training.data import DataSplits
-from training.evaluate import json_safe
 from training.export import (
     ANOMALY_ALPHA,
     ONNX_OPSET,
@@ -34,7 +31,8 @@ from training.export import (
     _split_record,
     calibrate_anomaly,
     export_torchscript,
-    file_checksums,
+    staged_version,
+    write_manifest,
 )
 from training.graphs_vq import build_graphs, example_inputs
 from training.scoring import GraphScorer
@@ -142,14 +140,7 @@ def export_vq_model(model: VQVAE, splits: DataSplits, models_dir: str | Path, na
         raise ExportError("class-conditional VQ-VAE priors are trained and evaluated, but not exported yet: "
                           "train without --conditional to serve the model")
     model = model.cpu().eval()
-    final = Path(models_dir) / name / version
-    if final.exists() and not force:
-        raise ExportError(f"{final} exists; pass --force to replace it or choose another --version")
-    created_parent = not final.parent.exists()
-    tmp = final.parent / f".{version}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_version(models_dir, name, version, force) as tmp:
         prep = splits.preprocessing
         if model.config.likelihood == "bernoulli":
             prep = dataclasses.replace(prep, binarize_threshold=0.5)
@@ -173,19 +164,8 @@ def export_vq_model(model: VQVAE, splits: DataSplits, models_dir: str | Path, na
             shutil.copytree(report_dir, tmp / "report")
         manifest = _manifest(model, name, version, prep, splits, parity, metrics, training)
         manifest["anomaly"] = anomaly_record
-        manifest["files"] = file_checksums(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            with contextlib.suppress(OSError):
-                final.parent.rmdir()
-        raise
-    log.info("exported %s", final)
-    return final
+        write_manifest(tmp, manifest)
+    return Path(models_dir) / name / version
 
 
 def _latent_dim(model: VQVAE) -> int:

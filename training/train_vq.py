@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -197,6 +197,16 @@ class _Run:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
         return [perm[i:i + self.config.batch_size] for i in range(0, n, self.config.batch_size)]
 
+    def _optimizer(self, params: Iterable[torch.nn.Parameter], lr: float, state: dict,
+                   resume: bool) -> torch.optim.Adam:
+        """Adam for a stage, with its moments from last.pt when resuming that stage mid-way."""
+        optimizer = torch.optim.Adam(params, lr=lr)
+        if resume and state["epoch"] > 0:
+            saved = load_checkpoint(self.out / "last.pt", self.device).get("optimizer_state")
+            if saved:
+                optimizer.load_state_dict(saved)
+        return optimizer
+
     def _binarized(self, x: torch.Tensor, likelihood: str) -> torch.Tensor:
         if self.config.binarize == "dynamic" and likelihood == "bernoulli":
             return torch.bernoulli(x)
@@ -205,11 +215,7 @@ class _Run:
     def autoencoder(self, model: VQVAE, val_x: torch.Tensor, state: dict, resume: bool) -> dict:
         cfg = self.config
         params = [p for n, p in model.named_parameters() if not n.startswith("prior.")]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        if resume and state["epoch"] > 0:
-            saved = load_checkpoint(self.out / "last.pt", self.device).get("optimizer_state")
-            if saved:
-                optimizer.load_state_dict(saved)
+        optimizer = self._optimizer(params, cfg.lr, state, resume)
         for epoch in _progress(range(state["epoch"], cfg.epochs), cfg.progress):
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 100_003 + epoch * 101)
@@ -256,11 +262,7 @@ class _Run:
         cfg = self.config
         val_codes = all_codes(model, val_x)
         train_y, val_y = labels(self.splits.train_labels), labels(self.splits.val_labels)
-        optimizer = torch.optim.Adam(model.prior.parameters(), lr=cfg.prior_lr)
-        if resume and state["epoch"] > 0:
-            saved = load_checkpoint(self.out / "last.pt", self.device).get("optimizer_state")
-            if saved:
-                optimizer.load_state_dict(saved)
+        optimizer = self._optimizer(model.prior.parameters(), cfg.prior_lr, state, resume)
         for epoch in _progress(range(state["epoch"], cfg.prior_epochs), cfg.progress):
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 100_019 + epoch * 103)
