@@ -1,11 +1,12 @@
-"""Export a VQ-VAE checkpoint to `models/<name>/<version>/`: its four graphs (training/graphs_vq.py) in
+"""Export a VQ-VAE checkpoint to `models/<name>/<version>/`: its six graphs (training/graphs_vq.py) in
 TorchScript and ONNX, checked against eager PyTorch on real digits, the conformal calibration of every
 anomaly score (the same code as the Gaussian family's: training/export.py calibrate_anomaly), the
 report, and a checksummed manifest with `model.family = "vqvae"`.
 
 Parity of log_weights is checked with uniforms placed in the middle of the CDF interval of the code
 they select, so no runtime's float32 rounding can pick a neighbouring code; the codes themselves must
-match exactly.
+match exactly. prior_row and prior_step are also walked over real code grids and must give the full
+prior pass's logits at every position (check_incremental).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 from service.artifacts import FAMILY_GRAPH_IO, FORMAT_VERSION, MODEL_NAME_RE, VERSION_RE, Preprocessing
 from service.families.vqvae import VQVAE as ServedVQVAE
+from service.families.vqvae import PriorShape
 from training import losses
 from training.data import DataSplits
 from training.export import (
@@ -35,6 +38,7 @@ from training.export import (
     write_manifest,
 )
 from training.graphs_vq import build_graphs, example_inputs
+from training.pixelcnn import IncrementalPrior, incremental_logits
 from training.scoring import GraphScorer
 from training.vqvae import VQVAE
 
@@ -85,8 +89,62 @@ def parity_inputs(model: VQVAE, x: torch.Tensor, samples: int, seed: int) -> tup
     q_terms = log_q.unsqueeze(1).expand(n, samples, p, -1).gather(3, drawn.unsqueeze(-1)).abs()
     magnitude = (pixels.abs().flatten(1).sum(-1) + prior_terms.flatten(1).sum(-1)).reshape(n, samples)
     magnitude = magnitude + q_terms.flatten(2).sum(-1)
-    inputs = {"encoder": (x,), "decoder": (codes,), "prior": (codes,), "log_weights": (x, u)}
+    inputs = {"encoder": (x,), "decoder": (codes,), "prior": (codes,), "log_weights": (x, u),
+              **_incremental_inputs(model, codes)}
     return inputs, magnitude
+
+
+def _walk_shape(model: VQVAE) -> dict[str, int]:
+    cfg = model.config
+    return {"codebook_size": cfg.codebook_size, "layers": cfg.prior_layers, "channels": cfg.prior_channels,
+            "half": cfg.prior_kernel // 2}
+
+
+def _incremental_inputs(model: VQVAE, codes: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The real inputs prior_row and prior_step get at the middle row and position of a walk over `codes`."""
+    incremental = IncrementalPrior(model.prior)
+    calls: dict[str, list] = {"prior_row": [], "prior_step": []}
+
+    def row(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["prior_row"].append(args)
+        return incremental.row(*args)
+
+    def step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["prior_step"].append(args)
+        return incremental.step(*args)
+
+    incremental_logits(row, step, codes, **_walk_shape(model))
+    return {graph: made[len(made) // 2] for graph, made in calls.items()}
+
+
+def check_incremental(model: VQVAE, directory: Path, codes: torch.Tensor) -> dict:
+    """The exported prior_row and prior_step, walked over real code grids, must give the full pass's logits
+    (eager PyTorch) at every position: what sampling relies on. Raise ExportError if not."""
+    import onnxruntime as ort
+
+    graphs = ("prior_row", "prior_step")
+    sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+                for g in graphs}
+    with _quiet():
+        modules = {g: torch.jit.load(str(directory / f"{g}.pt")) for g in graphs}
+
+    def onnx_call(graph: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+        names = GRAPH_IO[graph][0]
+        return lambda *args: tuple(torch.from_numpy(a) for a in sessions[graph].run(
+            None, {n: t.numpy() for n, t in zip(names, args, strict=True)}))
+
+    with torch.no_grad():
+        reference = model.prior(codes).numpy()
+        walks = {"onnx": (onnx_call("prior_row"), onnx_call("prior_step")),
+                 "torchscript": (modules["prior_row"], modules["prior_step"])}
+        errors: dict[str, float] = {}
+        for runtime, (row, step) in walks.items():
+            walked = incremental_logits(row, step, codes, **_walk_shape(model)).numpy()
+            errors[runtime] = float(np.abs(walked - reference).max())
+            if not errors[runtime] <= LOGITS_TOLERANCE:
+                raise ExportError(f"prior_row/prior_step ({runtime}) walked over real codes differ from the "
+                                  f"full prior pass by {errors[runtime]:.3g} (allowed {LOGITS_TOLERANCE})")
+    return {"max_abs_error": errors, "rows": int(codes.shape[0])}
 
 
 def check_parity(model: VQVAE, directory: Path, inputs: dict, magnitude: torch.Tensor) -> dict[str, dict]:
@@ -116,7 +174,8 @@ def check_parity(model: VQVAE, directory: Path, inputs: dict, magnitude: torch.T
                 if graph == "log_weights":
                     bound = LOG_WEIGHTS_ATOL + LOG_WEIGHTS_RTOL * magnitude.numpy()
                 else:
-                    bound = np.full(diff.shape, LOGITS_TOLERANCE if graph == "prior" else ABS_TOLERANCE)
+                    logits = graph.startswith("prior")  # prior logits, and the activations they come from
+                    bound = np.full(diff.shape, LOGITS_TOLERANCE if logits else ABS_TOLERANCE)
                 if not (diff <= bound).all():
                     worst = np.unravel_index(int(np.nanargmax(diff - bound)), diff.shape)
                     raise ExportError(f"{graph} {runtime} output {name!r} differs from eager PyTorch at "
@@ -151,9 +210,12 @@ def export_vq_model(model: VQVAE, splits: DataSplits, models_dir: str | Path, na
                         tmp / f"{graph}.onnx")
         x = torch.from_numpy(prep.likelihood_view(splits.test_images[:16].numpy()))
         parity = check_parity(model, tmp, *parity_inputs(model, x, samples=32, seed=seed))
+        parity["prior_incremental"] = check_incremental(model, tmp, model.codes(x))
         family = ServedVQVAE(grid=model.config.grid, codebook_size=model.config.codebook_size,
                              code_dim=model.config.code_dim, input_shape=model.config.input_shape,
-                             preprocessing=prep, likelihood=model.config.likelihood)
+                             preprocessing=prep, likelihood=model.config.likelihood,
+                             prior=PriorShape(model.config.prior_layers, model.config.prior_channels,
+                                              model.config.prior_kernel // 2))
         scorer = GraphScorer(tmp, _latent_dim(model), prep, model.config.likelihood,
                              input_shape=model.config.input_shape, family=family)
         anomaly_record = calibrate_anomaly(tmp, scorer, splits, calibration_k, seed, anomaly_method, alpha,

@@ -4,6 +4,12 @@
     decoder:     codes (B, h, w) int64             -> x_mean (B, C, H, W) float32
     prior:       codes (B, h, w) int64             -> logits (B, K, h, w) float32: position p's logits
                                                       depend only on the codes before p (raster order)
+    prior_row:   codes_above (B, half, w) int64, v_hist (B, L, C, half, w) f32
+                 -> v_pre (B, L, 2C, w), v_row (B, L, C, w): the prior's vertical stack at one row
+    prior_step:  codes_left (B, half) int64, h_hist (B, L, C, half), v_pre (B, L, 2C) f32
+                 -> logits (B, K), h_col (B, L, C): one position's logits from cached activations
+                 (prior_row and prior_step: training/pixelcnn.py IncrementalPrior; sampling with them
+                 costs one full prior pass in all instead of one per position)
     log_weights: x (B, C, H, W), u (B, S, h*w) f32 -> log_w (B, S): log p(x, z_s) - log q(z_s | x), with
                                                       z_s drawn from the stochastic posterior by inverse
                                                       CDF of the uniforms u
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from service.artifacts import FAMILY_GRAPH_IO
+from training.pixelcnn import IncrementalPrior
 from training.vqvae import VQVAE
 
 GRAPH_IO = FAMILY_GRAPH_IO["vqvae"]
@@ -50,6 +57,25 @@ class PriorGraph(nn.Module):
         return self.prior(codes)
 
 
+class PriorRowGraph(nn.Module):
+    def __init__(self, model: VQVAE) -> None:
+        super().__init__()
+        self.incremental = IncrementalPrior(model.prior)
+
+    def forward(self, codes_above: torch.Tensor, v_hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.incremental.row(codes_above, v_hist)
+
+
+class PriorStepGraph(nn.Module):
+    def __init__(self, model: VQVAE) -> None:
+        super().__init__()
+        self.incremental = IncrementalPrior(model.prior)
+
+    def forward(self, codes_left: torch.Tensor, h_hist: torch.Tensor,
+                v_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.incremental.step(codes_left, h_hist, v_pre)
+
+
 class LogWeightsGraph(nn.Module):
     def __init__(self, model: VQVAE) -> None:
         super().__init__()
@@ -60,8 +86,10 @@ class LogWeightsGraph(nn.Module):
 
 
 def build_graphs(model: VQVAE) -> dict[str, nn.Module]:
-    graphs: dict[str, nn.Module] = {"encoder": EncoderGraph(model), "decoder": DecoderGraph(model),
-                                    "prior": PriorGraph(model), "log_weights": LogWeightsGraph(model)}
+    graphs: dict[str, nn.Module] = {
+        "encoder": EncoderGraph(model), "decoder": DecoderGraph(model), "prior": PriorGraph(model),
+        "prior_row": PriorRowGraph(model), "prior_step": PriorStepGraph(model),
+        "log_weights": LogWeightsGraph(model)}
     assert set(graphs) == set(GRAPH_IO)
     return graphs
 
@@ -71,9 +99,16 @@ def example_inputs(graph: str, model: VQVAE, batch: int, samples: int = 3) -> tu
     c, h, w = model.config.input_shape
     gh, gw = model.config.grid
     codes = torch.randint(0, model.config.codebook_size, (batch, gh, gw))
+    cfg = model.config
+    layers, channels, half = cfg.prior_layers, cfg.prior_channels, cfg.prior_kernel // 2
+    # code K (one past the codebook) stands for a position outside the grid
+    above = torch.randint(0, model.config.codebook_size + 1, (batch, half, gw))
     return {
         "encoder": (torch.rand(batch, c, h, w),),
         "decoder": (codes,),
         "prior": (codes,),
+        "prior_row": (above, torch.randn(batch, layers, channels, half, gw)),
+        "prior_step": (above[:, :, 0], torch.randn(batch, layers, channels, half),
+                       torch.randn(batch, layers, 2 * channels)),
         "log_weights": (torch.rand(batch, c, h, w), torch.rand(batch, samples, gh * gw)),
     }[graph]

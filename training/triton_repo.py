@@ -13,10 +13,11 @@ Runtime backend:
                                                          the same for the likelihood-ratio background
                                                          model, when the artifact has one
 
-A VQ-VAE artifact (model.family "vqvae") gives <name>_encoder, _decoder, _prior, _log_weights and
-_log_likelihood the same way. Sampling from its prior is a loop of h*w calls of <name>_prior, one per
-code position, each feeding back the codes drawn so far; Triton runs each call, the loop belongs to the
-client (docs/triton-and-kserve.md shows it).
+A VQ-VAE artifact (model.family "vqvae") gives <name>_encoder, _decoder, _prior, _prior_row,
+_prior_step, _log_weights and _log_likelihood the same way. Sampling from its prior is a loop over code
+positions: one <name>_prior_row call per grid row and one <name>_prior_step call per position, feeding
+back the codes drawn and the activations cached so far (or, slower, one full <name>_prior pass per
+position); Triton runs each call, the loop belongs to the client (docs/triton-and-kserve.md shows it).
 
 The configs are `inference.ModelConfig` protobuf messages serialised with `text_format`, so they are
 valid by construction; their inputs and outputs are read from the ONNX graphs themselves. Triton's

@@ -53,11 +53,11 @@ class ServedModel:
         # log_weights batches are time-sliced so encode/decode batches never wait behind more than
         # one slice of log-likelihood work (see batching's module docstring).
         slice_s = settings.log_weights_slice_ms / 1000.0 if settings.log_weights_slice_ms > 0 else None
-        # One batcher per graph the artifact has (but those only the family's device loops call) and per
-        # device loop; the family names its importance-sampling graphs, which take log-weights rows and
-        # time slices, the others take rows of single items.
+        # One batcher per graph the artifact has (but the family's unbatched ones, e.g. those only its
+        # device loops call) and per device loop; the family names its importance-sampling graphs, which
+        # take log-weights rows and time slices, the others take rows of single items.
         family = self.family
-        names = [g for g in manifest.graphs if g not in family.loop_graphs] + sorted(family.device_loops)
+        names = [g for g in manifest.graphs if g not in family.unbatched_graphs] + sorted(family.device_loops)
         self.batchers: dict[str, Batcher] = {
             graph: batcher(graph, settings.log_weights_batch_rows, settings.log_weights_queue_rows, slice_s)
             if graph in family.sliced_graphs

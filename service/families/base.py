@@ -70,7 +70,7 @@ class Family(Protocol):
     chunk: int  # rows of importance sampling carry this many samples each (an execution detail)
     sliced_graphs: frozenset[str]  # graphs of importance-sampling rows: batched by time slice
     device_loops: frozenset[str]  # batchers whose device work is device_loop(), e.g. ancestral sampling
-    loop_graphs: frozenset[str]  # graphs only device loops call: they get no batcher of their own
+    unbatched_graphs: frozenset[str]  # graphs with no batcher: only device loops call them, or nothing
 
     def work(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
         """Graph -> rows one request of `items` items submits: the one cost formula of admission."""

@@ -34,7 +34,7 @@ class ImageFamily:
 
     name = "abstract"
     device_loops: frozenset[str] = frozenset()  # batchers whose device work is a loop of the family's
-    loop_graphs: frozenset[str] = frozenset()  # graphs called only inside those loops (no batcher)
+    unbatched_graphs: frozenset[str] = frozenset()  # graphs with no batcher (only device loops call them)
 
     def __init__(self, *, input_shape: tuple[int, int, int], preprocessing: Preprocessing, likelihood: str,
                  conditional: bool, calibration: AnomalyCalibration | None, chunk: int) -> None:

@@ -4,6 +4,7 @@ trained torch model, with the same validation as the Gaussian family (tests/conf
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.artifacts import load_manifest
 from service.config import Settings
-from service.families.noise import sample_uniforms
+from service.families.noise import prior_uniforms, sample_uniforms
 from training import losses
 
 BASE = "/v1/models/tinyvq"
+DEFAULT_VQ = Path(__file__).resolve().parents[2] / "models" / "mnist-vqvae" / "1"
 
 
 def _settings(models_dir, **overrides) -> Settings:
@@ -90,6 +93,56 @@ def test_samples_are_seeded_per_sample_and_decode_to_their_codes(vq_client: Test
     hot = vq_client.get(f"{BASE}/sample?n=64&seed=3&temperature=5").json()["results"]
     distinct = lambda rs: len({str(r["latent"]) for r in rs})  # noqa: E731
     assert distinct(cold) < distinct(hot)  # a cold prior concentrates on its modes
+
+
+def full_pass_samples(prior_onnx, n: int, seed: int, temperature: float, grid: tuple[int, int],
+                      codebook_size: int) -> np.ndarray:
+    """Ancestral sampling the slow way: one teacher-forced pass of the prior graph per position, the same
+    uniforms and inverse CDF as the service. (n, h, w) int64."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(prior_onnx), providers=["CPUExecutionProvider"])
+    positions = grid[0] * grid[1]
+    u = prior_uniforms(seed, n, positions).astype(np.float64)
+    codes = np.zeros((n, *grid), np.int64)
+    for p in range(positions):
+        i, j = divmod(p, grid[1])
+        logits = session.run(None, {"codes": codes})[0][:, :, i, j].astype(np.float64) / temperature
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        cdf = np.cumsum(probs, 1) / probs.sum(1, keepdims=True)
+        codes[:, i, j] = np.minimum((cdf < u[:, p:p + 1]).sum(1), codebook_size - 1)
+    return codes
+
+
+def test_served_samples_are_the_full_pass_samples(vq_client: TestClient, vq_artifact) -> None:
+    """The served loop (prior_row/prior_step with caches, rows of a batch at different positions) draws
+    exactly what one full prior pass per position draws from the same uniforms."""
+    expected = full_pass_samples(vq_artifact.models_dir / "tinyvq" / "1" / "prior.onnx", 24, 8, 0.7,
+                                 (2, 2), 8)
+    body = vq_client.get(f"{BASE}/sample?n=24&seed=8&temperature=0.7&format=array").json()
+    assert [r["latent"] for r in body["results"]] == expected.tolist()
+
+
+def test_rows_joining_the_sampler_mid_walk_get_the_full_pass_samples(monkeypatch) -> None:
+    """The committed 7x7 model, its device loop driven directly: a second request's rows join a batch whose
+    rows are mid-row (other columns, other cached activations), and every row still gets exactly the
+    full-pass samples of its own seed."""
+    from service.engine.runtime import OnnxRuntime
+    from service.families import family_for
+    from service.families import vqvae as vq_family
+
+    monkeypatch.setattr(vq_family, "STEPS_PER_CALL", 3)  # calls end mid-row: rows at different columns
+    manifest = load_manifest(DEFAULT_VQ, "onnx")
+    family, runtime = family_for(manifest), OnnxRuntime(manifest, "cpu", 1)
+    first = family._sampler_feeds(3, prior_uniforms(5, 3, family.positions), 1.0)
+    first = {**first, **family.device_loop(vq_family.SAMPLER, runtime.run, first)}  # 3 positions in
+    second = family._sampler_feeds(2, prior_uniforms(6, 2, family.positions), 1.0)
+    state = {key: np.concatenate([first[key], second[key]]) for key in first}
+    while state["position"].min() < family.positions:
+        state.update(family.device_loop(vq_family.SAMPLER, runtime.run, state))
+    prior = DEFAULT_VQ / "prior.onnx"
+    np.testing.assert_array_equal(state["codes"][:3], full_pass_samples(prior, 3, 5, 1.0, (7, 7), 64))
+    np.testing.assert_array_equal(state["codes"][3:], full_pass_samples(prior, 2, 6, 1.0, (7, 7), 64))
 
 
 def test_reconstruct_decodes_the_codes(vq_client: TestClient, vq_artifact) -> None:

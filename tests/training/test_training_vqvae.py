@@ -10,7 +10,7 @@ import torch
 
 from training import losses
 from training.__main__ import main
-from training.pixelcnn import GatedPixelCNN
+from training.pixelcnn import GatedPixelCNN, IncrementalPrior, incremental_logits
 from training.train_vq import VQTrainConfig, iw_bound, model_from_checkpoint, train_vq
 from training.vqvae import VQVAE, VQConfig, codebook_usage
 
@@ -38,6 +38,31 @@ def test_class_conditional_prior_uses_the_label() -> None:
     prior = GatedPixelCNN(codebook_size=4, channels=8, layers=2, num_classes=3).eval()
     codes = torch.randint(0, 4, (2, 3, 3))
     assert not torch.allclose(prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([1, 2])))
+
+
+@pytest.mark.parametrize(("kernel", "layers", "grid"), [(3, 5, (7, 7)), (5, 3, (4, 6)), (3, 1, (3, 3)),
+                                                         (7, 4, (5, 5))])
+def test_incremental_prior_gives_the_full_pass_logits(kernel: int, layers: int, grid: tuple[int, int]) -> None:
+    """prior_row/prior_step walked over a grid (caches, zero padding, code K outside the grid) equal one
+    full pass at every position: fast sampling draws from the same distribution."""
+    torch.manual_seed(kernel + layers)
+    prior = GatedPixelCNN(codebook_size=11, channels=8, layers=layers, kernel=kernel).eval()
+    for layer in prior.layers:  # non-zero biases everywhere, so wrong padding would show
+        for conv in (layer.vertical, layer.horizontal, layer.vertical_to_horizontal, layer.horizontal_out):
+            torch.nn.init.normal_(conv.bias, std=0.5)
+    incremental = IncrementalPrior(prior)
+    codes = torch.randint(0, 11, (4, *grid))
+    with torch.no_grad():
+        walked = incremental_logits(incremental.row, incremental.step, codes, codebook_size=11,
+                                    layers=layers, channels=8, half=kernel // 2)
+        full = prior(codes)
+    assert full.abs().max() > 0.1
+    torch.testing.assert_close(walked, full, atol=1e-5, rtol=0)
+
+
+def test_incremental_prior_refuses_a_class_conditional_prior() -> None:
+    with pytest.raises(ValueError, match="class-conditional"):
+        IncrementalPrior(GatedPixelCNN(codebook_size=4, channels=8, layers=2, num_classes=3))
 
 
 def test_ema_codebook_restarts_dead_entries_from_batch_vectors() -> None:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,10 +23,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 import tritonclient
 from google.protobuf import text_format
 
 from training.__main__ import main
+from training.pixelcnn import incremental_logits
 from training.triton_repo import TritonOptions, TritonRepoError, export_triton_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -288,14 +291,36 @@ def test_missing_tritonclient_says_what_to_install(monkeypatch: pytest.MonkeyPat
         export_triton_repo(REPO_ROOT / "models", tmp_path / "repo")
 
 
-def test_vq_model_exports_its_four_graphs_and_a_log_likelihood(pb2: ModuleType, tmp_path: Path,
-                                                               vq_artifact: Any) -> None:
+def test_vq_model_exports_its_graphs_and_a_log_likelihood(pb2: ModuleType, tmp_path: Path,
+                                                          vq_artifact: Any) -> None:
     out = tmp_path / "repo"
     names = export_triton_repo(vq_artifact.models_dir, out, ["tinyvq"])
-    assert sorted(names) == sorted(f"tinyvq_{g}" for g in ("encoder", "decoder", "prior", "log_weights",
-                                                           "log_likelihood"))
-    config = text_format.Parse((out / "tinyvq_prior" / "config.pbtxt").read_text(), pb2.ModelConfig())
-    assert [(i.name, pb2.DataType.Name(i.data_type)) for i in config.input] == [("codes", "TYPE_INT64")]
+    assert sorted(names) == sorted(f"tinyvq_{g}" for g in ("encoder", "decoder", "prior", "prior_row",
+                                                           "prior_step", "log_weights", "log_likelihood"))
+    inputs = {}
+    for graph in ("prior", "prior_row", "prior_step"):
+        config = text_format.Parse((out / f"tinyvq_{graph}" / "config.pbtxt").read_text(), pb2.ModelConfig())
+        inputs[graph] = [(i.name, pb2.DataType.Name(i.data_type)) for i in config.input]
+    assert inputs == {"prior": [("codes", "TYPE_INT64")],
+                      "prior_row": [("codes_above", "TYPE_INT64"), ("v_hist", "TYPE_FP32")],
+                      "prior_step": [("codes_left", "TYPE_INT64"), ("h_hist", "TYPE_FP32"),
+                                     ("v_pre", "TYPE_FP32")]}
+    # the client-side loop of docs/triton-and-kserve.md over the served files: the full pass's logits
+    sessions = {g: ort.InferenceSession(out / f"tinyvq_{g}" / "1" / "model.onnx")
+                for g in ("prior", "prior_row", "prior_step")}
+
+    def call(graph: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+        names = [i.name for i in sessions[graph].get_inputs()]
+        return lambda *args: tuple(torch.from_numpy(a) for a in sessions[graph].run(
+            None, {n: t.numpy() for n, t in zip(names, args, strict=True)}))
+
+    codes = torch.randint(0, 8, (5, 2, 2))
+    prior = vq_artifact.model.config
+    walked = incremental_logits(call("prior_row"), call("prior_step"), codes, codebook_size=8,
+                                layers=prior.prior_layers, channels=prior.prior_channels,
+                                half=prior.prior_kernel // 2)
+    [full] = sessions["prior"].run(None, {"codes": codes.numpy()})
+    np.testing.assert_allclose(walked.numpy(), full, atol=1e-4)
     log_weights = ort.InferenceSession(out / "tinyvq_log_weights" / "1" / "model.onnx")
     reduction = ort.InferenceSession(out / "tinyvq_log_likelihood" / "1" / "model.onnx")
     rng = np.random.default_rng(0)
