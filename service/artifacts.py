@@ -45,8 +45,9 @@ OPTIONAL_GRAPHS = ("background_log_weights",)  # loaded when the manifest lists 
 # Each model family's graphs (manifest `model.family`; artifacts without it are "gaussian"). The VQ-VAE's
 # (training/graphs_vq.py): codes are int64 (B, h, w) grids of codebook indices, z_e the encoder's
 # (B, D, h, w) vectors before quantization, u (B, S, h*w) uniforms from which log_weights draws S code
-# grids of the stochastic posterior, logits the prior's (B, K, h, w) next-code logits. prior_row and
-# prior_step compute the same logits one position at a time from cached activations, for fast sampling
+# grids of the stochastic posterior, logits the prior's (B, K, h, w) next-code logits. prior_sample_row
+# draws one row of codes (B, w) from uniforms u (B, w) and temperatures (B,), computing the same logits
+# from cached activations v_hist (B, L, C, half, w) -> v_row (B, L, C, w), for fast sampling
 # (training/pixelcnn.py IncrementalPrior: shapes and cache layout there).
 FAMILY_GRAPH_IO: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "gaussian": GRAPH_IO,
@@ -54,8 +55,7 @@ FAMILY_GRAPH_IO: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] =
         "encoder": (("x",), ("codes", "z_e")),
         "decoder": (("codes",), ("x_mean",)),
         "prior": (("codes",), ("logits",)),
-        "prior_row": (("codes_above", "v_hist"), ("v_pre", "v_row")),
-        "prior_step": (("codes_left", "h_hist", "v_pre"), ("logits", "h_col")),
+        "prior_sample_row": (("codes_above", "v_hist", "u", "temperature"), ("codes", "v_row")),
         "log_weights": (("x", "u"), ("log_w",)),
     },
 }

@@ -1,12 +1,13 @@
-"""Export a VQ-VAE checkpoint to `models/<name>/<version>/`: its six graphs (training/graphs_vq.py) in
+"""Export a VQ-VAE checkpoint to `models/<name>/<version>/`: its five graphs (training/graphs_vq.py) in
 TorchScript and ONNX, checked against eager PyTorch on real digits, the conformal calibration of every
 anomaly score (the same code as the Gaussian family's: training/export.py calibrate_anomaly), the
 report, and a checksummed manifest with `model.family = "vqvae"`.
 
 Parity of log_weights is checked with uniforms placed in the middle of the CDF interval of the code
 they select, so no runtime's float32 rounding can pick a neighbouring code; the codes themselves must
-match exactly. prior_row and prior_step are also walked over real code grids and must give the full
-prior pass's logits at every position (check_incremental).
+match exactly. prior_sample_row must also draw what the full prior pass draws: sampling through it from
+uniforms in the middle of the CDF intervals of the full pass's draws must give the same codes
+(check_sampling).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from training.export import (
     write_manifest,
 )
 from training.graphs_vq import build_graphs, example_inputs
-from training.pixelcnn import IncrementalPrior, incremental_logits
+from training.pixelcnn import IncrementalPrior, sample_rows, separable_draws
 from training.scoring import GraphScorer
 from training.vqvae import VQVAE
 
@@ -89,62 +89,57 @@ def parity_inputs(model: VQVAE, x: torch.Tensor, samples: int, seed: int) -> tup
     q_terms = log_q.unsqueeze(1).expand(n, samples, p, -1).gather(3, drawn.unsqueeze(-1)).abs()
     magnitude = (pixels.abs().flatten(1).sum(-1) + prior_terms.flatten(1).sum(-1)).reshape(n, samples)
     magnitude = magnitude + q_terms.flatten(2).sum(-1)
+    _, row_u = separable_draws(model.prior, len(x), model.config.grid, seed=seed)
     inputs = {"encoder": (x,), "decoder": (codes,), "prior": (codes,), "log_weights": (x, u),
-              **_incremental_inputs(model, codes)}
+              "prior_sample_row": _sample_row_inputs(model, row_u)}
     return inputs, magnitude
 
 
-def _walk_shape(model: VQVAE) -> dict[str, int]:
+def _walk_shape(model: VQVAE) -> dict:
     cfg = model.config
-    return {"codebook_size": cfg.codebook_size, "layers": cfg.prior_layers, "channels": cfg.prior_channels,
-            "half": cfg.prior_kernel // 2}
+    return {"grid": cfg.grid, "codebook_size": cfg.codebook_size, "layers": cfg.prior_layers,
+            "channels": cfg.prior_channels, "half": cfg.prior_kernel // 2}
 
 
-def _incremental_inputs(model: VQVAE, codes: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The real inputs prior_row and prior_step get at the middle row and position of a walk over `codes`."""
+def _sample_row_inputs(model: VQVAE, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The real inputs prior_sample_row gets at the middle grid row of a sampling walk from u (n, h*w)."""
     incremental = IncrementalPrior(model.prior)
-    calls: dict[str, list] = {"prior_row": [], "prior_step": []}
+    calls: list[tuple[torch.Tensor, ...]] = []
 
-    def row(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        calls["prior_row"].append(args)
-        return incremental.row(*args)
+    def sample_row(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(args)
+        return incremental.sample_row(*args)
 
-    def step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        calls["prior_step"].append(args)
-        return incremental.step(*args)
-
-    incremental_logits(row, step, codes, **_walk_shape(model))
-    return {graph: made[len(made) // 2] for graph, made in calls.items()}
+    sample_rows(sample_row, u, torch.ones(len(u)), **_walk_shape(model))
+    return calls[len(calls) // 2]
 
 
-def check_incremental(model: VQVAE, directory: Path, codes: torch.Tensor) -> dict:
-    """The exported prior_row and prior_step, walked over real code grids, must give the full pass's logits
-    (eager PyTorch) at every position: what sampling relies on. Raise ExportError if not."""
+def check_sampling(model: VQVAE, directory: Path, codes: torch.Tensor, u: torch.Tensor) -> dict:
+    """Sampling through the exported prior_sample_row from u (n, h*w), uniforms in the middle of the CDF
+    intervals of `codes` under the full prior pass (pixelcnn.separable_draws), must draw exactly `codes`
+    in every runtime: the row graph's logits are the full pass's, well within every interval. Raise
+    ExportError if not."""
     import onnxruntime as ort
 
-    graphs = ("prior_row", "prior_step")
-    sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), providers=["CPUExecutionProvider"])
-                for g in graphs}
+    graph = "prior_sample_row"
+    session = ort.InferenceSession(str(directory / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
     with _quiet():
-        modules = {g: torch.jit.load(str(directory / f"{g}.pt")) for g in graphs}
+        scripted = torch.jit.load(str(directory / f"{graph}.pt"))
 
-    def onnx_call(graph: str) -> Callable[..., tuple[torch.Tensor, ...]]:
-        names = GRAPH_IO[graph][0]
-        return lambda *args: tuple(torch.from_numpy(a) for a in sessions[graph].run(
-            None, {n: t.numpy() for n, t in zip(names, args, strict=True)}))
+    def onnx_row(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {n: t.numpy() for n, t in zip(GRAPH_IO[graph][0], args, strict=True)}
+        return tuple(torch.from_numpy(a) for a in session.run(None, feeds))
 
+    report: dict[str, int] = {}
     with torch.no_grad():
-        reference = model.prior(codes).numpy()
-        walks = {"onnx": (onnx_call("prior_row"), onnx_call("prior_step")),
-                 "torchscript": (modules["prior_row"], modules["prior_step"])}
-        errors: dict[str, float] = {}
-        for runtime, (row, step) in walks.items():
-            walked = incremental_logits(row, step, codes, **_walk_shape(model)).numpy()
-            errors[runtime] = float(np.abs(walked - reference).max())
-            if not errors[runtime] <= LOGITS_TOLERANCE:
-                raise ExportError(f"prior_row/prior_step ({runtime}) walked over real codes differ from the "
-                                  f"full prior pass by {errors[runtime]:.3g} (allowed {LOGITS_TOLERANCE})")
-    return {"max_abs_error": errors, "rows": int(codes.shape[0])}
+        for runtime, sample_row in (("onnx", onnx_row), ("torchscript", scripted)):
+            drawn = sample_rows(sample_row, u, torch.ones(len(u)), **_walk_shape(model))
+            report[runtime] = int((drawn != codes).sum())
+            if report[runtime]:
+                raise ExportError(f"{graph} ({runtime}) drew {report[runtime]} of {codes.numel()} codes "
+                                  "other than the full prior pass from uniforms in the middle of their CDF "
+                                  "intervals")
+    return {"codes_differing": report, "rows": len(codes)}
 
 
 def check_parity(model: VQVAE, directory: Path, inputs: dict, magnitude: torch.Tensor) -> dict[str, dict]:
@@ -210,7 +205,8 @@ def export_vq_model(model: VQVAE, splits: DataSplits, models_dir: str | Path, na
                         tmp / f"{graph}.onnx")
         x = torch.from_numpy(prep.likelihood_view(splits.test_images[:16].numpy()))
         parity = check_parity(model, tmp, *parity_inputs(model, x, samples=32, seed=seed))
-        parity["prior_incremental"] = check_incremental(model, tmp, model.codes(x))
+        draws = separable_draws(model.prior, 16, model.config.grid, seed=seed + 1)
+        parity["prior_sampling"] = check_sampling(model, tmp, *draws)
         family = ServedVQVAE(grid=model.config.grid, codebook_size=model.config.codebook_size,
                              code_dim=model.config.code_dim, input_shape=model.config.input_shape,
                              preprocessing=prep, likelihood=model.config.likelihood,

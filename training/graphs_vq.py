@@ -4,12 +4,10 @@
     decoder:     codes (B, h, w) int64             -> x_mean (B, C, H, W) float32
     prior:       codes (B, h, w) int64             -> logits (B, K, h, w) float32: position p's logits
                                                       depend only on the codes before p (raster order)
-    prior_row:   codes_above (B, half, w) int64, v_hist (B, L, C, half, w) f32
-                 -> v_pre (B, L, 2C, w), v_row (B, L, C, w): the prior's vertical stack at one row
-    prior_step:  codes_left (B, half) int64, h_hist (B, L, C, half), v_pre (B, L, 2C) f32
-                 -> logits (B, K), h_col (B, L, C): one position's logits from cached activations
-                 (prior_row and prior_step: training/pixelcnn.py IncrementalPrior; sampling with them
-                 costs one full prior pass in all instead of one per position)
+    prior_sample_row: codes_above (B, half, w) int64, v_hist (B, L, C, half, w) f32, u (B, w) f32,
+                 temperature (B,) f32 -> codes (B, w) int64, v_row (B, L, C, w) f32: one row of codes
+                 drawn by inverse CDF of u from cached activations (training/pixelcnn.py
+                 IncrementalPrior), so a sample costs one prior pass in all instead of one per position
     log_weights: x (B, C, H, W), u (B, S, h*w) f32 -> log_w (B, S): log p(x, z_s) - log q(z_s | x), with
                                                       z_s drawn from the stochastic posterior by inverse
                                                       CDF of the uniforms u
@@ -57,23 +55,14 @@ class PriorGraph(nn.Module):
         return self.prior(codes)
 
 
-class PriorRowGraph(nn.Module):
+class PriorSampleRowGraph(nn.Module):
     def __init__(self, model: VQVAE) -> None:
         super().__init__()
         self.incremental = IncrementalPrior(model.prior)
 
-    def forward(self, codes_above: torch.Tensor, v_hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.incremental.row(codes_above, v_hist)
-
-
-class PriorStepGraph(nn.Module):
-    def __init__(self, model: VQVAE) -> None:
-        super().__init__()
-        self.incremental = IncrementalPrior(model.prior)
-
-    def forward(self, codes_left: torch.Tensor, h_hist: torch.Tensor,
-                v_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.incremental.step(codes_left, h_hist, v_pre)
+    def forward(self, codes_above: torch.Tensor, v_hist: torch.Tensor, u: torch.Tensor,
+                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.incremental.sample_row(codes_above, v_hist, u, temperature)
 
 
 class LogWeightsGraph(nn.Module):
@@ -88,7 +77,7 @@ class LogWeightsGraph(nn.Module):
 def build_graphs(model: VQVAE) -> dict[str, nn.Module]:
     graphs: dict[str, nn.Module] = {
         "encoder": EncoderGraph(model), "decoder": DecoderGraph(model), "prior": PriorGraph(model),
-        "prior_row": PriorRowGraph(model), "prior_step": PriorStepGraph(model),
+        "prior_sample_row": PriorSampleRowGraph(model),
         "log_weights": LogWeightsGraph(model)}
     assert set(graphs) == set(GRAPH_IO)
     return graphs
@@ -107,8 +96,7 @@ def example_inputs(graph: str, model: VQVAE, batch: int, samples: int = 3) -> tu
         "encoder": (torch.rand(batch, c, h, w),),
         "decoder": (codes,),
         "prior": (codes,),
-        "prior_row": (above, torch.randn(batch, layers, channels, half, gw)),
-        "prior_step": (above[:, :, 0], torch.randn(batch, layers, channels, half),
-                       torch.randn(batch, layers, 2 * channels)),
+        "prior_sample_row": (above, torch.randn(batch, layers, channels, half, gw), torch.rand(batch, gw),
+                             torch.ones(batch)),
         "log_weights": (torch.rand(batch, c, h, w), torch.rand(batch, samples, gh * gw)),
     }[graph]

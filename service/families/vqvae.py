@@ -3,21 +3,21 @@
 Graphs (service/artifacts.py, FAMILY_GRAPH_IO["vqvae"]): encoder x -> codes (N, h, w) int64 and the
 pre-quantization vectors z_e (N, D, h, w); decoder codes -> E[x | codes]; prior codes -> next-code logits
 (N, K, h, w) in one teacher-forced pass (kept for Triton clients and evaluation; no operation here uses
-it); prior_row and prior_step, the same logits one position at a time from cached activations
-(training/pixelcnn.py IncrementalPrior); log_weights x, u -> log p(x, z_s) - log q(z_s | x) for code
-grids drawn from the stochastic posterior q(k | x) ~ softmax(-||z_e - e_k||^2 / tau) by inverse CDF of
-the uniforms u.
+it); prior_sample_row, one grid row of codes drawn from uniforms, its logits (the full pass's) computed
+from cached activations (training/pixelcnn.py IncrementalPrior); log_weights x, u -> log p(x, z_s) -
+log q(z_s | x) for code grids drawn from the stochastic posterior q(k | x) ~ softmax(-||z_e - e_k||^2 /
+tau) by inverse CDF of the uniforms u.
 
 - log_likelihood: as the Gaussian family, with uniforms u(seed, image, sample) (families/noise.py) in
   place of eps: the importance-weighted bound with k samples, independent of chunk and batch size.
-- sample: ancestral sampling in raster order, run on the device thread as a loop (SAMPLER, a batcher of
-  its own). Each row carries its code grid and the prior's caches: at the start of each grid row one
-  prior_row call computes the vertical stack for the whole row, then one prior_step call per position
-  gives that position's logits, so a sample costs one full prior pass in all, not one per position.
-  Each loop call advances every row of its batch by up to STEPS_PER_CALL positions, each row at its own
-  position (rows of concurrent requests share every prior_step call whatever their progress), and no
-  call holds the device longer than that (encodes of other requests run between calls). Position p of
-  sample i takes the code where the CDF of softmax(logits / temperature) first reaches u(seed, i)[p].
+- sample: ancestral sampling in raster order, run on the device thread (SAMPLER, a batcher of its own):
+  each batch is one prior_sample_row call that draws the next grid row of every sample in it, each
+  sample at its own grid row, so samples of concurrent requests share every call whatever their
+  progress, a sample costs h calls and one full prior pass of compute in all (not one pass per
+  position), and no call holds the device longer than one row (encodes of other requests run between
+  calls). Each sample carries its code grid and the prior's vertical-stack cache (PriorShape) from call
+  to call. Position p of sample i takes the code where the CDF of softmax(logits / temperature) first
+  reaches u(seed, i)[p].
 - anomaly scores: -log p(x) from the IW bound; latent_knn and fisher compare the flattened z_e
   (N, D*h*w), which is what the manifest's latent_dim counts and the latent bank holds.
 """
@@ -37,24 +37,20 @@ from service.families.noise import importance_keys, prior_uniforms, rows_uniform
 
 DEFAULT_CHUNK = 128
 SAMPLER = "prior_sampler"  # the device loop of ancestral sampling (a batcher, not a graph file)
-STEPS_PER_CALL = 7  # positions one sampler call advances each row: a 7x7 grid's row, 7 calls per sample
 
 
 @dataclass(frozen=True)
 class PriorShape:
-    """What the sampling caches of the gated PixelCNN prior hold: `layers` layers of `channels` channels,
-    `half` = kernel // 2 rows above (vertical stack) or columns left (horizontal stack) of a position."""
+    """The sampling cache of the gated PixelCNN prior: each of `layers` layers' vertical-stack output
+    (`channels` channels) at the `half` = kernel // 2 grid rows above the next row."""
 
     layers: int
     channels: int
     half: int
 
-    def caches(self, rows: int, width: int) -> Arrays:
-        """Empty caches of `rows` samples (the zero padding above and left of the grid)."""
-        layers, c, half = self.layers, self.channels, self.half
-        return {"v_hist": np.zeros((rows, layers, c, half, width), np.float32),  # layer outputs, rows above
-                "v_pre": np.zeros((rows, layers, 2 * c, width), np.float32),  # vertical pre-activations
-                "h_hist": np.zeros((rows, layers, c, half), np.float32)}  # layer outputs, columns left
+    def empty_cache(self, rows: int, width: int) -> np.ndarray:
+        """v_hist (rows, L, C, half, w) before the first grid row: the zero padding above the grid."""
+        return np.zeros((rows, self.layers, self.channels, self.half, width), np.float32)
 
 
 class VQVAE(ImageFamily):
@@ -63,7 +59,7 @@ class VQVAE(ImageFamily):
     name = "vqvae"
     sliced_graphs = frozenset({"log_weights"})
     device_loops = frozenset({SAMPLER})  # batchers whose device work is the family's loop, not one graph
-    unbatched_graphs = frozenset({"prior", "prior_row", "prior_step"})  # the loop calls the last two
+    unbatched_graphs = frozenset({"prior", "prior_sample_row"})  # the sampler calls the second
 
     def __init__(self, *, grid: tuple[int, int], codebook_size: int, code_dim: int,
                  input_shape: tuple[int, int, int], preprocessing: Preprocessing, likelihood: str,
@@ -109,7 +105,7 @@ class VQVAE(ImageFamily):
         if operation == "decode":
             return {"decoder": items}
         if operation == "sample":
-            return {SAMPLER: items * math.ceil(self.positions / STEPS_PER_CALL), "decoder": items}
+            return {SAMPLER: items * self.grid[0], "decoder": items}  # a sampler call per grid row
         if operation == "reconstruct":
             return {"encoder": items, "decoder": items}
         rows = items * math.ceil(options.k / self.chunk)
@@ -118,7 +114,7 @@ class VQVAE(ImageFamily):
         return self.anomaly_work(items, options, rows)
 
     def work_at_once(self, operation: Operation, items: int, options: Options) -> dict[str, int]:
-        """Sampling queues one position's prior rows at a time (n rows per step)."""
+        """Sampling queues one grid row's sampler rows at a time (n rows per call)."""
         if operation == "sample":
             return {SAMPLER: items, "decoder": items}
         return self.work(operation, items, options)
@@ -154,55 +150,40 @@ class VQVAE(ImageFamily):
         return await runner("decoder", {"codes": z})
 
     def _sampler_feeds(self, n: int, u: np.ndarray, temperature: float) -> Arrays:
-        """The state of n samples before their first position: what device_loop takes and gives back."""
+        """The state of n samples before their first grid row: what device_loop takes and gives back."""
         return {"codes": np.zeros((n, *self.grid), np.int64), "u": u,  # u (n, P)
-                "temperature": np.full(n, temperature, np.float32), "position": np.zeros(n, np.int64),
-                **self.prior.caches(n, self.grid[1])}
+                "temperature": np.full(n, temperature, np.float32), "row": np.zeros(n, np.int64),
+                "v_hist": self.prior.empty_cache(n, self.grid[1])}
 
     async def sample(self, runner: GraphRunner, y: np.ndarray | None, options: Options) -> Arrays:
         """Ancestral sampling from the prior (the device loop below): z (n, h, w) and x_mean."""
         n = options.n
         feeds = self._sampler_feeds(n, prior_uniforms(options.seed, n, self.positions), options.temperature)
-        while feeds["position"].min() < self.positions:
+        while feeds["row"].min() < self.grid[0]:
             feeds.update(await runner(SAMPLER, feeds))
         return {"z": feeds["codes"], **await self.decode(runner, feeds["codes"], y)}
 
     def device_loop(self, name: str, run_graph: Callable[[str, Arrays], Arrays], feeds: Arrays) -> Arrays:
-        """On the device thread: advance each row (B of them, from any requests) by up to STEPS_PER_CALL
-        positions. Takes and gives codes (B, h, w) int64, position (B,) int64 (each row's next position)
-        and the caches of PriorShape.caches; takes u (B, P) f32 and temperature (B,) f32 too."""
+        """On the device thread: draw the next grid row of each sample (B of them, from any requests).
+        Takes and gives codes (B, h, w) int64, row (B,) int64 (each sample's next grid row) and v_hist
+        (PriorShape); takes u (B, P) f32 and temperature (B,) f32 too."""
         assert name == SAMPLER
-        state = {key: feeds[key].copy() for key in ("codes", "position", "v_hist", "v_pre", "h_hist")}
-        codes, position = state["codes"], state["position"]
-        v_hist, v_pre, h_hist = state["v_hist"], state["v_pre"], state["h_hist"]
-        u, temperature = feeds["u"].astype(np.float64), feeds["temperature"].astype(np.float64)
-        outside, back = self.codebook_size, np.arange(-self.prior.half, 0)  # code K: outside the grid
-        for _ in range(STEPS_PER_CALL):
-            rows = np.flatnonzero(position < self.positions)  # (A,)
-            if not len(rows):
-                break
-            i, j = np.divmod(position[rows], self.grid[1])
-            starting, first = rows[j == 0], i[j == 0]  # rows beginning grid row `first`
-            if len(starting):  # the vertical stack of the new grid row, all layers and columns at once
-                above = first[:, None] + back  # (S, half) grid rows above
-                inside = codes[starting[:, None], np.maximum(above, 0)]  # (S, half, w)
-                codes_above = np.where((above >= 0)[..., None], inside, outside)
-                out = run_graph("prior_row", {"codes_above": codes_above, "v_hist": v_hist[starting]})
-                v_pre[starting] = out["v_pre"]
-                v_hist[starting] = np.concatenate([v_hist[starting, :, :, 1:], out["v_row"][..., None, :]], 3)
-                h_hist[starting] = 0.0
-            left = j[:, None] + back  # (A, half) columns left of each row's position
-            codes_left = np.where(left >= 0, codes[rows[:, None], i[:, None], np.maximum(left, 0)], outside)
-            column = v_pre[rows, :, :, j]  # (A, L, 2C): the vertical stack at each row's column
-            out = run_graph("prior_step", {"codes_left": codes_left, "h_hist": h_hist[rows], "v_pre": column})
-            scaled = out["logits"].astype(np.float64) / temperature[rows, None]  # (A, K)
-            probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-            cdf = np.cumsum(probs, axis=1) / probs.sum(axis=1, keepdims=True)
-            picked = (cdf < u[rows, position[rows]][:, None]).sum(axis=1)  # first code whose CDF reaches u
-            codes[rows, i, j] = np.minimum(picked, self.codebook_size - 1)
-            h_hist[rows] = np.concatenate([h_hist[rows, :, :, 1:], out["h_col"][:, :, :, None]], 3)
-            position[rows] += 1
-        return state
+        codes, row, v_hist = feeds["codes"].copy(), feeds["row"].copy(), feeds["v_hist"].copy()
+        active = np.flatnonzero(row < self.grid[0])  # (A,)
+        if not len(active):
+            return {"codes": codes, "row": row, "v_hist": v_hist}
+        width, i = self.grid[1], row[active]
+        above = i[:, None] + np.arange(-self.prior.half, 0)  # (A, half) the grid rows above
+        inside = codes[active[:, None], np.maximum(above, 0)]  # (A, half, w)
+        columns = i[:, None] * width + np.arange(width)  # (A, w) positions of the row
+        out = run_graph("prior_sample_row", {
+            "codes_above": np.where((above >= 0)[..., None], inside, self.codebook_size),  # K: outside
+            "v_hist": v_hist[active], "u": feeds["u"][active[:, None], columns],
+            "temperature": feeds["temperature"][active]})
+        codes[active, i] = out["codes"]
+        v_hist[active] = np.concatenate([v_hist[active, :, :, 1:], out["v_row"][:, :, :, None]], axis=3)
+        row[active] += 1
+        return {"codes": codes, "row": row, "v_hist": v_hist}
 
     async def log_weights(self, runner: GraphRunner, x: np.ndarray, y: np.ndarray | None, k: int, seed: int,
                           graph: str = "log_weights") -> np.ndarray:

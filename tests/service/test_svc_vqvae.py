@@ -123,23 +123,26 @@ def test_served_samples_are_the_full_pass_samples(vq_client: TestClient, vq_arti
     assert [r["latent"] for r in body["results"]] == expected.tolist()
 
 
-def test_rows_joining_the_sampler_mid_walk_get_the_full_pass_samples(monkeypatch) -> None:
-    """The committed 7x7 model, its device loop driven directly: a second request's rows join a batch whose
-    rows are mid-row (other columns, other cached activations), and every row still gets exactly the
-    full-pass samples of its own seed."""
+def test_samples_joining_the_sampler_mid_walk_get_the_full_pass_samples() -> None:
+    """The committed 7x7 model, its device loop driven directly: a second request's samples join a batch
+    whose samples are two grid rows in (other rows, other cached activations), and every sample still
+    gets exactly the full-pass samples of its own seed."""
     from service.engine.runtime import OnnxRuntime
     from service.families import family_for
-    from service.families import vqvae as vq_family
+    from service.families.vqvae import SAMPLER
 
-    monkeypatch.setattr(vq_family, "STEPS_PER_CALL", 3)  # calls end mid-row: rows at different columns
     manifest = load_manifest(DEFAULT_VQ, "onnx")
     family, runtime = family_for(manifest), OnnxRuntime(manifest, "cpu", 1)
     first = family._sampler_feeds(3, prior_uniforms(5, 3, family.positions), 1.0)
-    first = {**first, **family.device_loop(vq_family.SAMPLER, runtime.run, first)}  # 3 positions in
+    for _ in range(2):
+        first.update(family.device_loop(SAMPLER, runtime.run, first))
     second = family._sampler_feeds(2, prior_uniforms(6, 2, family.positions), 1.0)
     state = {key: np.concatenate([first[key], second[key]]) for key in first}
-    while state["position"].min() < family.positions:
-        state.update(family.device_loop(vq_family.SAMPLER, runtime.run, state))
+    calls = 0
+    while state["row"].min() < 7:
+        state.update(family.device_loop(SAMPLER, runtime.run, state))
+        calls += 1
+    assert calls == 7 and state["row"].tolist() == [7] * 5  # finished rows stay put
     prior = DEFAULT_VQ / "prior.onnx"
     np.testing.assert_array_equal(state["codes"][:3], full_pass_samples(prior, 3, 5, 1.0, (7, 7), 64))
     np.testing.assert_array_equal(state["codes"][3:], full_pass_samples(prior, 2, 6, 1.0, (7, 7), 64))

@@ -10,7 +10,7 @@ import torch
 
 from training import losses
 from training.__main__ import main
-from training.pixelcnn import GatedPixelCNN, IncrementalPrior, incremental_logits
+from training.pixelcnn import GatedPixelCNN, IncrementalPrior, sample_rows, separable_draws
 from training.train_vq import VQTrainConfig, iw_bound, model_from_checkpoint, train_vq
 from training.vqvae import VQVAE, VQConfig, codebook_usage
 
@@ -40,24 +40,65 @@ def test_class_conditional_prior_uses_the_label() -> None:
     assert not torch.allclose(prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([1, 2])))
 
 
-@pytest.mark.parametrize(("kernel", "layers", "grid"), [(3, 5, (7, 7)), (5, 3, (4, 6)), (3, 1, (3, 3)),
-                                                         (7, 4, (5, 5))])
-def test_incremental_prior_gives_the_full_pass_logits(kernel: int, layers: int, grid: tuple[int, int]) -> None:
-    """prior_row/prior_step walked over a grid (caches, zero padding, code K outside the grid) equal one
-    full pass at every position: fast sampling draws from the same distribution."""
+def incremental_logits(incremental: IncrementalPrior, codes: torch.Tensor, layers: int,
+                       channels: int) -> torch.Tensor:
+    """Teacher-forced logits (B, K, h, w) of `codes` from IncrementalPrior's row and step: the walk of
+    sample_row with the codes given instead of drawn."""
+    b, h, w = codes.shape
+    half, size = incremental.half, incremental.prior.codebook_size
+    padded = torch.full((b, h + half, w + half), size, dtype=torch.long)  # code K outside the grid
+    padded[:, half:, half:] = codes
+    v_hist, logits = torch.zeros(b, layers, channels, half, w), torch.zeros(b, size, h, w)
+    for i in range(h):
+        v_pre, v_row = incremental.row(padded[:, i:i + half, half:], v_hist)  # codes of rows i-half .. i-1
+        v_hist = torch.cat([v_hist[:, :, :, 1:], v_row[:, :, :, None]], 3)
+        h_hist = torch.zeros(b, layers, channels, half)
+        for j in range(w):
+            left = padded[:, i + half, j:j + half]  # codes of columns j-half .. j-1
+            logits[:, :, i, j], h_col = incremental.step(left, h_hist, v_pre[..., j])
+            h_hist = torch.cat([h_hist[..., 1:], h_col[..., None]], 3)
+    return logits
+
+
+def _biased_prior(kernel: int, layers: int) -> GatedPixelCNN:
     torch.manual_seed(kernel + layers)
     prior = GatedPixelCNN(codebook_size=11, channels=8, layers=layers, kernel=kernel).eval()
     for layer in prior.layers:  # non-zero biases everywhere, so wrong padding would show
         for conv in (layer.vertical, layer.horizontal, layer.vertical_to_horizontal, layer.horizontal_out):
             torch.nn.init.normal_(conv.bias, std=0.5)
-    incremental = IncrementalPrior(prior)
+    return prior
+
+
+SHAPES = [(3, 5, (7, 7)), (5, 3, (4, 6)), (3, 1, (3, 3)), (7, 4, (5, 5))]  # kernel, layers, grid
+
+
+@pytest.mark.parametrize(("kernel", "layers", "grid"), SHAPES)
+def test_incremental_prior_gives_the_full_pass_logits(kernel: int, layers: int,
+                                                     grid: tuple[int, int]) -> None:
+    """row and step walked over a grid (caches, zero padding, code K outside the grid) equal one full
+    pass at every position."""
+    prior = _biased_prior(kernel, layers)
     codes = torch.randint(0, 11, (4, *grid))
     with torch.no_grad():
-        walked = incremental_logits(incremental.row, incremental.step, codes, codebook_size=11,
-                                    layers=layers, channels=8, half=kernel // 2)
+        walked = incremental_logits(IncrementalPrior(prior), codes, layers, 8)
         full = prior(codes)
     assert full.abs().max() > 0.1
     torch.testing.assert_close(walked, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("kernel", "layers", "grid"), SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_row_sampling_draws_what_the_full_pass_draws(kernel: int, layers: int, grid: tuple[int, int],
+                                                     temperature: float) -> None:
+    """sample_row, row after row, draws from the same uniforms exactly the codes of ancestral sampling
+    with one full pass per position (uniforms mid-interval, so rounding cannot decide)."""
+    prior = _biased_prior(kernel, layers)
+    codes, u = separable_draws(prior, 6, grid, temperature=temperature, seed=kernel)
+    assert len(codes.unique()) > 3
+    with torch.no_grad():
+        drawn = sample_rows(IncrementalPrior(prior).sample_row, u, torch.full((6,), temperature), grid=grid,
+                            codebook_size=11, layers=layers, channels=8, half=kernel // 2)
+    assert torch.equal(drawn, codes)
 
 
 def test_incremental_prior_refuses_a_class_conditional_prior() -> None:

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +27,7 @@ import tritonclient
 from google.protobuf import text_format
 
 from training.__main__ import main
-from training.pixelcnn import incremental_logits
+from training.pixelcnn import sample_rows, separable_draws
 from training.triton_repo import TritonOptions, TritonRepoError, export_triton_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -295,32 +294,29 @@ def test_vq_model_exports_its_graphs_and_a_log_likelihood(pb2: ModuleType, tmp_p
                                                           vq_artifact: Any) -> None:
     out = tmp_path / "repo"
     names = export_triton_repo(vq_artifact.models_dir, out, ["tinyvq"])
-    assert sorted(names) == sorted(f"tinyvq_{g}" for g in ("encoder", "decoder", "prior", "prior_row",
-                                                           "prior_step", "log_weights", "log_likelihood"))
+    assert sorted(names) == sorted(f"tinyvq_{g}" for g in ("encoder", "decoder", "prior", "prior_sample_row",
+                                                           "log_weights", "log_likelihood"))
     inputs = {}
-    for graph in ("prior", "prior_row", "prior_step"):
+    for graph in ("prior", "prior_sample_row"):
         config = text_format.Parse((out / f"tinyvq_{graph}" / "config.pbtxt").read_text(), pb2.ModelConfig())
         inputs[graph] = [(i.name, pb2.DataType.Name(i.data_type)) for i in config.input]
     assert inputs == {"prior": [("codes", "TYPE_INT64")],
-                      "prior_row": [("codes_above", "TYPE_INT64"), ("v_hist", "TYPE_FP32")],
-                      "prior_step": [("codes_left", "TYPE_INT64"), ("h_hist", "TYPE_FP32"),
-                                     ("v_pre", "TYPE_FP32")]}
-    # the client-side loop of docs/triton-and-kserve.md over the served files: the full pass's logits
-    sessions = {g: ort.InferenceSession(out / f"tinyvq_{g}" / "1" / "model.onnx")
-                for g in ("prior", "prior_row", "prior_step")}
+                      "prior_sample_row": [("codes_above", "TYPE_INT64"), ("v_hist", "TYPE_FP32"),
+                                           ("u", "TYPE_FP32"), ("temperature", "TYPE_FP32")]}
+    # the client-side loop of docs/triton-and-kserve.md over the served file draws the full pass's samples
+    session = ort.InferenceSession(out / "tinyvq_prior_sample_row" / "1" / "model.onnx")
 
-    def call(graph: str) -> Callable[..., tuple[torch.Tensor, ...]]:
-        names = [i.name for i in sessions[graph].get_inputs()]
-        return lambda *args: tuple(torch.from_numpy(a) for a in sessions[graph].run(
+    def sample_row(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        names = [i.name for i in session.get_inputs()]
+        return tuple(torch.from_numpy(a) for a in session.run(
             None, {n: t.numpy() for n, t in zip(names, args, strict=True)}))
 
-    codes = torch.randint(0, 8, (5, 2, 2))
-    prior = vq_artifact.model.config
-    walked = incremental_logits(call("prior_row"), call("prior_step"), codes, codebook_size=8,
-                                layers=prior.prior_layers, channels=prior.prior_channels,
-                                half=prior.prior_kernel // 2)
-    [full] = sessions["prior"].run(None, {"codes": codes.numpy()})
-    np.testing.assert_allclose(walked.numpy(), full, atol=1e-4)
+    config = vq_artifact.model.config
+    codes, u = separable_draws(vq_artifact.model.prior, 5, (2, 2))
+    drawn = sample_rows(sample_row, u, torch.ones(5), grid=(2, 2), codebook_size=8,
+                        layers=config.prior_layers, channels=config.prior_channels,
+                        half=config.prior_kernel // 2)
+    assert torch.equal(drawn, codes)
     log_weights = ort.InferenceSession(out / "tinyvq_log_weights" / "1" / "model.onnx")
     reduction = ort.InferenceSession(out / "tinyvq_log_likelihood" / "1" / "model.onnx")
     rng = np.random.default_rng(0)
