@@ -40,6 +40,7 @@ default-model-vqvae:
 # Sampling from the VQ-VAE's prior through the real service: latency of n=64, batching of concurrent requests.
 bench-vq:
 	scripts/bootstrap.sh train,test,torchscript
+	benchmarks/setup.sh
 	$(PY) benchmarks/vq_sampling.py
 
 # The serving benchmark against the plain FastAPI endpoint only (no peers venv needed).

@@ -42,26 +42,13 @@ def hey_version() -> str | None:
     return out or None
 
 
-def hey_command(url: str, body: Path, concurrency: int, seconds: float, timeout_s: int = 60,
+def hey_command(url: str, body: Path | None, concurrency: int, seconds: float, timeout_s: int = 60,
                 content_type: str = "application/json") -> list[str]:
+    """POST `body` to url, or GET url when body is None."""
     if not url.startswith(f"http://{HOST}:"):
         raise ValueError(f"only {HOST} is measured, not {url}")
-    return [
-        hey_path(),
-        "-z",
-        f"{seconds:g}s",
-        "-c",
-        str(concurrency),
-        "-m",
-        "POST",
-        "-T",
-        content_type,
-        "-D",
-        str(body),
-        "-t",
-        str(timeout_s),
-        url,
-    ]
+    request = ["-m", "GET"] if body is None else ["-m", "POST", "-T", content_type, "-D", str(body)]
+    return [hey_path(), "-z", f"{seconds:g}s", "-c", str(concurrency), *request, "-t", str(timeout_s), url]
 
 
 _FLOAT = r"([0-9.]+|NaN)"
@@ -115,7 +102,7 @@ def parse_summary(text: str) -> dict[str, Any]:
     }
 
 
-def run_hey(url: str, body: Path, concurrency: int, seconds: float,
+def run_hey(url: str, body: Path | None, concurrency: int, seconds: float,
             content_type: str = "application/json") -> dict[str, Any]:
     """One bounded hey run; its parsed summary, its command line and the CPU it used itself."""
     command = hey_command(url, body, concurrency, seconds, content_type=content_type)

@@ -6,8 +6,8 @@ prior's steps of concurrent requests buys.
 Starts `python -m service` on 127.0.0.1 with its defaults serving only that model, then
 1. latency: `GET /v1/models/{model}/sample?n=64` one at a time, `--repeats` times (fresh seed each):
    median and p90 milliseconds (target: <= 250 ms on the 2-core CPU machine);
-2. throughput: for n in --sizes, requests one at a time for `--seconds` (the baseline), then 8 at a
-   time for `--seconds`: samples per second and the ratio (target: 8 concurrent >= 3x one at a time,
+2. throughput: for n in --sizes, `hey` sends requests one at a time for `--seconds` (the baseline), then
+   8 at a time for `--seconds`: samples per second and the ratio (target: 8 concurrent >= 3x one at a time,
    because the prior calls of concurrent requests share batches).
 Before them, the prior graphs alone in ONNX Runtime (one thread, in process): milliseconds per call at
 1, 8 and 64 rows, and the device work of sampling 64 code grids with a full prior pass per position vs
@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from anomaly_cost import _median_ms, free_port, start_service
-from hey_runner import HOST
+from hey_runner import HOST, run_hey
 from machine import machine_info, machine_tag
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,25 +92,16 @@ async def latency(url: str, n: int, repeats: int) -> dict[str, float]:
             "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1), "min_ms": round(ms[0], 1)}
 
 
-async def throughput(url: str, n: int, concurrency: int, seconds: float) -> dict[str, float]:
-    """Samples/s with `concurrency` clients each sending one request after another for `seconds`."""
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def client_loop(worker: int) -> None:
-        nonlocal done
-        seed = worker * 1_000_000
-        async with httpx.AsyncClient(timeout=60) as client:
-            while time.perf_counter() < stop:
-                await _one(client, url, n, seed)
-                done += 1
-                seed += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return {"n": n, "concurrency": concurrency, "requests": done, "seconds": round(elapsed, 2),
-            "samples_per_s": round(done * n / elapsed, 1)}
+def throughput(url: str, n: int, concurrency: int, seconds: float) -> dict[str, float]:
+    """Samples/s with `concurrency` hey connections each sending the next request when the previous one
+    is answered, for `seconds` (hey, not a Python client: its own CPU would take the cores it measures).
+    Every request has the same seed: the work of a sample does not depend on it."""
+    result = run_hey(f"{url}?n={n}&seed=1", None, concurrency, seconds)
+    if result["ok"] != result["answered"] or result["errors"]:
+        raise SystemExit(f"sample requests failed: {result['status_codes']} {result['error_distribution']}")
+    return {"n": n, "concurrency": concurrency, "requests": result["ok"], "seconds": result["total_s"],
+            "samples_per_s": round(result["ok_per_s"] * n, 1), "p50_ms": result["p50_ms"],
+            "p99_ms": result["p99_ms"], "hey_cpu_cores": result["hey_cpu_cores"]}
 
 
 def render(report: dict) -> str:
@@ -157,8 +148,8 @@ def main() -> None:
             report["latency"] = asyncio.run(latency(url, 64, args.repeats))
             report["throughput"] = []
             for n in (int(s) for s in args.sizes.split(",")):
-                alone = asyncio.run(throughput(url, n, 1, args.seconds))
-                concurrent = asyncio.run(throughput(url, n, 8, args.seconds))
+                alone = throughput(url, n, 1, args.seconds)
+                concurrent = throughput(url, n, 8, args.seconds)
                 report["throughput"].append({"n": n, "alone": alone, "concurrent": concurrent,
                                              "ratio": concurrent["samples_per_s"] / alone["samples_per_s"]})
         finally:
