@@ -294,6 +294,10 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
                          f"{sorted(FAMILY_GRAPHS)}); upgrade the service")
     graphs = {}
     optional = FAMILY_OPTIONAL_GRAPHS[family]
+    missing = [g for g in FAMILY_GRAPHS[family] if g not in raw["graphs"]]
+    if missing:
+        raise ValueError(f"a {family} artifact needs the graphs {list(FAMILY_GRAPHS[family])}; this one "
+                         f"lacks {missing} (an older export?): re-export it with `python -m training export`")
     for graph in FAMILY_GRAPHS[family] + tuple(g for g in optional if g in raw["graphs"]):
         spec = raw["graphs"][graph]
         if runtime not in spec:

@@ -126,6 +126,14 @@ def _edit_manifest(path: Path, **changes: object) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+def test_artifact_without_a_graph_of_its_family_is_refused_with_what_to_do(repo: Path) -> None:
+    manifest = json.loads((repo / "tiny" / "1" / "manifest.json").read_text())
+    del manifest["graphs"]["log_weights"]
+    _edit_manifest(repo / "tiny" / "1", graphs=manifest["graphs"])
+    with pytest.raises(ArtifactError, match=r"lacks \['log_weights'\].*re-export it"):
+        load_manifest(repo / "tiny" / "1", "onnx")
+
+
 def test_unknown_format_version_is_refused(repo: Path) -> None:
     _edit_manifest(repo / "tiny" / "1", format_version=2)
     with pytest.raises(ArtifactError, match="format_version 2 is not supported"):
