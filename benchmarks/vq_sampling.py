@@ -118,11 +118,12 @@ def render(report: dict) -> str:
               "| target | measured | status |", "|---|---|---|",
               f"| sample?n=64 <= 250 ms | median {lat['median_ms']} ms, p90 {lat['p90_ms']} ms over "
               f"{lat['requests']} requests | {'met' if lat['median_ms'] <= 250 else '**not met**'} |"]
-    for row in report["throughput"]:
-        ratio = row["ratio"]
-        lines.append(f"| n={row['n']}: 8 concurrent >= 3x one at a time | {ratio:.2f}x "
-                     f"({row['concurrent']['samples_per_s']} vs {row['alone']['samples_per_s']} samples/s) | "
-                     f"{'met' if ratio >= 3 else '**not met**'} |")
+    for row in report["throughput"]:  # the target is for single-sample requests; larger n for reference
+        ratio, target = row["ratio"], row["n"] == 1
+        status = ("met" if ratio >= 3 else "**not met**") if target else "no target"
+        label = f"n={row['n']}: 8 concurrent {'>= 3x' if target else 'vs'} one at a time"
+        lines.append(f"| {label} | {ratio:.2f}x ({row['concurrent']['samples_per_s']} vs "
+                     f"{row['alone']['samples_per_s']} samples/s) | {status} |")
     return "\n".join(lines) + "\n"
 
 
