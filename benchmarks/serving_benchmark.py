@@ -27,7 +27,8 @@ What it does:
    average before the level; then the issue's targets as same-run ratios.
 
 Servers (`--servers`, comma-separated; default all): vae-serve (defaults + VAE_THREADS=1),
-vae-serve-shared (VAE_ENGINE_PLACEMENT=shared), vae-serve-nobatch (VAE_MAX_BATCH_SIZE=1), vae-serve-1proc
+vae-serve-shared (VAE_ENGINE_PLACEMENT=shared), vae-serve-nobatch (VAE_MAX_BATCH_SIZE=1),
+vae-serve-split-writes (VAE_COALESCE_WRITES=false), vae-serve-1proc
 (VAE_HTTP_WORKERS=0), plain-w1, plain-w2
 (plain_server.py, 1 or 2 uvicorn workers), bentoml-w1, bentoml-w2, litserve-w1, litserve-w2
 (benchmarks/peers/). Every one runs models/<model>/<version>/encoder.onnx with ONE intra-op thread.

@@ -116,6 +116,16 @@ def server_specs(
             "VAE_MAX_BATCH_SIZE=1 (batching off)",
         ),
         ServerSpec(
+            "vae-serve-split-writes",
+            "vae-serve",
+            service,
+            {**base, "VAE_COALESCE_WRITES": "false"},
+            "/readyz",
+            encode,
+            None,
+            "VAE_COALESCE_WRITES=false (a response's head and body in two send() calls, as uvicorn does)",
+        ),
+        ServerSpec(
             "vae-serve-1proc",
             "vae-serve",
             service,

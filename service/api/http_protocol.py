@@ -39,16 +39,45 @@ LINGER_IDLE_S = 1.0  # or until the caller has sent nothing for this long (nginx
 
 
 class LingeringTransport:
-    """The connection's transport, whose close() lingers when the request body is still arriving."""
+    """The connection's transport, whose close() lingers when the request body is still arriving, and
+    whose writes of one event-loop turn go out as one.
+
+    uvicorn writes a response's status line and headers when the app sends http.response.start and the
+    body when it sends http.response.body, and the transport sends each at once: two send() calls and
+    two TCP segments for every small answer. The app sends both in one turn of the loop, so holding the
+    writes until the end of the turn joins them into one send() (coalesce_writes). Anything that ends
+    the connection (close, write_eof) sends what is held first, so order and content never change.
+    """
 
     def __init__(self, transport: asyncio.Transport, protocol: JsonErrorHttpToolsProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._held: list[bytes] = []  # written this turn of the loop, not yet handed to the transport
 
-    def __getattr__(self, name: str) -> Any:  # everything but close() and is_closing() is the transport's
+    def __getattr__(self, name: str) -> Any:  # all but write/close/write_eof/is_closing is the transport's
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        if not self._protocol.coalesce_writes:
+            self._transport.write(data)
+            return
+        if not self._held:
+            self._protocol.loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
     def close(self) -> None:
+        self.flush()
         if self._protocol.should_linger():
             self._protocol.start_lingering(self._transport)
         else:
@@ -62,6 +91,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol whose 400 for unparseable requests is JSON and whose early answers linger."""
 
     header_timeout_s = 10.0  # Settings.header_timeout_s, set by http_protocol()
+    coalesce_writes = True  # LingeringTransport joins each loop turn's writes (Settings.coalesce_writes)
     lingering = False
     _linger_timer: asyncio.TimerHandle | None = None
     _linger_until = 0.0
@@ -161,6 +191,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def http_protocol(header_timeout_s: float) -> type[JsonErrorHttpToolsProtocol]:
+def http_protocol(header_timeout_s: float, coalesce_writes: bool = True) -> type[JsonErrorHttpToolsProtocol]:
     """The protocol class uvicorn instantiates per connection, with this service's header deadline."""
-    return type("HttpProtocol", (JsonErrorHttpToolsProtocol,), {"header_timeout_s": header_timeout_s})
+    return type("HttpProtocol", (JsonErrorHttpToolsProtocol,), {"header_timeout_s": header_timeout_s,
+                                                                 "coalesce_writes": coalesce_writes})

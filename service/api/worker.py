@@ -104,7 +104,8 @@ class DrainingServer(uvicorn.Server):
 def uvicorn_config(app: object, settings: Settings, **kwargs: object) -> uvicorn.Config:
     return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
                           timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 2,
-                          http=http_protocol(settings.header_timeout_s), backlog=2048, **kwargs)  # type: ignore[arg-type]
+                          http=http_protocol(settings.header_timeout_s, settings.coalesce_writes),
+                          backlog=2048, **kwargs)  # type: ignore[arg-type]
 
 
 def serve_single_process(settings: Settings) -> int:
