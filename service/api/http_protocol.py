@@ -44,9 +44,11 @@ class LingeringTransport:
 
     uvicorn writes a response's status line and headers when the app sends http.response.start and the
     body when it sends http.response.body, and the transport sends each at once: two send() calls and
-    two TCP segments for every small answer. The app sends both in one turn of the loop, so holding the
-    writes until the end of the turn joins them into one send() (coalesce_writes). Anything that ends
-    the connection (close, write_eof) sends what is held first, so order and content never change.
+    two TCP segments for every small answer. Here writes are held and sent as one when the response is
+    complete (the protocol's on_response_complete, called right after the last body write), or at the
+    end of the loop's turn for what has not completed by then (a streamed body, 100 Continue), or
+    before anything that ends the connection (close, write_eof): order and content never change, and a
+    finished response never waits for the rest of its request's task (coalesce_writes).
     """
 
     def __init__(self, transport: asyncio.Transport, protocol: JsonErrorHttpToolsProtocol) -> None:
@@ -109,6 +111,10 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
         self._request_begun = True
         if self._header_timer is None:  # a later request on a kept-alive connection
             self._start_header_timer()
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # the response, head and body, in one send() (LingeringTransport)
+        super().on_response_complete()
 
     def on_headers_complete(self) -> None:
         self._request_begun = False
