@@ -277,13 +277,17 @@ def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path:
 
 
 # -- 4. metrics across processes (and a clean drain of the whole tree) ---------------------------------------
-def _per_worker_counts(pids: list[int]) -> dict[int, float]:
-    """Successful encodes counted in each worker's own multiprocess file (where the tree keeps them)."""
+def _per_worker_counts(pids: list[int], since: float) -> dict[int, float]:
+    """Successful encodes counted in each worker's own multiprocess file (where the tree keeps them).
+
+    Only files written since the server started: a server killed by an earlier test leaves its runtime
+    directory behind, and its workers' pids may have come round again."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
     out = {}
     for pid in pids:
         files = glob.glob(os.path.join(tempfile.gettempdir(), "vae-serve-*", "metrics", f"counter_{pid}.db"))
+        files = [f for f in files if os.path.getmtime(f) >= since]
         total = 0.0
         for metric in MultiProcessCollector.merge(files, accumulate=True):
             for s in metric.samples:
@@ -296,6 +300,7 @@ def _per_worker_counts(pids: list[int]) -> dict[int, float]:
 
 def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path, tmp_path: Path) -> None:
     round_size, concurrency = 20, 8
+    started = time.time() - 1.0  # file times may be a little coarse
     with harness.start_server(models_dir, tmp_path / "server.log", env=BASE_ENV) as server:
         wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
         workers = [pids[0] for pids in worker_pids(server.log()).values()]
@@ -316,7 +321,7 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
             statuses = asyncio.run(encodes())
             assert statuses == [200] * round_size, statuses
             n += round_size
-            per_worker = _per_worker_counts(workers)
+            per_worker = _per_worker_counts(workers, started)
             if all(v > 0 for v in per_worker.values()):
                 break
         metrics = harness.scrape(server.url)
