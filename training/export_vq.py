@@ -95,10 +95,17 @@ def parity_inputs(model: VQVAE, x: torch.Tensor, samples: int, seed: int) -> tup
     return inputs, magnitude
 
 
-def _walk_shape(model: VQVAE) -> dict:
+def _prior_shape(model: VQVAE) -> PriorShape:
+    """The prior's sampling cache as the service sizes it (layers, channels, kernel // 2)."""
     cfg = model.config
-    return {"grid": cfg.grid, "codebook_size": cfg.codebook_size, "layers": cfg.prior_layers,
-            "channels": cfg.prior_channels, "half": cfg.prior_kernel // 2}
+    return PriorShape(cfg.prior_layers, cfg.prior_channels, cfg.prior_kernel // 2)
+
+
+def _walk_shape(model: VQVAE) -> dict:
+    """The keyword arguments of pixelcnn.sample_rows for this model."""
+    shape = _prior_shape(model)
+    return {"grid": model.config.grid, "codebook_size": model.config.codebook_size, "layers": shape.layers,
+            "channels": shape.channels, "half": shape.half}
 
 
 def _sample_row_inputs(model: VQVAE, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -210,8 +217,7 @@ def export_vq_model(model: VQVAE, splits: DataSplits, models_dir: str | Path, na
         family = ServedVQVAE(grid=model.config.grid, codebook_size=model.config.codebook_size,
                              code_dim=model.config.code_dim, input_shape=model.config.input_shape,
                              preprocessing=prep, likelihood=model.config.likelihood,
-                             prior=PriorShape(model.config.prior_layers, model.config.prior_channels,
-                                              model.config.prior_kernel // 2))
+                             prior=_prior_shape(model))
         scorer = GraphScorer(tmp, _latent_dim(model), prep, model.config.likelihood,
                              input_shape=model.config.input_shape, family=family)
         anomaly_record = calibrate_anomaly(tmp, scorer, splits, calibration_k, seed, anomaly_method, alpha,
