@@ -300,6 +300,8 @@ def run_server(
                     "images_per_request": scenario.images,
                     "load_average_before": load,
                     "server_cpu_cores": round(cpu / wall, 2),
+                    # Speed per core: the CPU the server's process tree spent per 2xx answer.
+                    "server_cpu_us_per_ok": round(cpu * 1e6 / result["ok"], 1) if result["ok"] else None,
                     **result,
                 }
                 level["images_per_s"] = (
@@ -362,6 +364,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str
             "errors": sum(lv["errors"] for lv in levels),
             "status_codes": _sum_dicts([lv["status_codes"] for lv in levels]),
             "server_cpu_cores": med("server_cpu_cores"),
+            "server_cpu_us_per_ok": med("server_cpu_us_per_ok"),
             "hey_cpu_cores": med("hey_cpu_cores"),
             "load_average_before": [lv["load_average_before"][0] for lv in levels],
             "mean_batch_rows": _median_dicts([lv.get("mean_batch_rows") or {} for lv in levels]),
@@ -451,6 +454,31 @@ def targets(
     return rows
 
 
+def per_core(table: dict[tuple[str, str, int], dict[str, Any]],
+             specs: dict[str, ServerSpec]) -> list[dict[str, Any]]:
+    """Server CPU per 2xx 1-image encode at 64 connections: the service against each peer family's best.
+
+    No target of its own: it separates the servers' own cost per request from the share of the cores
+    each gets. hey runs on the same cores (its CPU per request dilutes a throughput ratio), and a server
+    that leaves a core idle (the plain endpoint's thread pool) loses throughput at no CPU cost.
+    """
+    ours = table.get(("vae-serve", "encode-1", 64))
+    rows: list[dict[str, Any]] = []
+    if ours is None or not ours.get("server_cpu_us_per_ok"):
+        return rows
+    families: dict[str, list[dict[str, Any]]] = {}
+    for (server, scenario, c), row in table.items():
+        if scenario == "encode-1" and c == 64 and server in specs and specs[server].is_peer:
+            families.setdefault(specs[server].family, []).append(row)
+    for measured in families.values():
+        best = max(measured, key=lambda r: r["ok_per_s"] or 0.0)  # the server the targets compare with
+        if best.get("server_cpu_us_per_ok"):
+            rows.append({"peer": best["server"], "ours_us": ours["server_cpu_us_per_ok"],
+                         "peer_us": best["server_cpu_us_per_ok"],
+                         "ratio": _r(best["server_cpu_us_per_ok"] / ours["server_cpu_us_per_ok"])})
+    return rows
+
+
 def _same_service_ratios(table: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
     """The service against itself in the same run: reconstruct vs encode, the default anomaly method vs
     nll, encode under a log-likelihood flood vs encode alone."""
@@ -515,8 +543,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"## {scenario}",
             "",
             f"| server | connections | load avg before | req/s (2xx) | {unit} | p50 ms | p90 ms | p99 ms | "
-            "non-2xx | errors | server CPU (cores) | hey CPU (cores) | rows per batch |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "non-2xx | errors | server CPU (cores) | server CPU µs per 2xx | hey CPU (cores) | "
+            "rows per batch |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in rows:
             amount = r["samples_per_s"] if scenario.startswith("loglik") else r["images_per_s"]
@@ -524,7 +553,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['server']} | {r['concurrency']} | {', '.join(map(str, r['load_average_before']))} | "
                 f"{_fmt(r['ok_per_s'])} | {_fmt(amount, 0)} | {_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | "
                 f"{_fmt(r['p99_ms'])} | {r['non_2xx']} | {r['errors']} | {_fmt(r['server_cpu_cores'], 2)} | "
-                f"{_fmt(r['hey_cpu_cores'], 2)} | "
+                f"{_fmt(r.get('server_cpu_us_per_ok'), 0)} | {_fmt(r['hey_cpu_cores'], 2)} | "
                 + (", ".join(f"{g} {v}" for g, v in r["mean_batch_rows"].items()) or "-")
                 + " |"
             )
@@ -553,6 +582,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {t['target']} | {t['measured']} | {_fmt(t['ratio'], 2)}x | {t['goal']} | "
             f"{'met' if t['met'] else '**not met**'} |"
         )
+    if result.get("per_core"):
+        lines += [
+            "",
+            "Speed per core (no target; the server's CPU per 2xx 1-image encode at 64 connections, free of "
+            "the share of the 2 cores hey takes and of cores a server leaves idle):",
+            "",
+            "| peer | this service µs | peer µs | peer / this service |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {p['peer']} | {p['ours_us']:.0f} | {p['peer_us']:.0f} | {_fmt(p['ratio'], 2)}x |"
+                  for p in result["per_core"]]
     lines += [
         "",
         "Latency percentiles are hey's: over every request that got an HTTP answer (any status); hey prints "
@@ -583,6 +623,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['errors']:>6}  {r['load_average_before']}"
         )
     print()
+    for p in result.get("per_core", []):
+        print(f"speed per core: {p['peer']} {p['peer_us']:.0f} us of server CPU per 2xx 1-image encode, "
+              f"this service {p['ours_us']:.0f} us -> {_fmt(p['ratio'], 2)}x")
     for t in result["targets"]:
         print(
             f"{'met    ' if t['met'] else 'NOT MET'} {t['target']}: {t['measured']} "
@@ -735,6 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         "raw_providers": raw.providers,
         "table": rows_out,
         "targets": targets(table, {n: specs[n] for n in chosen}, raw_runs),
+        "per_core": per_core(table, {n: specs[n] for n in chosen}),
         "example_hey_command": example,
         "load_average_at_end": load_average(),
         "runs": runs,
