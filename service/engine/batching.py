@@ -11,7 +11,10 @@ Scheduling between graphs on one device (why cheap work is not starved by expens
   in arrival order, so busy batchers take turns: round-robin by batch;
 - a batcher with a time slice (`max_batch_seconds`, used for log_weights) caps its batches at the
   rows that fit in the slice at its measured cost per row, so an encode batch never waits behind
-  more than one slice of log-likelihood work, however large the log-likelihood requests are.
+  more than one slice of log-likelihood work, however large the log-likelihood requests are;
+- with several execution threads a time-sliced batcher leaves one of them to the other batchers
+  while any of them has work, and takes it too while none has (a worker holding every connection of
+  a log-likelihood load would otherwise leave a core idle).
 
 Admission (all checked before anything is queued, so overload is answered at once):
 - `queued_rows` is bounded by `max_queue_rows` (QueueFull);
@@ -55,6 +58,10 @@ from service.logs import request_id_var
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[Arrays], Arrays]
+# A time-sliced batcher takes the execution thread it leaves to the others only once they have had no
+# work for this long: under a steady stream of cheap requests their batcher is idle between two batches
+# for moments, and a slice started in such a moment would make the next cheap batch wait for it.
+LENDING_IDLE_S = 1.0
 T = TypeVar("T")
 __all__ = ["Arrays", "BatchFailed", "Batcher", "BatcherClosed", "DeadlineExceeded", "DeviceExecutor",
            "QueueFull", "TooExpensive"]
@@ -102,6 +109,11 @@ class DeviceExecutor:
         """Device seconds the other busy batchers take per round-robin turn (one batch each)."""
         return sum(b.batch_seconds() for b in self.batchers if b is not exclude and b.busy)
 
+    def others_busy(self, exclude: Batcher) -> bool:
+        """Whether any batcher of this device but `exclude` has had work in the last LENDING_IDLE_S."""
+        quiet_since = time.monotonic() - LENDING_IDLE_S
+        return any(b.busy or b.last_busy > quiet_since for b in self.batchers if b is not exclude)
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -146,13 +158,15 @@ class Batcher:
         self._queue: collections.deque[_Submission] = collections.deque()
         self._queued_rows = 0
         self._running_rows = 0  # rows of the batches on the device now
-        # Batches of this batcher running at once. A time-sliced (expensive) batcher leaves one instance
-        # to the others when there are several, so cheap work always finds a free one (a flood of
-        # log-likelihood work cannot occupy every execution thread).
+        # Batches of this batcher running at once while other batchers of the device have work. A
+        # time-sliced (expensive) batcher leaves one instance to the others when there are several, so
+        # cheap work always finds a free one (a flood of log-likelihood work cannot occupy every
+        # execution thread); while the others are idle it uses every instance (_may_start).
         self.max_running = worker.instances if max_batch_seconds is None or worker.instances == 1 \
             else worker.instances - 1
-        self._slots = asyncio.Semaphore(self.max_running)
         self._running: set[asyncio.Task[None]] = set()
+        self._batch_done = asyncio.Event()  # set when one of this batcher's batches finishes
+        self.last_busy = -math.inf  # time.monotonic() when this batcher last had work (others_busy)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -282,6 +296,7 @@ class Batcher:
                                  request_id_var.get())
         self._queue.append(submission)
         self._queued_rows += n
+        self.last_busy = submission.enqueued_at
         self._observer.depth(self._queued_rows)
         self._wakeup.set()
         try:
@@ -298,21 +313,32 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             await self._gather()
-            await self._slots.acquire()  # while every instance is busy, rows keep joining the queue
+            while not self._may_start():  # while every instance is busy, rows keep joining the queue
+                self._batch_done.clear()
+                await self._batch_done.wait()
             await self._worker.turns.acquire()
             batch = self._take()
             if not batch:
                 self._worker.turns.release()
-                self._slots.release()
                 continue
             task = asyncio.create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
+    def _may_start(self) -> bool:
+        """Whether another batch of this batcher may start now (see max_running)."""
+        running = len(self._running)
+        if running < self.max_running:
+            return True
+        # The instance a time-sliced batcher leaves to the others: its own while none of them has work.
+        # Checked before waiting for a turn, so a batch queued elsewhere gets the next free instance.
+        return running < self._worker.instances and not self._worker.others_busy(self)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self.last_busy = time.monotonic()
         self._worker.turns.release()
-        self._slots.release()
+        self._batch_done.set()
 
     async def _gather(self) -> None:
         """Return when a full batch is queued, or when the oldest queued row has waited max_delay_s."""

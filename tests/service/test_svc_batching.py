@@ -254,6 +254,55 @@ def test_several_instances_run_batches_side_by_side_and_rows_come_back_in_order(
     assert graph.calls == 3 and graph.most_concurrent == 2
 
 
+class ConcurrencyGraph:
+    """out = 2 * x after `delay` seconds, recording how many of its batches ran at once."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.concurrent = self.most_concurrent = 0
+
+    def __call__(self, feeds: Arrays) -> Arrays:
+        with self.lock:
+            self.concurrent += 1
+            self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        time.sleep(self.delay)
+        with self.lock:
+            self.concurrent -= 1
+        return {"y": feeds["x"] * 2}
+
+
+@pytest.mark.parametrize("cheap_work_first", [False, True])
+def test_time_sliced_batches_take_every_instance_only_while_others_are_idle(cheap_work_first: bool) -> None:
+    """On a 2-instance device a time-sliced batcher runs 2 batches at once when it is alone (a worker that
+    got every connection of a log-likelihood load uses both cores), 1 when another batcher had work
+    within LENDING_IDLE_S (that instance stays free for cheap work)."""
+    sliced_graph, cheap_graph = ConcurrencyGraph(0.05), ConcurrencyGraph(0.0)
+
+    async def main() -> None:
+        worker = DeviceExecutor("cpu", instances=2)
+        sliced = Batcher(run=sliced_graph, worker=worker, name="log_weights", max_batch_rows=2,
+                         max_queue_rows=64, max_delay_s=0.0, max_batch_seconds=10.0)
+        cheap = Batcher(run=cheap_graph, worker=worker, name="encoder", max_batch_rows=8, max_queue_rows=64,
+                        max_delay_s=0.0)
+        sliced.start()
+        cheap.start()
+        try:
+            assert sliced.max_running == 1 and cheap.max_running == 2
+            if cheap_work_first:
+                await cheap.submit(rows(0, 1), later())
+            x = rows(0, 8)  # 4 batches of 2 rows, 0.2 s of work in all: within LENDING_IDLE_S
+            out = await sliced.submit(x, later())
+            np.testing.assert_array_equal(out["y"], 2 * x["x"])
+        finally:
+            await sliced.stop()
+            await cheap.stop()
+            worker.close()
+
+    asyncio.run(main())
+    assert sliced_graph.most_concurrent == (1 if cheap_work_first else 2)
+
+
 def test_an_idle_device_tries_one_batch_unless_the_deadline_is_shorter_than_any_batch() -> None:
     """One batch on an idle device is always tried, even when the cost model says it is too slow (the
     run corrects an inflated estimate), but a deadline below a one-row batch's time is refused at once."""

@@ -165,7 +165,8 @@ def test_engines_run_in_the_workers_on_the_cpu_and_in_one_process_with_a_gpu(
 
 
 def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..., FastAPI]) -> None:
-    """With several execution threads, log-weights batches may hold all but one of them."""
+    """With several execution threads, log-weights batches hold all but one of them while other graphs
+    have work (test_svc_batching: and every one while they have none)."""
     with TestClient(make_app(device_instances=2)) as client:
         served = client.app.state.service.engine.registry.models[("tiny", "1")]  # type: ignore[attr-defined]
         assert served.batchers["log_weights"].max_running == 1
