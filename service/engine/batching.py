@@ -213,7 +213,7 @@ class Batcher:
         """
         per_batch = self.batch_rows()
         ahead = self._queued_rows + self._running_rows + rows
-        rounds = math.ceil(ahead / per_batch / self.max_running)  # instances run batches side by side
+        rounds = math.ceil(ahead / per_batch / self.parallelism())  # instances run batches side by side
         return rounds * (self.batch_seconds(per_batch) + self._worker.busy_round_s(exclude=self))
 
     def start(self) -> None:
@@ -325,14 +325,20 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._finished)
 
+    def parallelism(self) -> int:
+        """Batches of this batcher that may run at once now: max_running, or every instance of the device
+        while the other batchers are idle (the instance a time-sliced batcher leaves them).
+
+        Admission's estimate divides by it too: batches side by side on shared cores each take longer,
+        and the cost model, which learns from their times, must not count them as one at a time.
+        """
+        if self.max_running < self._worker.instances and not self._worker.others_busy(self):
+            return self._worker.instances
+        return self.max_running
+
     def _may_start(self) -> bool:
-        """Whether another batch of this batcher may start now (see max_running)."""
-        running = len(self._running)
-        if running < self.max_running:
-            return True
-        # The instance a time-sliced batcher leaves to the others: its own while none of them has work.
         # Checked before waiting for a turn, so a batch queued elsewhere gets the next free instance.
-        return running < self._worker.instances and not self._worker.others_busy(self)
+        return len(self._running) < self.parallelism()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
