@@ -195,14 +195,25 @@ def _resize(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """(C, H, W) floats in [0, 1] -> (H, W[, C]) uint8, rounding; out-of-range values are clipped."""
-    pixels = np.clip(np.nan_to_num(arr, nan=0.0), 0.0, 1.0) * 255.0
-    pixels = np.rint(pixels).astype(np.uint8)
+    """(C, H, W) floats in [0, 1] -> (H, W[, C]) uint8, rounding; out-of-range values are clipped, NaN is 0.
+
+    fmax/fmin (which skip NaN) in place: a third of the time of nan_to_num + clip for a 28x28 image.
+    """
+    pixels = np.fmax(arr, 0.0)  # a new array, float32 or float64 like arr; NaN -> 0
+    np.fmin(pixels, 1.0, out=pixels)
+    pixels *= 255.0
+    np.rint(pixels, out=pixels)
+    pixels = pixels.astype(np.uint8)
     return pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """(C, H, W) floats in [0, 1] -> PNG bytes (8-bit grey for C = 1, RGB for C = 3).
+# zlib level of the PNGs of single images: level 1 took 16 us for a 28x28 reconstruction against 27 us
+# at level 6, for files 4 % larger (360 vs 347 bytes on average); grids, larger and sent once, use 6.
+IMAGE_PNG_LEVEL = 1
+
+
+def encode_png(arr: np.ndarray, level: int = IMAGE_PNG_LEVEL) -> bytes:
+    """(C, H, W) floats in [0, 1] -> PNG bytes (8-bit grey for C = 1, RGB for C = 3), zlib at `level`.
 
     Written directly (signature, IHDR, one zlib IDAT with filter 0 rows, IEND; RFC 2083) rather than
     through Pillow, whose fixed cost per file was ~3/4 of the ~180 us it took for a 28x28 digit, on
@@ -215,7 +226,7 @@ def encode_png(arr: np.ndarray) -> bytes:
     rows[:, 1:] = pixels.reshape(height, -1)
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
     return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)), _png_chunk(b"IEND", b"")))
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)), _png_chunk(b"IEND", b"")))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -242,4 +253,4 @@ def grid_png(images: np.ndarray, padding: int = 1, min_cell: int = 32) -> bytes:
         r, col = divmod(i, cols)
         y0, x0 = padding + r * (ch + padding), padding + col * (cw + padding)
         canvas[:, y0:y0 + ch, x0:x0 + cw] = images[i].repeat(scale, axis=1).repeat(scale, axis=2)
-    return encode_png(canvas)
+    return encode_png(canvas, level=6)

@@ -233,6 +233,16 @@ def test_png_encoder_round_trips_through_pillow(shape: tuple[int, int, int]) -> 
     np.testing.assert_array_equal(np.asarray(im), to_uint8(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_uint8_rounds_clips_and_maps_nan_to_black(dtype: type) -> None:
+    from service.api.images import to_uint8
+
+    x = np.array([[[np.nan, np.inf, -np.inf, 1.5, -0.2, 0.5, 0.501, 1.0 / 255.0]]], dtype)  # (1, 1, 8)
+    np.testing.assert_array_equal(to_uint8(x), [[0, 255, 0, 255, 0, 128, 128, 1]])
+    rgb = np.stack([x, 1.0 - x, np.zeros_like(x)], axis=0)[:, 0]  # (3, 1, 8) -> (1, 8, 3)
+    assert to_uint8(rgb).shape == (1, 8, 3) and to_uint8(rgb)[0, 3].tolist() == [255, 0, 0]
+
+
 def test_without_libspng_pillow_decodes_every_png(monkeypatch: pytest.MonkeyPatch) -> None:
     """pyspng is optional (no wheels on some platforms): without it the same file gives the same pixels."""
     from service.api import images
