@@ -7,9 +7,12 @@ judged by it. Each round starts one server per setting (one at a time, alternati
 
     .venv/bin/python benchmarks/cpu_ab.py "VAE_LOG_LEVEL=INFO" "VAE_LOG_LEVEL=WARNING" --rounds 6
     .venv/bin/python benchmarks/cpu_ab.py "" --route reconstruct --rounds 2
+    .venv/bin/python benchmarks/cpu_ab.py "route=anomaly-score?k=256" "route=anomaly-score?k=256&method=nll" \
+        --connections 8 --seconds 10
 
 A setting is space-separated VAE_X=value pairs on top of the serving benchmark's vae-serve server
-(its defaults + VAE_THREADS=1); "" is the defaults. Prints every run and the medians, and writes
+(its defaults + VAE_THREADS=1), and optionally route=<path and query under /v1/models/<model>/> in
+place of --route; "" is the defaults. Prints every run and the medians, and writes
 <output-dir>/cpu_ab-<machine tag>[-<tag>].json.
 """
 
@@ -33,21 +36,24 @@ from serving_servers import ROOT, RunningServer, server_specs
 
 
 def parse_setting(text: str) -> dict[str, str]:
+    """'VAE_A=1 route=encode' -> {'VAE_A': '1', 'route': 'encode'}."""
     pairs = [kv.split("=", 1) for kv in text.split()]
-    if any(len(p) != 2 or not p[0].startswith("VAE_") for p in pairs):
-        raise SystemExit(f"setting {text!r}: use space-separated VAE_NAME=value pairs")
+    if any(len(p) != 2 or not (p[0].startswith("VAE_") or p[0] == "route") for p in pairs):
+        raise SystemExit(f"setting {text!r}: use space-separated VAE_NAME=value pairs (and route=...)")
     return dict(pairs)  # type: ignore[arg-type]
 
 
 def measure(setting: str, args: argparse.Namespace, body: Path, log_dir: Path) -> dict[str, Any]:
     spec = server_specs(args.model, args.version, args.models_dir / args.model / args.version, "cpu", {})[
         "vae-serve"]
-    spec = replace(spec, env={**spec.env, **parse_setting(setting)})
+    env = parse_setting(setting)
+    route = env.pop("route", args.route)
+    spec = replace(spec, env={**spec.env, **env})
     server = RunningServer(spec, log_dir / "server.log")
     server.start()
     try:
         server.wait_ready(240.0)
-        url = f"{server.base_url}/v1/models/{args.model}/{args.route}"
+        url = f"{server.base_url}/v1/models/{args.model}/{route}"
         run_hey(url, body, args.connections, 2.0)  # warm-up
         cpu0 = server.cpu_seconds()
         result = run_hey(url, body, args.connections, args.seconds)
