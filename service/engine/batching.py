@@ -12,9 +12,12 @@ Scheduling between graphs on one device (why cheap work is not starved by expens
 - a batcher with a time slice (`max_batch_seconds`, used for log_weights) caps its batches at the
   rows that fit in the slice at its measured cost per row, so an encode batch never waits behind
   more than one slice of log-likelihood work, however large the log-likelihood requests are;
-- with several execution threads a time-sliced batcher leaves one of them to the other batchers
-  while any of them has work, and takes it too while none has (a worker holding every connection of
-  a log-likelihood load would otherwise leave a core idle).
+- with several execution threads a time-sliced batcher leaves one of them to cheap work: while a
+  request with no time-sliced work (an encode, a decode, a reconstruct...) is in flight on the device
+  or ended less than LENDING_IDLE_S ago (DeviceExecutor.cheap_request). With none, it takes that
+  thread too: a worker holding every connection of a log-likelihood or anomaly-score load would
+  otherwise leave a core idle (the encoder and decoder batches of an anomaly score belong to requests
+  that wait for their log-weights slices anyway, so they do not hold the thread back).
 
 Admission (all checked before anything is queued, so overload is answered at once):
 - `queued_rows` is bounded by `max_queue_rows` (QueueFull);
@@ -38,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -58,9 +61,9 @@ from service.logs import request_id_var
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[Arrays], Arrays]
-# A time-sliced batcher takes the execution thread it leaves to the others only once they have had no
-# work for this long: under a steady stream of cheap requests their batcher is idle between two batches
-# for moments, and a slice started in such a moment would make the next cheap batch wait for it.
+# A time-sliced batcher takes the execution thread it leaves to cheap work only once no cheap request
+# has been in flight for this long: a steady stream of cheap requests has moments with none in flight,
+# and a slice started in such a moment would make the next cheap batch wait for it.
 LENDING_IDLE_S = 1.0
 T = TypeVar("T")
 __all__ = ["Arrays", "BatchFailed", "Batcher", "BatcherClosed", "DeadlineExceeded", "DeviceExecutor",
@@ -104,15 +107,26 @@ class DeviceExecutor:
         # graphs alternate batch by batch, and rows that arrive while the device is busy still join
         # the next batch (taking rows early and then waiting behind a long batch would leave them out).
         self.turns = asyncio.Semaphore(instances)
+        self._cheap_in_flight = 0  # requests with no time-sliced work, in flight on this device
+        self._cheap_ended = -math.inf  # time.monotonic() when the last of them ended
+
+    @contextlib.contextmanager
+    def cheap_request(self) -> Iterator[None]:
+        """Around a request with no time-sliced work: while it runs (and LENDING_IDLE_S after), time-sliced
+        batchers leave it an execution thread (Batcher.parallelism)."""
+        self._cheap_in_flight += 1
+        try:
+            yield
+        finally:
+            self._cheap_in_flight -= 1
+            self._cheap_ended = time.monotonic()
+
+    def cheap_work_recent(self) -> bool:
+        return self._cheap_in_flight > 0 or time.monotonic() - self._cheap_ended < LENDING_IDLE_S
 
     def busy_round_s(self, exclude: Batcher) -> float:
         """Device seconds the other busy batchers take per round-robin turn (one batch each)."""
         return sum(b.batch_seconds() for b in self.batchers if b is not exclude and b.busy)
-
-    def others_busy(self, exclude: Batcher) -> bool:
-        """Whether any batcher of this device but `exclude` has had work in the last LENDING_IDLE_S."""
-        quiet_since = time.monotonic() - LENDING_IDLE_S
-        return any(b.busy or b.last_busy > quiet_since for b in self.batchers if b is not exclude)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -166,7 +180,6 @@ class Batcher:
             else worker.instances - 1
         self._running: set[asyncio.Task[None]] = set()
         self._batch_done = asyncio.Event()  # set when one of this batcher's batches finishes
-        self.last_busy = -math.inf  # time.monotonic() when this batcher last had work (others_busy)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -296,7 +309,6 @@ class Batcher:
                                  request_id_var.get())
         self._queue.append(submission)
         self._queued_rows += n
-        self.last_busy = submission.enqueued_at
         self._observer.depth(self._queued_rows)
         self._wakeup.set()
         try:
@@ -327,12 +339,12 @@ class Batcher:
 
     def parallelism(self) -> int:
         """Batches of this batcher that may run at once now: max_running, or every instance of the device
-        while the other batchers are idle (the instance a time-sliced batcher leaves them).
+        while no cheap request needs the one a time-sliced batcher leaves (DeviceExecutor.cheap_request).
 
         Admission's estimate divides by it too: batches side by side on shared cores each take longer,
         and the cost model, which learns from their times, must not count them as one at a time.
         """
-        if self.max_running < self._worker.instances and not self._worker.others_busy(self):
+        if self.max_running < self._worker.instances and not self._worker.cheap_work_recent():
             return self._worker.instances
         return self.max_running
 
@@ -342,7 +354,6 @@ class Batcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self.last_busy = time.monotonic()
         self._worker.turns.release()
         self._batch_done.set()
 

@@ -8,6 +8,7 @@ sends one message per request and gets one back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import statistics
@@ -71,10 +72,14 @@ class ServedModel:
 
     async def infer(self, operation: Operation, inputs: Arrays, deadline: float, options: Options) -> Arrays:
         """One operation of one request, its graph calls through the batchers (see service/families)."""
-        try:
-            return await self.family.run(operation, partial(self._submit, deadline=deadline), inputs, options)
-        except FamilyError as exc:
-            raise OperationFailed(str(exc)) from None
+        # A request with no time-sliced work keeps an execution thread free of log-likelihood slices.
+        sliced = not self.family.sliced_graphs.isdisjoint(self.family.work(operation, 1, options))
+        with contextlib.nullcontext() if sliced else self.worker.cheap_request():
+            try:
+                return await self.family.run(operation, partial(self._submit, deadline=deadline), inputs,
+                                             options)
+            except FamilyError as exc:
+                raise OperationFailed(str(exc)) from None
 
     def check_admission(self, operation: Operation, items: int, options: Options, deadline: float) -> None:
         """Raise QueueFull / TooExpensive at once if this request's rows would overflow a queue or miss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -272,35 +273,38 @@ class ConcurrencyGraph:
         return {"y": feeds["x"] * 2}
 
 
-@pytest.mark.parametrize("cheap_work_first", [False, True])
-def test_time_sliced_batches_take_every_instance_only_while_others_are_idle(cheap_work_first: bool) -> None:
-    """On a 2-instance device a time-sliced batcher runs 2 batches at once when it is alone (a worker that
-    got every connection of a log-likelihood load uses both cores), 1 when another batcher had work
-    within LENDING_IDLE_S (that instance stays free for cheap work)."""
-    sliced_graph, cheap_graph = ConcurrencyGraph(0.05), ConcurrencyGraph(0.0)
+@pytest.mark.parametrize("cheap_request", ["none", "in flight", "ended just now"])
+def test_time_sliced_batches_take_every_instance_only_without_cheap_requests(cheap_request: str) -> None:
+    """On a 2-instance device a time-sliced batcher runs 2 batches at once while no cheap request (one
+    with no time-sliced work) is in flight or ended within LENDING_IDLE_S, else 1: that instance stays
+    free for cheap work. Batches of other graphs alone do not hold it (an anomaly score's encoder rows)."""
+    sliced_graph, other_graph = ConcurrencyGraph(0.05), ConcurrencyGraph(0.0)
 
     async def main() -> None:
         worker = DeviceExecutor("cpu", instances=2)
         sliced = Batcher(run=sliced_graph, worker=worker, name="log_weights", max_batch_rows=2,
                          max_queue_rows=64, max_delay_s=0.0, max_batch_seconds=10.0)
-        cheap = Batcher(run=cheap_graph, worker=worker, name="encoder", max_batch_rows=8, max_queue_rows=64,
+        other = Batcher(run=other_graph, worker=worker, name="encoder", max_batch_rows=8, max_queue_rows=64,
                         max_delay_s=0.0)
         sliced.start()
-        cheap.start()
+        other.start()
         try:
-            assert sliced.max_running == 1 and cheap.max_running == 2
-            if cheap_work_first:
-                await cheap.submit(rows(0, 1), later())
+            assert sliced.max_running == 1 and other.max_running == 2
+            await other.submit(rows(0, 1), later())  # the other graph's work of a sliced request
             x = rows(0, 8)  # 4 batches of 2 rows, 0.2 s of work in all: within LENDING_IDLE_S
-            out = await sliced.submit(x, later())
+            if cheap_request == "ended just now":
+                with worker.cheap_request():
+                    await other.submit(rows(0, 1), later())
+            with worker.cheap_request() if cheap_request == "in flight" else contextlib.nullcontext():
+                out = await sliced.submit(x, later())
             np.testing.assert_array_equal(out["y"], 2 * x["x"])
         finally:
             await sliced.stop()
-            await cheap.stop()
+            await other.stop()
             worker.close()
 
     asyncio.run(main())
-    assert sliced_graph.most_concurrent == (1 if cheap_work_first else 2)
+    assert sliced_graph.most_concurrent == (2 if cheap_request == "none" else 1)
 
 
 def test_an_idle_device_tries_one_batch_unless_the_deadline_is_shorter_than_any_batch() -> None:

@@ -164,13 +164,21 @@ def test_engines_run_in_the_workers_on_the_cpu_and_in_one_process_with_a_gpu(
     assert parse_args(["--engine-placement", "shared"]) == {"engine_placement": "shared"}
 
 
-def test_time_sliced_work_leaves_an_instance_to_cheap_work(make_app: Callable[..., FastAPI]) -> None:
-    """With several execution threads, log-weights batches hold all but one of them while other graphs
-    have work (test_svc_batching: and every one while they have none)."""
+def test_time_sliced_work_leaves_an_instance_to_cheap_requests(make_app: Callable[..., FastAPI]) -> None:
+    """With several execution threads, log-weights batches hold all but one of them after a request with
+    no log-weights work (a reconstruct), and every one while there was none (test_svc_batching)."""
     with TestClient(make_app(device_instances=2)) as client:
         served = client.app.state.service.engine.registry.models[("tiny", "1")]  # type: ignore[attr-defined]
         assert served.batchers["log_weights"].max_running == 1
         assert served.batchers["encoder"].max_running == served.batchers["decoder"].max_running == 2
+        # Only requests with no log-weights work hold that instance (after warm-up, none has run yet).
+        x = np.zeros((1, *served.manifest.input_shape)).tolist()
+        assert not served.worker.cheap_work_recent()
+        for sliced in ("anomaly-score?k=50&method=fisher", "log-likelihood?k=50"):
+            assert client.post(f"/v1/models/tiny/{sliced}", json={"inputs": x}).status_code == 200
+        assert not served.worker.cheap_work_recent() and served.batchers["log_weights"].parallelism() == 2
+        assert client.post("/v1/models/tiny/reconstruct", json={"inputs": x}).status_code == 200
+        assert served.worker.cheap_work_recent() and served.batchers["log_weights"].parallelism() == 1
 
 
 def test_http_workers_get_model_infos_without_the_latent_bank() -> None:
