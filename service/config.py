@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # Execution threads per device (Triton's instance count), each running its own batches. 0 = auto:
     # 1 on a GPU; on the CPU as many as the cores hold at the intra-op threads each (2 on 2 cores at
     # 1 thread): measured on 2 cores, 64-image requests +45-50% over 1 instance, 1-image requests the
-    # same; time-sliced log-likelihood work leaves one instance to cheap work, unless the other graphs
-    # have been idle for a second (then it takes that one too, see engine/batching.py). With engines
+    # same; time-sliced log-likelihood work leaves one instance to cheap requests, and takes it too
+    # once none has been in flight for a second (engine/batching.py). With engines
     # per worker (engine_placement) each worker gets that many, and the OS shares the cores among them:
     # measured on 2 cores, 1-image encodes under a log-likelihood flood keep 0.67x of their throughput
     # alone with 2 per worker, 0.35x with 1.
