@@ -172,10 +172,10 @@ class Batcher:
         self._queue: collections.deque[_Submission] = collections.deque()
         self._queued_rows = 0
         self._running_rows = 0  # rows of the batches on the device now
-        # Batches of this batcher running at once while other batchers of the device have work. A
-        # time-sliced (expensive) batcher leaves one instance to the others when there are several, so
-        # cheap work always finds a free one (a flood of log-likelihood work cannot occupy every
-        # execution thread); while the others are idle it uses every instance (_may_start).
+        # Batches of this batcher running at once while cheap requests are about. A time-sliced
+        # (expensive) batcher leaves one instance to them when there are several, so cheap work always
+        # finds a free one (a flood of log-likelihood work cannot occupy every execution thread); with
+        # none about it uses every instance (parallelism).
         self.max_running = worker.instances if max_batch_seconds is None or worker.instances == 1 \
             else worker.instances - 1
         self._running: set[asyncio.Task[None]] = set()
