@@ -385,6 +385,26 @@ def _sum_dicts(dicts: list[dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def peer_families(specs: dict[str, ServerSpec]) -> dict[str, list[str]]:
+    """Peer family (plain, bentoml, litserve) -> the names of its servers, in the default order."""
+    families: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.is_peer:
+            families.setdefault(spec.family, []).append(name)
+    return families
+
+
+def best_encode_1(table: dict[tuple[str, str, int], dict[str, Any]],
+                  specs: dict[str, ServerSpec]) -> dict[str, dict[str, Any]]:
+    """Peer family -> its server at its best (most req/s) for 1-image encodes at 64 connections."""
+    best = {}
+    for family, names in peer_families(specs).items():
+        measured = [table[(n, "encode-1", 64)] for n in names if (n, "encode-1", 64) in table]
+        if measured:
+            best[family] = max(measured, key=lambda r: r["ok_per_s"] or 0.0)
+    return best
+
+
 def targets(
     table: dict[tuple[str, str, int], dict[str, Any]],
     specs: dict[str, ServerSpec],
@@ -392,15 +412,8 @@ def targets(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     ours = table.get(("vae-serve", "encode-1", 64))
-    families: dict[str, list[str]] = {}
-    for name, spec in specs.items():
-        if spec.is_peer:
-            families.setdefault(spec.family, []).append(name)
-    for family, names in families.items():
-        measured = [table[(n, "encode-1", 64)] for n in names if (n, "encode-1", 64) in table]
-        if ours is None or not measured:
-            continue
-        best = max(measured, key=lambda r: r["ok_per_s"] or 0.0)
+    families = peer_families(specs)
+    for family, best in best_encode_1(table, specs).items() if ours is not None else ():
         ratio = ours["ok_per_s"] / best["ok_per_s"] if best["ok_per_s"] else None
         lower_p99 = (
             ours["p99_ms"] is not None and best["p99_ms"] is not None and ours["p99_ms"] < best["p99_ms"]
@@ -466,12 +479,7 @@ def per_core(table: dict[tuple[str, str, int], dict[str, Any]],
     rows: list[dict[str, Any]] = []
     if ours is None or not ours.get("server_cpu_us_per_ok"):
         return rows
-    families: dict[str, list[dict[str, Any]]] = {}
-    for (server, scenario, c), row in table.items():
-        if scenario == "encode-1" and c == 64 and server in specs and specs[server].is_peer:
-            families.setdefault(specs[server].family, []).append(row)
-    for measured in families.values():
-        best = max(measured, key=lambda r: r["ok_per_s"] or 0.0)  # the server the targets compare with
+    for best in best_encode_1(table, specs).values():  # the servers the targets compare with
         if best.get("server_cpu_us_per_ok"):
             rows.append({"peer": best["server"], "ours_us": ours["server_cpu_us_per_ok"],
                          "peer_us": best["server_cpu_us_per_ok"],

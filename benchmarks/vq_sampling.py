@@ -63,7 +63,7 @@ def prior_profile(directory: Path) -> dict[str, float]:
     out["decoder, 64 rows"] = _median_ms(lambda: runtime.run("decoder", grid64), 50)
 
     def served_walk() -> None:
-        state = family._sampler_feeds(64, np.random.default_rng(0).random((64, h * w), np.float32), 1.0)
+        state = family.sampler_state(64, np.random.default_rng(0).random((64, h * w), np.float32), 1.0)
         while state["row"].min() < h:
             state.update(family.device_loop(SAMPLER, runtime.run, state))
 

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     # is closed: slowloris callers, who trickle headers or open connections and send nothing, cannot
     # hold connections for long.
     header_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
-    # Join the writes of one event-loop turn into one send(): a response's head and body, which uvicorn
-    # writes separately, go out as one TCP segment (service/api/http_protocol.py). Off only to measure it.
+    # Send a response's head and body, which uvicorn writes separately, in one send() once the response
+    # is complete (service/api/http_protocol.py LingeringTransport). Off only to measure what it buys.
     coalesce_writes: bool = True
     max_image_pixels: int = Field(16_000_000, ge=1)  # declared width*height, checked before decoding
     # Declared pixels of all images of one request, checked from the headers before decoding: bounds

@@ -135,7 +135,7 @@ class VQVAE(ImageFamily):
         if graph == "decoder":
             return {"codes": codes}, {"x_mean": (rows, *self.input_shape)}
         if graph == SAMPLER:
-            feeds = self._sampler_feeds(rows, np.full((rows, self.positions), 0.5, np.float32), 1.0)
+            feeds = self.sampler_state(rows, np.full((rows, self.positions), 0.5, np.float32), 1.0)
             return feeds, {name: value.shape for name, value in feeds.items()
                            if name not in ("u", "temperature")}
         return {"x": x, "u_key": np.zeros((rows, 3), np.int64)}, {"log_w": (rows, self.chunk)}
@@ -149,7 +149,7 @@ class VQVAE(ImageFamily):
         """codes (N, h, w) -> x_mean = E[x | codes] (N, C, H, W) float32."""
         return await runner("decoder", {"codes": z})
 
-    def _sampler_feeds(self, n: int, u: np.ndarray, temperature: float) -> Arrays:
+    def sampler_state(self, n: int, u: np.ndarray, temperature: float) -> Arrays:
         """The state of n samples before their first grid row: what device_loop takes and gives back."""
         return {"codes": np.zeros((n, *self.grid), np.int64), "u": u,  # u (n, P)
                 "temperature": np.full(n, temperature, np.float32), "row": np.zeros(n, np.int64),
@@ -158,7 +158,7 @@ class VQVAE(ImageFamily):
     async def sample(self, runner: GraphRunner, y: np.ndarray | None, options: Options) -> Arrays:
         """Ancestral sampling from the prior (the device loop below): z (n, h, w) and x_mean."""
         n = options.n
-        feeds = self._sampler_feeds(n, prior_uniforms(options.seed, n, self.positions), options.temperature)
+        feeds = self.sampler_state(n, prior_uniforms(options.seed, n, self.positions), options.temperature)
         while feeds["row"].min() < self.grid[0]:
             feeds.update(await runner(SAMPLER, feeds))
         return {"z": feeds["codes"], **await self.decode(runner, feeds["codes"], y)}

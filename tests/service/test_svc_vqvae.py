@@ -133,10 +133,10 @@ def test_samples_joining_the_sampler_mid_walk_get_the_full_pass_samples() -> Non
 
     manifest = load_manifest(DEFAULT_VQ, "onnx")
     family, runtime = family_for(manifest), OnnxRuntime(manifest, "cpu", 1)
-    first = family._sampler_feeds(3, prior_uniforms(5, 3, family.positions), 1.0)
+    first = family.sampler_state(3, prior_uniforms(5, 3, family.positions), 1.0)
     for _ in range(2):
         first.update(family.device_loop(SAMPLER, runtime.run, first))
-    second = family._sampler_feeds(2, prior_uniforms(6, 2, family.positions), 1.0)
+    second = family.sampler_state(2, prior_uniforms(6, 2, family.positions), 1.0)
     state = {key: np.concatenate([first[key], second[key]]) for key in first}
     calls = 0
     while state["row"].min() < 7:
