@@ -149,24 +149,50 @@ def complexity_nats(images: np.ndarray, level: int = ZLIB_LEVEL) -> np.ndarray:
     return np.asarray(lengths, dtype=np.float64) * NATS_PER_BYTE
 
 
-def knn_distance(points: np.ndarray, bank: np.ndarray, k: int = 1, metric: str = "euclidean") -> np.ndarray:
+class LatentBank:
+    """The (M, D) encoder means of the training images, with what knn_distance derives from them made once.
+
+    Deriving them per call (a float64 copy, squared norms, unit rows) took 3.2 ms of each fisher request
+    for the 3,600 x 32 bank of mnist-vae/1 against 0.07 ms for the distances themselves; the results are
+    the same bits either way (the same operations on the same values).
+    """
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        stored = np.asarray(vectors)
+        if stored.ndim != 2:
+            raise AnomalyError(f"a latent bank must be (M, D), got {stored.shape}")
+        self.vectors = stored  # as the artifact stores it (float32)
+        self.rows = stored.astype(np.float64)  # (M, D)
+        self.squared_norms = (self.rows * self.rows).sum(1)  # (M,)
+        self.unit_rows = self.rows / np.maximum(np.linalg.norm(self.rows, axis=1, keepdims=True), 1e-12)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.vectors.shape  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def knn_distance(points: np.ndarray, bank: np.ndarray | LatentBank, k: int = 1,
+                 metric: str = "euclidean") -> np.ndarray:
     """Distance of each point to its k-th nearest bank point: (N, D), (M, D) -> (N,) float64.
 
     metric: "euclidean", or "cosine" (1 - cosine similarity; a zero vector is at distance 1 from all).
+    A bank scored repeatedly (the served calibration's) is passed as a LatentBank, prepared once.
     """
     x = np.asarray(points, dtype=np.float64)
-    b = np.asarray(bank, dtype=np.float64)
-    if x.ndim != 2 or b.ndim != 2 or x.shape[1] != b.shape[1]:
+    b = bank if isinstance(bank, LatentBank) else LatentBank(bank)
+    if x.ndim != 2 or x.shape[1] != b.shape[1]:
         raise AnomalyError(f"latent means {x.shape} and bank {b.shape} must be (N, D) and (M, D)")
     if not 1 <= k <= len(b):
         raise AnomalyError(f"k = {k} needs at least k bank points, the bank has {len(b)}")
     if metric == "euclidean":
-        d = (x * x).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * x @ b.T  # (N, M) squared
+        d = (x * x).sum(1)[:, None] + b.squared_norms[None, :] - 2.0 * x @ b.rows.T  # (N, M) squared
         d = np.sqrt(np.maximum(d, 0.0))
     elif metric == "cosine":
         xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        d = 1.0 - xn @ bn.T
+        d = 1.0 - xn @ b.unit_rows.T
     else:
         raise AnomalyError(f"unknown metric {metric!r} (euclidean or cosine)")
     return np.partition(d, k - 1, axis=1)[:, k - 1]
@@ -247,7 +273,8 @@ def orientation_gain(reconstruction_errors: np.ndarray) -> np.ndarray:
 
 
 def fisher_statistics(nll: np.ndarray, images: np.ndarray, raw_images: np.ndarray, latent_mean: np.ndarray,
-                      reconstruction_errors: np.ndarray, latent_bank: np.ndarray) -> dict[str, np.ndarray]:
+                      reconstruction_errors: np.ndarray,
+                      latent_bank: np.ndarray | LatentBank) -> dict[str, np.ndarray]:
     """The statistics of FISHER_STATISTICS, each (N,): the inputs of `fisher` and of its reference.
 
     latent_mean: (N, D) encoder means of `images`; reconstruction_errors: (1 + T, N) of
@@ -317,7 +344,7 @@ def anomaly_scores(method: str, nll: np.ndarray, *, images: np.ndarray | None = 
                    complexity_reference: TypicalityReference | None = None,
                    raw_images: np.ndarray | None = None, latent_mean: np.ndarray | None = None,
                    reconstruction_errors: np.ndarray | None = None,
-                   latent_bank: np.ndarray | None = None,
+                   latent_bank: np.ndarray | LatentBank | None = None,
                    fisher_reference: dict[str, Sequence[float]] | None = None) -> np.ndarray:
     """Scores of one method, (N,) float64; higher = more anomalous.
 
@@ -445,8 +472,8 @@ class MethodCalibration:
     extra: dict = field(default_factory=dict)
     # fisher: {statistic: sorted validation values}
     fisher_reference: dict[str, tuple[float, ...]] | None = None
-    # latent_knn and fisher: (M, D) float32 encoder means of the training images (the artifact's bank)
-    latent_bank: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # latent_knn and fisher: the (M, D) encoder means of the training images (the artifact's bank)
+    latent_bank: LatentBank | None = field(default=None, compare=False, repr=False)
 
     @property
     def n(self) -> int:

@@ -22,6 +22,7 @@ from service.anomaly import (
     FISHER_STATISTICS,
     LATENT_METHODS,
     METHODS,
+    LatentBank,
     MethodCalibration,
     TypicalityReference,
     transform_names,
@@ -334,8 +335,9 @@ def _parse(directory: Path, raw: dict[str, Any], runtime: str) -> Manifest:
     )
 
 
-def _load_latent_bank(raw: dict[str, Any], directory: Path, latent_dim: int, files: dict) -> np.ndarray:
-    """anomaly.latent_bank: a checksummed .npy of (M, latent_dim) finite float32 encoder means."""
+def _load_latent_bank(raw: dict[str, Any], directory: Path, latent_dim: int, files: dict) -> LatentBank:
+    """anomaly.latent_bank: a checksummed .npy of (M, latent_dim) finite float32 encoder means, prepared
+    for the distances every latent_knn and fisher score takes."""
     rec = raw.get("latent_bank")
     if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
         raise ValueError("methods latent_knn and fisher need anomaly.latent_bank.file")
@@ -349,7 +351,7 @@ def _load_latent_bank(raw: dict[str, Any], directory: Path, latent_dim: int, fil
         raise ValueError(f"latent bank must be (M >= 5, {latent_dim}) floats, got {bank.shape} {bank.dtype}")
     if not np.isfinite(bank).all():
         raise ValueError("latent bank has non-finite values")
-    return bank.astype(np.float32)
+    return LatentBank(bank.astype(np.float32))
 
 
 def _parse_anomaly(raw: dict[str, Any], graphs: dict[str, GraphSpec], directory: Path, latent_dim: int,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.anomaly import TypicalityReference, anomaly_scores
+from service.anomaly import LatentBank, TypicalityReference, anomaly_scores
 from service.artifacts import FAMILY_GRAPH_IO, AnomalyCalibration, Preprocessing
 from service.families import DEFAULT_CHUNK, Arrays
 from service.families.common import METHOD_NEEDS, ImageFamily
@@ -27,7 +27,7 @@ class ScoreReferences:
 
     typicality: TypicalityReference | None = None  # typicality, combined
     complexity: TypicalityReference | None = None  # combined
-    latent_bank: np.ndarray | None = None  # (M, D) latent_knn, fisher
+    latent_bank: np.ndarray | LatentBank | None = None  # (M, D) latent_knn, fisher
     fisher: dict[str, tuple[float, ...]] | None = None  # fisher
 
     @classmethod

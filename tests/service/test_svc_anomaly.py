@@ -15,6 +15,7 @@ import pytest
 from service import anomaly
 from service.anomaly import (
     AnomalyError,
+    LatentBank,
     MethodCalibration,
     TypicalityReference,
     anomaly_scores,
@@ -186,6 +187,20 @@ def test_knn_distance_by_hand() -> None:
             knn_distance(points, bank, **bad)
     with pytest.raises(AnomalyError):
         knn_distance(np.ones((1, 3)), bank)
+
+
+def test_a_prepared_latent_bank_gives_the_same_bits() -> None:
+    """The served calibration prepares its bank once (LatentBank); the scores must not move by a bit."""
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(200, 8)).astype(np.float32)
+    points = rng.normal(size=(5, 8)).astype(np.float32)
+    prepared = LatentBank(bank)
+    assert prepared.shape == (200, 8) and len(prepared) == 200
+    for k, metric in ((1, "euclidean"), (5, "cosine")):
+        np.testing.assert_array_equal(knn_distance(points, prepared, k, metric),
+                                      knn_distance(points, bank, k, metric))
+    with pytest.raises(AnomalyError):
+        LatentBank(bank[0])
 
 
 def test_tail_p_values_by_hand() -> None:
@@ -404,8 +419,8 @@ def test_manifest_latent_bank_and_fisher_reference_are_parsed(tmp_path: Path) ->
     m = load_manifest(_with_anomaly(tmp_path, _latent_record(), bank), "onnx")
     assert m.anomaly is not None and m.anomaly.default_method == "fisher"
     fisher = m.anomaly.methods["fisher"]
-    np.testing.assert_array_equal(fisher.latent_bank, bank)
-    np.testing.assert_array_equal(m.anomaly.methods["latent_knn"].latent_bank, bank)
+    np.testing.assert_array_equal(fisher.latent_bank.vectors, bank)
+    np.testing.assert_array_equal(m.anomaly.methods["latent_knn"].latent_bank.vectors, bank)
     assert fisher.fisher_reference == {name: (0.0, 1.0, 2.0) for name in anomaly.FISHER_STATISTICS}
     out = score_and_test("latent_knn", m.anomaly.methods["latent_knn"], 0.5, np.zeros(1),
                          latent_mean=bank[:1] + 0.5)  # distance 0.5 * sqrt(32) from the first code

@@ -161,7 +161,7 @@ def test_latent_bank_and_latent_calibration_are_reproducible(exported: dict) -> 
     vae, _ = model_from_checkpoint(exported["main"])
     with torch.no_grad():
         eager_mu = vae.encode((splits.train_images >= 0.5).float())[0].numpy()
-    np.testing.assert_allclose(bank, eager_mu, atol=1e-4)
+    np.testing.assert_allclose(bank.vectors, eager_mu, atol=1e-4)
     refs = ScoreReferences.from_calibration(m.anomaly)
     assert set(refs.fisher) == set(anomaly.FISHER_STATISTICS)
     assert all(len(v) == len(splits.val_images) for v in refs.fisher.values())  # from validation digits
