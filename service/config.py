@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Literal
@@ -71,6 +73,14 @@ class Settings(BaseSettings):
     # log-likelihood 2.1x, for one copy of the models per worker; docs/benchmarks.md). `auto`:
     # per-worker when the models run on the CPU (VAE_DEVICE=cpu, or auto without an NVIDIA GPU).
     engine_placement: Literal["auto", "shared", "per-worker"] = "auto"
+    # How connections reach the HTTP workers. true: each worker listens on a socket of its own on the
+    # port (SO_REUSEPORT) and the kernel spreads new connections over them by address hash. false: one
+    # listening socket the workers share, accepted by whichever wakes first, so a burst of connections
+    # can all land on one worker (4 of 19 benchmark repeats at 8 keep-alive connections: one core idle,
+    # 20-50 % fewer requests/s than the other repeats of the run). The cost of true: connections queued
+    # for a worker that crashes before accepting them are reset. Linux only (elsewhere SO_REUSEPORT does
+    # not balance): ignored there.
+    reuse_port: bool = True
 
     # -- dynamic batching (Triton's names) -------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=65536)  # rows (images or latents) per encoder/decoder batch
@@ -211,6 +221,12 @@ class Settings(BaseSettings):
         if self.http_workers >= 0:
             return self.http_workers
         return max(1, min(8, len(os.sched_getaffinity(0))))
+
+    @property
+    def listen_per_worker(self) -> bool:
+        """Whether each HTTP worker listens on a socket of its own (reuse_port, where it balances)."""
+        return self.reuse_port and self.worker_processes > 0 and sys.platform == "linux" \
+            and hasattr(socket, "SO_REUSEPORT")
 
     @property
     def engine_per_worker(self) -> bool:

@@ -3,7 +3,8 @@ inference process.
 
     supervisor (this module): binds the port, starts and watches the children, restarts crashed ones,
         and orchestrates shutdown. It does no request work.
-    HTTP workers (api/worker.py): accept connections on the shared socket and do everything per
+    HTTP workers (api/worker.py): accept connections (each on its own socket of the port, or on one
+        socket they share: VAE_REUSE_PORT) and do everything per
         request (HTTP, parsing, image decoding, validation, serialisation); with a shared engine they
         call it through a RemoteEngine, per worker (VAE_ENGINE_PLACEMENT, the default on the CPU) each
         loads the models and batches its own requests (a LocalEngine in its own event loop).
@@ -11,8 +12,9 @@ inference process.
         batchers of the device, so rows from every worker share batches.
 
 Failures:
-- an HTTP worker dies: its connections are lost (as with any crashed server), the others keep
-  serving, and a new worker takes its place on the same socket.
+- an HTTP worker dies: its connections are lost (as with any crashed server; with a listening socket
+  per worker, also the connections the kernel had queued for it but it had not yet accepted), the
+  others keep serving, and a new worker takes its place on the same port.
 - the inference process dies: every worker notices the disconnect at once, answers its requests in
   flight 503 and reports not ready (/readyz 503); a new inference process is started, and the
   workers become ready again when it has loaded and warmed up its models.
@@ -58,13 +60,34 @@ RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)  # repeated crashes wait lon
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The supervisor's socket on the service's address.
+
+    Shared (reuse_port False): a listening socket every worker accepts from. Per worker (True): a
+    socket bound with SO_REUSEPORT that never listens: it holds the port (and gives port 0 its number),
+    while each worker listens on a socket of its own (worker_socket) and the kernel spreads new
+    connections over the listening ones.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if not reuse_port:
+        sock.listen(2048)
     sock.set_inheritable(True)
+    return sock
+
+
+def worker_socket(reserved: socket.socket) -> socket.socket:
+    """An HTTP worker's own socket on the supervisor's address (SO_REUSEPORT), bound but not listening
+    yet: the server listens once the worker's start-up (loading the models) is done, so the kernel
+    gives a worker that is still starting, or restarting after a crash, no connections."""
+    sock = socket.socket(reserved.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(reserved.getsockname())
     return sock
 
 
@@ -118,7 +141,7 @@ class Supervisor:
         self.endpoint: str | None = None if self.per_worker else f"ipc://{runtime_dir}/engine.sock"
         enable_multiprocess(self.metrics_dir)
         try:
-            self.sock = bind_socket(self.settings.host, self.settings.port)
+            self.sock = bind_socket(self.settings.host, self.settings.port, self.settings.listen_per_worker)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
             shutil.rmtree(runtime_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ from service.config import Settings
 from service.engine.interface import WorkerSlot
 from service.logs import configure_logging
 from service.metrics import enable_multiprocess
+from service.supervisor import worker_socket
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,14 @@ def serve_single_process(settings: Settings) -> int:
 
 def run_worker(settings: Settings, sock: socket.socket, engine_endpoint: str | None, metrics_dir: str,
                slot: WorkerSlot) -> None:
-    """Entry point of an HTTP worker process (a forked child of the supervisor); engine_endpoint: the
-    shared inference process, or None to load and run the models in this worker."""
+    """Entry point of an HTTP worker process (a forked child of the supervisor); sock: the supervisor's
+    (shared and listening, or the port's reservation when each worker listens on its own);
+    engine_endpoint: the shared inference process, or None to load and run the models in this worker."""
     configure_logging(settings.log_level, settings.json_logs)
     enable_multiprocess(metrics_dir)
     slot.set_ready(False)
+    if settings.listen_per_worker:
+        sock = worker_socket(sock)
     app = create_app(settings, engine_endpoint, slot)
     server = DrainingServer(uvicorn_config(app, settings), app.state.service)
     signal.signal(signals.DRAIN, server.on_drain_signal)

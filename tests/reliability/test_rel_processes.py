@@ -10,6 +10,7 @@ admission. Every loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -336,7 +337,69 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
         sigterm_and_check_clean_exit(server)
 
 
-# -- 5. deadline-aware admission ----------------------------------------------------------------------------
+# -- 5. how connections reach the workers ----------------------------------------------------------------
+def tcp_sockets(port: int) -> dict[int, str]:
+    """inode -> TCP state ("0A" listening, "01" established) of the IPv4 sockets on local port `port`."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            out[int(fields[9])] = fields[3]
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+def test_each_worker_listens_on_its_own_socket_and_gets_connections(models_dir: Path, tmp_path: Path,
+                                                                    reuse_port: bool) -> None:
+    """VAE_REUSE_PORT (the default): every HTTP worker listens on a socket of its own and the kernel
+    spreads new connections over them, so 32 connections opened at once never all land on one worker
+    (by address hash: a chance of 2^-31); the supervisor only holds the port. false: one listening
+    socket, the supervisor's, shared by the workers."""
+    env = {**BASE_ENV, "VAE_REUSE_PORT": str(reuse_port).lower()}
+    with harness.start_server(models_dir, tmp_path / "server.log", env=env) as server:
+        wait_until(lambda: server.log().count(READY) >= 2, 30, "both workers ready", server)
+        workers = [pids[0] for pids in worker_pids(server.log()).values()]
+        listening = {i for i, state in tcp_sockets(server.port).items() if state == "0A"}
+        by_process = {pid: socket_inodes(pid) & listening for pid in [server.pid, *workers]}
+        if reuse_port:
+            assert not by_process[server.pid], by_process  # bound to hold the port, never listening
+            assert len(listening) == len(workers), by_process
+            assert all(len(by_process[w]) == 1 for w in workers), by_process
+        else:
+            assert len(listening) == 1 and all(by_process[p] == listening for p in by_process), by_process
+
+        async def hold_connections(n: int) -> dict[int, int]:
+            streams = [await asyncio.open_connection(harness.HOST, server.port) for _ in range(n)]
+            try:
+                request = encode_request(server.port).replace(b"Connection: close", b"Connection: keep-alive")
+                for _, writer in streams:  # one request on each, so each connection has been accepted
+                    writer.write(request)
+                await asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in streams))
+                established = {i for i, state in tcp_sockets(server.port).items() if state == "01"}
+                return {w: len(socket_inodes(w) & established) for w in workers}
+            finally:
+                for _, writer in streams:
+                    writer.close()
+
+        per_worker = asyncio.run(hold_connections(32))
+        print(f"\nreuse_port={reuse_port}: connections per worker {per_worker}")
+        assert sum(per_worker.values()) == 32, per_worker
+        if reuse_port:
+            assert all(n > 0 for n in per_worker.values()), per_worker
+        sigterm_and_check_clean_exit(server)
+
+
+# -- 6. deadline-aware admission ----------------------------------------------------------------------------
 # 0.2 s of simulated device time per batch of at most 2 rows: 10 rows/s. A deadline of 2.5 s (80% of it
 # for the estimate) admits about 20 requests of one image; a burst of 60 must refuse the rest at once.
 DEADLINE_ENV = {**BASE_ENV, **SHARED, "VAE_MAX_BATCH_SIZE": "2", "VAE_REQUEST_TIMEOUT_S": "2.5",
