@@ -427,7 +427,9 @@ def max_count(alpha: float, n: int) -> int:
     """The largest #{calibration >= s} that still gives p <= alpha: floor(alpha (n + 1)) - 1 (may be -1)."""
     if not 0.0 < alpha < 1.0:
         raise AnomalyError(f"alpha must be in (0, 1), got {alpha}")
-    return math.floor(alpha * (n + 1) + _EPS) - 1
+    # At most n - 1 (alpha < 1): the _EPS guard alone made it n for alpha within 1e-9 / (n + 1) of 1,
+    # one past the calibration scores (found by the schema fuzzer: alpha = 0.999999999999).
+    return min(math.floor(alpha * (n + 1) + _EPS), n) - 1
 
 
 def is_anomaly(scores: np.ndarray, calibration: np.ndarray, alpha: float) -> np.ndarray:

@@ -83,6 +83,16 @@ def test_alpha_times_n_plus_one_rounding() -> None:
         anomaly.max_count(0.0, 10)
 
 
+def test_alpha_just_below_one_stays_inside_the_calibration_scores() -> None:
+    """alpha within 1e-9 / (n + 1) of 1 once gave max_count = n, one past the scores: an IndexError (500)."""
+    cal = np.arange(144.0)
+    alpha = 0.999999999999
+    assert anomaly.max_count(alpha, len(cal)) == len(cal) - 1
+    assert conformal_threshold(cal, alpha) == 0.0  # every score above the smallest has p <= n / (n + 1)
+    s = np.array([-1.0, 0.0, 0.5, 1e9])
+    np.testing.assert_array_equal(is_anomaly(s, cal, alpha), s > 0.0)
+
+
 @pytest.mark.parametrize("alpha", [0.01, 0.05, 0.2])
 def test_conformal_false_alarm_guarantee_on_exchangeable_data(alpha: float) -> None:
     """Normal data exchangeable with the calibration: P(p <= alpha) = floor(alpha (n+1)) / (n+1) <= alpha.
