@@ -95,9 +95,10 @@ class RemoteEngine:
         sock.connect(self.endpoint)
         self._socket = sock
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch(monitor))]
-        # The workers share one listening socket, so a (re)started worker that accepted connections
-        # before reaching the engine would answer 503 to work its healthy peers could serve. Wait for
-        # the engine first, bounded: while the engine is still loading, /healthz must answer.
+        # A (re)started worker accepts connections once its start-up is done (its own socket starts
+        # listening, or it joins the shared one); accepting them before it reached the engine would
+        # answer 503 to work its healthy peers could serve. Wait for the engine first, bounded: while
+        # the engine is still loading, /healthz must answer.
         deadline = time.monotonic() + START_WAIT_S
         while not self.ready and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
