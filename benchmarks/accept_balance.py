@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from hey_runner import run_hey
 from machine import machine_info, machine_tag
 from payloads import real_digits
 from serving_benchmark import write_bodies
-from serving_servers import ROOT, RunningServer, server_specs, tree
+from serving_servers import ROOT, RunningServer, add_service_options, service_server, tree
 
 SETTINGS = {"per-worker sockets (default)": {}, "one shared socket": {"VAE_REUSE_PORT": "false"}}
 LOPSIDED = 0.9  # a run where one worker spent more than this share of the workers' CPU
@@ -41,10 +40,7 @@ def worker_cpu(server: RunningServer) -> dict[int, float]:
 
 
 def measure(name: str, args: argparse.Namespace, body: Path, log_dir: Path) -> list[dict[str, Any]]:
-    spec = server_specs(args.model, args.version, args.models_dir / args.model / args.version, "cpu", {})[
-        "vae-serve"]
-    server = RunningServer(replace(spec, env={**spec.env, "VAE_HTTP_WORKERS": "2", **SETTINGS[name]}),
-                           log_dir / "server.log")
+    server = service_server(args, {"VAE_HTTP_WORKERS": "2", **SETTINGS[name]}, log_dir / "server.log")
     server.start()
     runs = []
     try:
@@ -71,12 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--trials", type=int, default=8, help="hey runs per server start")
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--model", default="mnist-vae")
-    parser.add_argument("--version", default="1")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    add_service_options(parser, seconds=2.0, connections=8)
     args = parser.parse_args(argv)
     info = machine_info(ROOT)
     info["command"] = "python benchmarks/accept_balance.py " + " ".join(argv or sys.argv[1:])

@@ -11,9 +11,14 @@ order), warms it, runs `hey -z <s>s -c <c>` on one route and reads the tree's CP
         --connections 8 --seconds 10
 
 A setting is space-separated VAE_X=value pairs on top of the serving benchmark's vae-serve server
-(its defaults + VAE_THREADS=1), and optionally route=<path and query under /v1/models/<model>/> in
-place of --route; "" is the defaults. Prints every run and the medians, and writes
-<output-dir>/cpu_ab-<machine tag>[-<tag>].json.
+(its defaults + VAE_THREADS=1), optionally route=<path and query under /v1/models/<model>/> in
+place of --route, and optionally tree=<another checkout of this repository> to serve that checkout's
+code (this venv, the models of --models-dir): what a set of commits changed; "" is the defaults.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python benchmarks/cpu_ab.py "tree=/tmp/before" "" --rounds 4
+
+Prints every run and the medians, and writes <output-dir>/cpu_ab-<machine tag>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,24 +36,23 @@ from hey_runner import run_hey
 from machine import machine_info, machine_tag
 from payloads import real_digits
 from serving_benchmark import write_bodies
-from serving_servers import ROOT, RunningServer, server_specs
+from serving_servers import ROOT, add_service_options, service_server
 
 
 def parse_setting(text: str) -> dict[str, str]:
-    """'VAE_A=1 route=encode' -> {'VAE_A': '1', 'route': 'encode'}."""
+    """'VAE_A=1 route=encode tree=/tmp/before' -> {'VAE_A': '1', 'route': 'encode', 'tree': '/tmp/before'}."""
     pairs = [kv.split("=", 1) for kv in text.split()]
-    if any(len(p) != 2 or not (p[0].startswith("VAE_") or p[0] == "route") for p in pairs):
-        raise SystemExit(f"setting {text!r}: use space-separated VAE_NAME=value pairs (and route=...)")
+    if any(len(p) != 2 or not (p[0].startswith("VAE_") or p[0] in ("route", "tree")) for p in pairs):
+        raise SystemExit(f"setting {text!r}: use space-separated VAE_NAME=value pairs (and route=..., "
+                         "tree=...)")
     return dict(pairs)  # type: ignore[arg-type]
 
 
 def measure(setting: str, args: argparse.Namespace, body: Path, log_dir: Path) -> dict[str, Any]:
-    spec = server_specs(args.model, args.version, args.models_dir / args.model / args.version, "cpu", {})[
-        "vae-serve"]
     env = parse_setting(setting)
     route = env.pop("route", args.route)
-    spec = replace(spec, env={**spec.env, **env})
-    server = RunningServer(spec, log_dir / "server.log")
+    tree = Path(env.pop("tree", ROOT)).resolve()
+    server = service_server(args, env, log_dir / "server.log", cwd=tree)
     server.start()
     try:
         server.wait_ready(240.0)
@@ -73,12 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("settings", nargs="+", help='e.g. "VAE_LOG_LEVEL=WARNING" ("" = defaults)')
     parser.add_argument("--route", default="encode", help="an image route of /v1/models/<model>/ (encode)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--model", default="mnist-vae")
-    parser.add_argument("--version", default="1")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    add_service_options(parser, seconds=8.0, connections=64)
     parser.add_argument("--tag", help="appended to the file name")
     args = parser.parse_args(argv)
     info = machine_info(ROOT)

@@ -8,6 +8,7 @@ The service runs from the project's .venv (this interpreter); the peers from .be
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,6 +250,7 @@ class RunningServer:
     stop_seconds: float | None = None
     ready_seconds: float | None = None
     leftover_signalled: list[str] = field(default_factory=list)
+    cwd: Path = ROOT  # another checkout serves its own code (cpu_ab.py's tree=)
 
     @property
     def base_url(self) -> str:
@@ -256,7 +258,7 @@ class RunningServer:
 
     def start(self) -> None:
         command = [*self.spec.command, "--host", HOST, "--port", str(self.port)]
-        self.process = harness.spawn(command, self.log_path, {**os.environ, **self.spec.env})
+        self.process = harness.spawn(command, self.log_path, {**os.environ, **self.spec.env}, self.cwd)
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         request = urllib.request.Request(self.base_url + path)
@@ -365,3 +367,21 @@ class RunningServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def add_service_options(parser: argparse.ArgumentParser, seconds: float, connections: int) -> None:
+    """The options of a script that drives this service alone on one model (cpu_ab, accept_balance)."""
+    parser.add_argument("--seconds", type=float, default=seconds)
+    parser.add_argument("--connections", type=int, default=connections)
+    parser.add_argument("--model", default="mnist-vae")
+    parser.add_argument("--version", default="1")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+
+
+def service_server(args: argparse.Namespace, env: dict[str, str], log_path: Path,
+                   cwd: Path = ROOT) -> RunningServer:
+    """The benchmark's vae-serve configuration on args' model, with `env` on top (not started)."""
+    spec = server_specs(args.model, args.version, args.models_dir / args.model / args.version, "cpu", {})[
+        "vae-serve"]
+    return RunningServer(replace(spec, env={**spec.env, **env}), log_path, cwd=cwd)

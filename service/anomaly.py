@@ -70,6 +70,7 @@ split (reference statistics such as typicality's centre come from the validation
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -163,8 +164,15 @@ class LatentBank:
             raise AnomalyError(f"a latent bank must be (M, D), got {stored.shape}")
         self.vectors = stored  # as the artifact stores it (float32)
         self.rows = stored.astype(np.float64)  # (M, D)
-        self.squared_norms = (self.rows * self.rows).sum(1)  # (M,)
-        self.unit_rows = self.rows / np.maximum(np.linalg.norm(self.rows, axis=1, keepdims=True), 1e-12)
+
+    # Derived on first use: a one-off call (training's shift AUROC on pixel banks) needs only one metric.
+    @functools.cached_property
+    def squared_norms(self) -> np.ndarray:
+        return (self.rows * self.rows).sum(1)  # (M,)
+
+    @functools.cached_property
+    def unit_rows(self) -> np.ndarray:
+        return self.rows / np.maximum(np.linalg.norm(self.rows, axis=1, keepdims=True), 1e-12)  # (M, D)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -68,11 +68,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     while each worker listens on a socket of its own (worker_socket) and the kernel spreads new
     connections over the listening ones.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock = _tcp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port)
     sock.bind((host, port))
     if not reuse_port:
         sock.listen(2048)
@@ -84,10 +80,16 @@ def worker_socket(reserved: socket.socket) -> socket.socket:
     """An HTTP worker's own socket on the supervisor's address (SO_REUSEPORT), bound but not listening
     yet: the server listens once the worker's start-up (loading the models) is done, so the kernel
     gives a worker that is still starting, or restarting after a crash, no connections."""
-    sock = socket.socket(reserved.family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock = _tcp_socket(reserved.family, reuse_port=True)
     sock.bind(reserved.getsockname())
+    return sock
+
+
+def _tcp_socket(family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
 
 

@@ -136,13 +136,14 @@ def start_server(models_dir: Path, log_path: Path, env: dict[str, str] | None = 
         kill_tree(proc)
 
 
-def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start a server from the repository root, stdout and stderr to `log_path`, in its own process
-    group: the children it forks (HTTP workers, inference process, a peer's workers) share it, so
-    kill_tree can end the whole tree (killing only the leader orphans them)."""
+def spawn(command: list[str], log_path: Path, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+    """Start a server from the repository root (or `cwd`: another checkout's `python -m service`),
+    stdout and stderr to `log_path`, in its own process group: the children it forks (HTTP workers,
+    inference process, a peer's workers) share it, so kill_tree can end the whole tree (killing only
+    the leader orphans them)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
