@@ -71,6 +71,8 @@ class Metrics:
         self.request_latency = Histogram("vae_request_duration_seconds", "HTTP request latency, end to end",
                                          ["endpoint", "method", "status"], buckets=_LATENCY_BUCKETS,
                                          registry=r)
+        # (endpoint, method, status) -> the two children: bounded like the label values themselves
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.queue_wait = Histogram("vae_queue_duration_seconds",
                                     "Time a submission waited in the batch queue before its first rows ran",
                                     ["model", "version", "graph"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -106,6 +108,18 @@ class Metrics:
         self.anomaly_flagged = Counter("vae_anomaly_flagged_images",
                                        "Images flagged as anomalous (p_value <= alpha)",
                                        ["model", "version", "method"], registry=r)
+
+    def request_done(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request and its latency (the children of each label set are looked up
+        once: labels() took a lock and built a key on every request)."""
+        key = (endpoint, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            labels = (endpoint, method, str(status))
+            series = self._request_series[key] = (self.requests.labels(*labels),
+                                                  self.request_latency.labels(*labels))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def anomaly_results(self, model: str, version: str, method: str, flags: np.ndarray) -> None:
         """Count one request's anomaly decisions (flags: (N,) bool)."""

@@ -53,9 +53,12 @@ from prometheus_client import multiprocess
 from service import signals
 from service.config import Settings
 from service.engine.interface import WorkerSlot
+from service.logs import flush_logs
 from service.metrics import enable_multiprocess
 
 log = logging.getLogger("service.supervisor")
+RUNTIME_PREFIX = "vae-serve-"  # the supervisor's runtime directories, in the temporary directory
+RUNTIME_OWNER = "supervisor"  # "<host> <pid>" of the supervisor that made the directory
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)  # repeated crashes wait longer, up to 10 s
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
 
@@ -93,6 +96,51 @@ def _tcp_socket(family: socket.AddressFamily, reuse_port: bool) -> socket.socket
     return sock
 
 
+def make_runtime_dir() -> Path:
+    """A new private directory (mode 0700: the IPC socket is private) for this supervisor's IPC socket
+    and metrics files, labelled with its host and pid; the directories of killed supervisors go first.
+
+    A supervisor removes its directory when it exits, but one killed with SIGKILL (or by the OOM
+    killer) cannot, and each start would leave another behind (~150 KB of metrics files each).
+    """
+    removed = remove_stale_runtime_dirs()
+    if removed:
+        log.info("removed %d runtime director%s of supervisors that were killed: %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", ", ".join(str(p) for p in removed))
+    path = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX))
+    (path / RUNTIME_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return path
+
+
+def remove_stale_runtime_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the runtime directories under `root` (the temporary directory) whose supervisor is gone:
+    only this user's, labelled by a supervisor of this host (a /tmp shared between containers has
+    other hosts' pids) whose pid no longer exists. Unlabelled or unreadable ones are left alone."""
+    removed = []
+    for path in sorted(Path(root or tempfile.gettempdir()).glob(RUNTIME_PREFIX + "*")):
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue
+            host, pid = (path / RUNTIME_OWNER).read_text().split()
+            if host != socket.gethostname() or _process_exists(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process holds that pid now
+        return True
+    return True
+
+
 def _child(target: Callable[..., None], supervision: signals.Supervision, *args: object) -> None:
     """Entry point of every forked child: it dies with the supervisor, however the supervisor dies, and
     leaves shutdown signals to it (service/signals.py).
@@ -106,7 +154,10 @@ def _child(target: Callable[..., None], supervision: signals.Supervision, *args:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervision.supervisor_pid:  # it died before prctl took effect
         os._exit(1)
-    target(*args)
+    try:
+        target(*args)
+    finally:
+        flush_logs()  # a forked child ends in os._exit: logging's exit hook does not run
 
 
 class Supervisor:
@@ -136,7 +187,7 @@ class Supervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def run(self) -> int:
-        runtime_dir = Path(tempfile.mkdtemp(prefix="vae-serve-"))  # mode 0700: the IPC socket is private
+        runtime_dir = make_runtime_dir()
         metrics_dir = runtime_dir / "metrics"
         metrics_dir.mkdir()
         self.metrics_dir = str(metrics_dir)

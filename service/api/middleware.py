@@ -64,6 +64,7 @@ class RequestMiddleware:
         self.state = state
         self.inflight = 0  # model requests whose body is in (or that have none), until their response
         self.inflight_peak = 0
+        self._inflight_pending = False  # a write of the in-flight gauge is scheduled for this turn's end
         self.uploading: dict[_Body, None] = {}  # bodies being read: from the first read until complete
         settings = state.settings
         self.memory = MemoryBudget(settings.max_inflight_bytes, settings.max_inflight_pixels, state.metrics)
@@ -152,12 +153,24 @@ class RequestMiddleware:
 
     def _enter(self) -> None:
         self.inflight += 1
-        self.inflight_peak = max(self.inflight_peak, self.inflight)
-        self.state.metrics.inflight.set(self.inflight)
-        self.state.metrics.inflight_peak.set(self.inflight_peak)
+        if self.inflight > self.inflight_peak:
+            self.inflight_peak = self.inflight
+            self.state.metrics.inflight_peak.set(self.inflight_peak)
+        self._publish_inflight_soon()
 
     def _leave(self) -> None:
         self.inflight -= 1
+        self._publish_inflight_soon()
+
+    def _publish_inflight_soon(self) -> None:
+        """The in-flight gauge is written once per turn of the event loop, with the count at its end,
+        rather than twice per request: what /metrics shows is the same (a scrape runs in a later turn)."""
+        if not self._inflight_pending:
+            self._inflight_pending = True
+            asyncio.get_running_loop().call_soon(self._publish_inflight)
+
+    def _publish_inflight(self) -> None:
+        self._inflight_pending = False
         self.state.metrics.inflight.set(self.inflight)
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,9 +226,7 @@ class RequestMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"  # a template, never the raw path
         method = scope.get("method", "")
-        metrics = self.state.metrics
-        metrics.requests.labels(endpoint, method, str(status)).inc()
-        metrics.request_latency.labels(endpoint, method, str(status)).observe(seconds)
+        self.state.metrics.request_done(endpoint, method, status, seconds)
         log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, seconds * 1000.0)
 
 

@@ -14,6 +14,7 @@ from service.engine.interface import ModelInfo, default_version
 from service.families import NO_OPTIONS, Operation, Options
 
 TIMEOUT_HEADER = "x-request-timeout"
+_TIMEOUT_KEY = TIMEOUT_HEADER.encode("latin-1")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,10 @@ class ModelRef:
 def request_deadline(request: Request, settings: Settings) -> float:
     """The server's deadline, or the caller's shorter one from `X-Request-Timeout: <seconds>`."""
     timeout = settings.request_timeout_s
-    given = request.headers.get(TIMEOUT_HEADER)
+    # The raw (lower-cased, ASGI) header list: starlette's Headers.get raises and catches a KeyError
+    # inside when the header is absent, as on nearly every request.
+    given = next((value.decode("latin-1") for name, value in request.scope.get("headers", ())
+                  if name == _TIMEOUT_KEY), None)
     if given is not None:
         try:
             asked = float(given)

@@ -66,7 +66,9 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 
 def _finite(arr: np.ndarray, what: str) -> np.ndarray:
-    if not np.isfinite(arr).all():
+    # A finite sum means every value is finite (an inf or NaN makes the sum inf or NaN); only a
+    # non-finite sum needs the element-wise check, as a float32/64 sum can overflow on huge values.
+    if not math.isfinite(arr.sum()) and not np.isfinite(arr).all():
         raise InferenceFailed(f"the model produced non-finite {what}")
     return arr
 

@@ -19,6 +19,8 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ import httpx
 import pytest
 
 from service.engine.interface import WORKER_READY
+from service.supervisor import RUNTIME_OWNER, RUNTIME_PREFIX, remove_stale_runtime_dirs
 
 ENCODE = harness.ENCODE
 ENCODE_LABELS = '{endpoint="/v1/models/{model}/encode",method="POST",status="%s"}'
@@ -275,6 +278,36 @@ def test_children_do_not_outlive_a_killed_supervisor(models_dir: Path, tmp_path:
                    server)
         print(f"\nchildren gone {time.monotonic() - killed:.2f}s after the supervisor was killed")
         wait_until(lambda: port_is_free(server.port), 5.0, "the port to be free", server)
+    # It could not remove its runtime directory; the next supervisor to start does.
+    left = runtime_dirs_of(server.pid)
+    assert len(left) == 1, left
+    with harness.start_server(models_dir, tmp_path / "next.log", env=BASE_ENV) as following:
+        assert not left[0].exists()
+        assert f"removed 1 runtime directory of supervisors that were killed: {left[0]}" in following.log()
+        assert len(runtime_dirs_of(following.pid)) == 1
+
+
+def runtime_dirs_of(supervisor_pid: int) -> list[Path]:
+    """The runtime directories labelled with this supervisor's pid (service/supervisor.py)."""
+    labels = [d / RUNTIME_OWNER for d in Path(tempfile.gettempdir()).glob(RUNTIME_PREFIX + "*")]
+    return [f.parent for f in labels if f.is_file() and f.read_text().split()[1] == str(supervisor_pid)]
+
+
+def test_only_runtime_directories_of_gone_supervisors_of_this_host_are_removed(tmp_path: Path) -> None:
+    gone_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_pid.wait()  # reaped: no process has its pid now
+    host = socket.gethostname()
+    labels = {"gone": f"{host} {gone_pid.pid}", "alive": f"{host} {os.getpid()}",
+              "other-host": f"not-{host} {gone_pid.pid}", "unlabelled": None, "garbled": "no pid here"}
+    for name, label in labels.items():
+        path = tmp_path / f"{RUNTIME_PREFIX}{name}"
+        (path / "metrics").mkdir(parents=True)
+        if label is not None:
+            (path / RUNTIME_OWNER).write_text(label + "\n")
+    (tmp_path / "unrelated-dir").mkdir()
+    assert remove_stale_runtime_dirs(tmp_path) == [tmp_path / f"{RUNTIME_PREFIX}gone"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{RUNTIME_PREFIX}{n}" for n in labels if n != "gone"] + ["unrelated-dir"])
 
 
 # -- 4. metrics across processes (and a clean drain of the whole tree) ---------------------------------------
@@ -335,6 +368,10 @@ def test_metrics_sum_over_workers_and_the_tree_drains_to_exit_0(models_dir: Path
         assert metrics[BATCH_COUNT.replace("_count", "_sum")] == n // round_size * sum(
             1 + i % 3 for i in range(round_size))
         sigterm_and_check_clean_exit(server)
+        # Each worker writes its access-log lines once per event-loop turn (service/logs.py): after the
+        # drain every answered encode has its line, whichever worker served it.
+        access_lines = server.log().count(f"POST {ENCODE} 200 ")
+        assert access_lines == n, (access_lines, n)
 
 
 # -- 5. how connections reach the workers ----------------------------------------------------------------
