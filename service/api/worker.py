@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from service import signals
+from service import gc_tuning, signals
 from service.api.app import create_app
 from service.api.http_protocol import http_protocol
 from service.api.state import AppState
@@ -71,6 +71,10 @@ class DrainingServer(uvicorn.Server):
                 timer.start()
                 return
         self._exit_now(sig, None)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the lifespan (the models loaded), then listening
+        gc_tuning.settle()  # what start-up built is kept from then on (service/gc_tuning.py)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Uvicorn's shutdown (stop listening, wait for in-flight requests), with a drain deadline.

@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 
+from service import gc_tuning
 from service.config import Settings
 from service.engine.interface import EngineUnavailable, ModelInfo
 from service.engine.registry import ModelRegistry
@@ -71,6 +72,7 @@ class LocalEngine:
             if self.registry is None:
                 return
             if await self.registry.rescan(self.settings, self.metrics):
+                gc_tuning.refreeze()  # the replaced models were frozen at start-up (service/gc_tuning.py)
                 self._infos = self.registry.infos()
                 self.on_models_change()
 

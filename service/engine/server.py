@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from service import signals
+from service import gc_tuning, signals
 from service.artifacts import ArtifactError
 from service.config import Settings
 from service.engine.interface import BatchFailed, EngineError, ModelInfo
@@ -170,6 +170,7 @@ async def _main(settings: Settings, endpoint: str, ready: Event | None) -> int:
     except ArtifactError as exc:
         log.error("%s", exc)
         return STARTUP_FAILED
+    gc_tuning.settle()  # the models are loaded: what start-up built is kept (service/gc_tuning.py)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Supervised, only the supervisor stops it (signals.DRAIN, once the HTTP workers have drained):

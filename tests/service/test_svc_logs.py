@@ -58,7 +58,10 @@ def test_the_lines_of_one_loop_turn_are_one_write_at_its_end(logged: tuple[loggi
     assert stream.calls == ["".join(f"INFO line {i}\n" for i in range(5))]
 
 
-def test_a_warning_goes_out_at_once_after_the_lines_held_before_it(logged: tuple[logging.Logger, Writes]) -> None:
+Logged = tuple[logging.Logger, Writes]
+
+
+def test_a_warning_goes_out_at_once_after_the_lines_held_before_it(logged: Logged) -> None:
     logger, stream = logged
 
     async def turn() -> None:
@@ -99,8 +102,9 @@ def test_flush_logs_writes_what_a_loop_that_stopped_still_held(logged: tuple[log
             logger.info("held")
             loop.stop()  # the loop stops before it runs the handler's call_soon
 
-        loop.create_task(log_and_stop())
+        task = loop.create_task(log_and_stop())
         loop.run_forever()
+        assert task.done()
         assert stream.calls == []
         flush_logs()
         assert stream.lines == ["INFO held"]
