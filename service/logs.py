@@ -48,17 +48,23 @@ class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     in one write() system call, instead of one call per line.
 
     Every request adds an access-log line; written one by one they were a system call per request
-    (~6 % of a 1-image encode's CPU in a py-spy profile, docs/benchmarks.md). The lines are held only
-    on a thread running an event loop and only until the loop's current turn ends (a call_soon), so a
-    line is never later than the callbacks already queued before it. WARNING and above are written
-    at once, after the lines held before them (a crash right after an error loses no error line);
-    other threads write at once too. What a process still holds when it exits goes out with flush(),
-    which logging.shutdown() calls at interpreter exit and flush_logs() in forked children.
+    (3.5 % of the py-spy samples of a worker serving 1-image encodes, docs/benchmarks.md). The lines
+    are held only on a thread running an event loop and only until the loop's current turn ends (a
+    call_soon), so a line is never later than the callbacks already queued before it, and never more
+    than MAX_HELD of them. WARNING and above are written at once, after the lines held before them (a
+    crash right after an error loses no error line); other threads write at once too. What a process
+    still holds when it exits goes out with flush(), which logging.shutdown() calls at interpreter
+    exit and flush_logs() in forked children.
     """
+
+    MAX_HELD = 1000
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._held: list[str] = []  # formatted lines with their terminators, oldest first
+        # The loop whose turn's end will write them: another loop (a test's, after the first one was
+        # closed with lines held) schedules a write of its own.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held (Handler.handle)
         try:
@@ -72,15 +78,19 @@ class TurnStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             except RuntimeError:  # no loop on this thread: write at once
                 pass
             else:
-                if not self._held:
-                    loop.call_soon(self.flush)
                 self._held.append(line)
+                if len(self._held) >= self.MAX_HELD:
+                    self.flush()
+                elif self._flush_on is not loop:
+                    self._flush_on = loop
+                    loop.call_soon(self.flush)
                 return
         self._held.append(line)
         self.flush()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # an RLock: emit holds it already when it calls this
+            self._flush_on = None
             try:
                 if self._held:
                     text = "".join(self._held)

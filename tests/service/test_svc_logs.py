@@ -111,3 +111,38 @@ def test_flush_logs_writes_what_a_loop_that_stopped_still_held(logged: tuple[log
         loop.close()
     finally:
         root.handlers[:] = saved
+
+
+def test_a_second_loop_writes_what_a_closed_loop_still_held(logged: Logged) -> None:
+    logger, stream = logged
+    first = asyncio.new_event_loop()
+
+    async def log_and_stop() -> None:
+        logger.info("from the first loop")
+        first.stop()  # closed before the handler's call_soon runs: its line stays held
+
+    task = first.create_task(log_and_stop())
+    first.run_forever()
+    first.close()
+    assert task.done() and stream.calls == []
+
+    async def second() -> None:
+        logger.info("from the second loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(second())
+    assert stream.calls == ["INFO from the first loop\nINFO from the second loop\n"]
+
+
+def test_no_more_than_max_held_lines_wait_for_the_turn_to_end(logged: Logged) -> None:
+    logger, stream = logged
+    handler = logger.handlers[0]
+    assert isinstance(handler, TurnStreamHandler)
+
+    async def burst() -> int:
+        for i in range(handler.MAX_HELD + 5):
+            logger.info("line %d", i)
+        return len(stream.lines)
+
+    assert asyncio.run(burst()) == handler.MAX_HELD  # written at once when the bound was reached
+    assert stream.lines == [f"INFO line {i}" for i in range(handler.MAX_HELD + 5)]
