@@ -471,6 +471,11 @@ def false_alarm_bound(alpha: float, n: int) -> float:
     return (max_count(alpha, n) + 1) / (n + 1)
 
 
+def _read_only(values: np.ndarray) -> np.ndarray:
+    values.flags.writeable = False  # shared by every request: no caller may change it
+    return values
+
+
 @dataclass(frozen=True)
 class MethodCalibration:
     """One method's calibration: its sorted calibration scores and what the score needs."""
@@ -488,6 +493,21 @@ class MethodCalibration:
     @property
     def n(self) -> int:
         return len(self.scores)
+
+    # Arrays derived once, on first use, rather than from the tuples on every request (a 400-value
+    # tuple's conversion and sort: 12 us against 6 for the array's, six times per fisher request).
+    @functools.cached_property
+    def score_array(self) -> np.ndarray:
+        """(n,) float64, the sorted calibration scores."""
+        return _read_only(np.asarray(self.scores, dtype=np.float64))
+
+    @functools.cached_property
+    def fisher_arrays(self) -> dict[str, np.ndarray] | None:
+        """fisher_reference as {statistic: (m,) float64 sorted}, or None."""
+        if self.fisher_reference is None:
+            return None
+        return {name: _read_only(np.sort(np.asarray(values, dtype=np.float64)))
+                for name, values in self.fisher_reference.items()}
 
     @property
     def min_alpha(self) -> float:
@@ -524,8 +544,8 @@ def score_and_test(method: str, calibration: MethodCalibration, alpha: float, nl
                             raw_images=raw_images, latent_mean=latent_mean,
                             reconstruction_errors=reconstruction_errors,
                             latent_bank=calibration.latent_bank,
-                            fisher_reference=calibration.fisher_reference)
-    cal = np.asarray(calibration.scores, dtype=np.float64)
+                            fisher_reference=calibration.fisher_arrays)
+    cal = calibration.score_array
     p = conformal_p_values(scores, cal)
     below = 100.0 * (len(cal) - calibration_counts(scores, cal)) / len(cal)
     flags = is_anomaly(scores, cal, alpha)

@@ -246,7 +246,7 @@ def calibrate_anomaly(directory: Path, scorer: GraphScorer, splits: DataSplits, 
     fisher_reference = anomaly.fisher_statistics(val_nll, val_view, val, val_inputs["latent_mean"],
                                                  val_inputs["reconstruction_errors"], bank)
     references = ScoreReferences(reference, complexity_reference, bank,
-                                 {name: tuple(np.sort(v)) for name, v in fisher_reference.items()})
+                                 {name: np.sort(v) for name, v in fisher_reference.items()})
     selection = None
     if default_method == "auto":
         selection = select_method(scorer, splits, references, k, seed, selection_per_shift)

@@ -28,7 +28,7 @@ class ScoreReferences:
     typicality: TypicalityReference | None = None  # typicality, combined
     complexity: TypicalityReference | None = None  # combined
     latent_bank: np.ndarray | LatentBank | None = None  # (M, D) latent_knn, fisher
-    fisher: dict[str, tuple[float, ...]] | None = None  # fisher
+    fisher: dict[str, np.ndarray] | None = None  # fisher: {statistic: (m,) sorted validation values}
 
     @classmethod
     def from_calibration(cls, cal: AnomalyCalibration | None) -> ScoreReferences:
@@ -40,7 +40,7 @@ class ScoreReferences:
         return cls(typicality=by["typicality"].typicality if "typicality" in by else None,
                    complexity=by["combined"].complexity_reference if "combined" in by else None,
                    latent_bank=banks[0] if banks else None,
-                   fisher=by["fisher"].fisher_reference if "fisher" in by else None)
+                   fisher=by["fisher"].fisher_arrays if "fisher" in by else None)
 
     def available(self, method: str, has_background: bool) -> bool:
         """Whether `method` can be scored with these references (and a background graph)."""
