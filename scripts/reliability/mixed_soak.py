@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,7 +123,8 @@ def main() -> None:
     fives = {name: {k: v for k, v in counts.items() if k.startswith("5") or k == "None"}
              for name, counts in result["statuses"].items()}
     result.update({
-        "command": "python scripts/reliability/mixed_soak.py", "minutes": args.minutes, "rate": args.rate,
+        "command": " ".join(["python scripts/reliability/mixed_soak.py", *sys.argv[1:]]),
+        "minutes": args.minutes, "rate": args.rate,
         "settings": env,
         "requests": sum(sum(c.values()) for c in result["statuses"].values()),
         "rss_after_warmup_mb": [first["rss_mb"], last["rss_mb"]], "rss_growth": round(growth, 4),

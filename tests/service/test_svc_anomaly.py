@@ -345,6 +345,19 @@ def test_score_and_test_returns_route_fields() -> None:
         score_and_test("typicality", cal, 0.05, np.ones(1))
 
 
+def test_calibration_arrays_are_built_once_sorted_and_read_only() -> None:
+    reference = {name: (3.0, 1.0, 2.0) for name in anomaly.FISHER_STATISTICS}
+    cal = MethodCalibration("fisher", (1.0, 2.0, 5.0), fisher_reference=reference)
+    assert cal.score_array is cal.score_array  # one conversion per model, not per request
+    np.testing.assert_array_equal(cal.score_array, [1.0, 2.0, 5.0])
+    assert cal.fisher_arrays is not None and cal.fisher_arrays is cal.fisher_arrays
+    for values in cal.fisher_arrays.values():
+        np.testing.assert_array_equal(values, [1.0, 2.0, 3.0])
+        with pytest.raises(ValueError):
+            values[0] = 9.0  # shared by every request
+    assert MethodCalibration("nll", (1.0,)).fisher_arrays is None
+
+
 def test_calibration_record() -> None:
     rec = calibration_record("typicality", [3.0, 1.0, 2.0], TypicalityReference(1.0, 2.0, 3.0), note="x")
     assert rec["scores"] == [1.0, 2.0, 3.0] and rec["n"] == 3 and rec["note"] == "x"
